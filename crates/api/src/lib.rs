@@ -1,0 +1,1 @@
+//! observer-api (layout note to be written).

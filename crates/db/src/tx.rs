@@ -1,0 +1,134 @@
+//! Role-scoped transactions.
+//!
+//! The process connects with whatever `DATABASE_URL` gives it (often a superuser
+//! on hosted platforms). Every transaction therefore switches, transaction-locally,
+//! to a role that RLS applies to, before running a single query:
+//!
+//! - [`ViewerTx`]: `observer_api` plus `observer.viewer_id`; the database decides
+//!   what the viewer may read.
+//! - [`WorkerTx`]: `observer_worker`; writes ingest data.
+//! - [`AuthTx`]: `observer_auth`; the API's trusted login path (users, OAuth
+//!   tokens, memberships fetched with the viewer's own OAuth token, API-token lookup).
+//!
+//! `set_config(.., true)` is transaction-local, so a pooled connection never
+//! carries a role or viewer into the next transaction. After commit the setting
+//! reads as `''`, which the policies treat as "no viewer".
+
+use std::ops::{Deref, DerefMut};
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{PgConnection, PgPool, Postgres, Transaction};
+
+use crate::Result;
+
+/// Role names, fixed here and in policies/.
+pub const ROLE_API: &str = "observer_api";
+pub const ROLE_WORKER: &str = "observer_worker";
+pub const ROLE_AUTH: &str = "observer_auth";
+
+/// The GUC that carries the viewer's Discord user id.
+pub const VIEWER_SETTING: &str = "observer.viewer_id";
+
+/// A handle on the connection pool. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Db {
+    pool: PgPool,
+}
+
+impl Db {
+    pub fn new(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    /// Connects a pool to `url`.
+    pub async fn connect(url: &str, max_connections: u32) -> Result<Self> {
+        let opts: PgConnectOptions = url.parse()?;
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(std::time::Duration::from_secs(10))
+            .connect_with(opts)
+            .await?;
+        Ok(Self { pool })
+    }
+
+    /// The raw pool, for the few things that manage their own connections
+    /// (LISTEN, the session store, migrations). Never for tenant data.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Begins a transaction as `observer_api` acting for `viewer_id`.
+    pub async fn viewer(&self, viewer_id: i64) -> Result<ViewerTx> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("select set_config('role', $1, true), set_config($2, $3, true)")
+            .bind(ROLE_API)
+            .bind(VIEWER_SETTING)
+            .bind(viewer_id.to_string())
+            .execute(&mut *tx)
+            .await?;
+        Ok(ViewerTx(tx))
+    }
+
+    /// Begins a transaction as `observer_worker`.
+    pub async fn worker(&self) -> Result<WorkerTx> {
+        Ok(WorkerTx(self.begin_as(ROLE_WORKER).await?))
+    }
+
+    /// Begins a transaction as `observer_auth`.
+    pub async fn auth(&self) -> Result<AuthTx> {
+        Ok(AuthTx(self.begin_as(ROLE_AUTH).await?))
+    }
+
+    async fn begin_as(&self, role: &str) -> Result<Transaction<'static, Postgres>> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("select set_config('role', $1, true)")
+            .bind(role)
+            .execute(&mut *tx)
+            .await?;
+        Ok(tx)
+    }
+}
+
+macro_rules! role_tx {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        pub struct $name(Transaction<'static, Postgres>);
+
+        impl $name {
+            pub async fn commit(self) -> Result<()> {
+                self.0.commit().await?;
+                Ok(())
+            }
+            pub async fn rollback(self) -> Result<()> {
+                self.0.rollback().await?;
+                Ok(())
+            }
+        }
+
+        impl Deref for $name {
+            type Target = PgConnection;
+            fn deref(&self) -> &PgConnection {
+                &self.0
+            }
+        }
+
+        impl DerefMut for $name {
+            fn deref_mut(&mut self) -> &mut PgConnection {
+                &mut self.0
+            }
+        }
+    };
+}
+
+role_tx!(
+    /// A transaction running as `observer_api` with a viewer set: RLS decides every read.
+    ViewerTx
+);
+role_tx!(
+    /// A transaction running as `observer_worker` (ingest writes).
+    WorkerTx
+);
+role_tx!(
+    /// A transaction running as `observer_auth` (login path, token lookup).
+    AuthTx
+);

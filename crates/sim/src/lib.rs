@@ -1,0 +1,1 @@
+//! observer-sim (layout note to be written).

@@ -1,0 +1,1 @@
+//! observer-worker (layout note to be written).
