@@ -3,12 +3,15 @@
 //! Layout:
 //! - [`tx`]: transactions that run as one of the database roles of
 //!   policies/README.md (`observer_api` with a viewer set, `observer_worker`,
-//!   `observer_auth`). Every query function takes one of these, so reading tenant
-//!   data without choosing a role (and a viewer) is a type error.
+//!   `observer_auth`, `observer_fanout`). Every query function takes one of
+//!   these, so reading tenant data without choosing a role (and a viewer) is a
+//!   type error.
 //! - [`migrate`]: schema migrations (migrations/) plus the idempotent RLS policies
 //!   and roles (policies/), safe to run concurrently.
 //! - [`access`]: the access rule of DESIGN.md §3 in Rust (the SQL twin lives in
 //!   policies/); used by live fan-out.
+//! - [`access_data`]: loads that rule's inputs (guilds, roles, channels,
+//!   overwrites, memberships) as `observer_fanout`.
 //! - [`ingest`]: writes from the worker (idempotent upserts, event log, NOTIFY).
 //! - [`viewer`]: reads for the API, always under RLS.
 //! - [`auth`]: users, OAuth tokens, API tokens and memberships for the login path.
@@ -17,6 +20,7 @@
 //! matter (not found, conflict) and log the rest with their cause chain.
 
 pub mod access;
+pub mod access_data;
 pub mod auth;
 pub mod error;
 pub mod ingest;
@@ -25,7 +29,7 @@ pub mod tx;
 pub mod viewer;
 
 pub use error::{Error, Result};
-pub use tx::{AuthTx, Db, ViewerTx, WorkerTx};
+pub use tx::{AuthTx, Db, FanoutTx, ViewerTx, WorkerTx};
 
 /// Schema migrations, embedded at compile time. `#[sqlx::test(migrator = "observer_db::MIGRATOR")]`
 /// uses it; production goes through [`migrate::run`], which also applies policies/.

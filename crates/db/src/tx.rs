@@ -9,6 +9,9 @@
 //! - [`WorkerTx`]: `observer_worker`; writes ingest data.
 //! - [`AuthTx`]: `observer_auth`; the API's trusted login path (users, OAuth
 //!   tokens, memberships fetched with the viewer's own OAuth token, API-token lookup).
+//! - [`FanoutTx`]: `observer_fanout`; read-only and viewer-less, for live fan-out,
+//!   which reads each new event once and filters per subscriber in memory with
+//!   [`crate::access`].
 //!
 //! `set_config(.., true)` is transaction-local, so a pooled connection never
 //! carries a role or viewer into the next transaction. After commit the setting
@@ -25,6 +28,7 @@ use crate::Result;
 pub const ROLE_API: &str = "observer_api";
 pub const ROLE_WORKER: &str = "observer_worker";
 pub const ROLE_AUTH: &str = "observer_auth";
+pub const ROLE_FANOUT: &str = "observer_fanout";
 
 /// The GUC that carries the viewer's Discord user id.
 pub const VIEWER_SETTING: &str = "observer.viewer_id";
@@ -79,6 +83,18 @@ impl Db {
         Ok(AuthTx(self.begin_as(ROLE_AUTH).await?))
     }
 
+    /// Begins a read-only transaction as `observer_fanout` (no viewer: the caller
+    /// filters with [`crate::access`] before anything reaches a subscriber).
+    pub async fn fanout(&self) -> Result<FanoutTx> {
+        let mut tx = self.begin_as(ROLE_FANOUT).await?;
+        // Grants already make the role read-only; this makes a slip fail loudly
+        // even on a database where an operator granted it more.
+        sqlx::query("set transaction read only")
+            .execute(&mut *tx)
+            .await?;
+        Ok(FanoutTx(tx))
+    }
+
     async fn begin_as(&self, role: &str) -> Result<Transaction<'static, Postgres>> {
         let mut tx = self.pool.begin().await?;
         sqlx::query("select set_config('role', $1, true)")
@@ -131,4 +147,8 @@ role_tx!(
 role_tx!(
     /// A transaction running as `observer_auth` (login path, token lookup).
     AuthTx
+);
+role_tx!(
+    /// A read-only transaction running as `observer_fanout` (live fan-out).
+    FanoutTx
 );

@@ -1,0 +1,123 @@
+-- Row-level security. ENABLE and FORCE on every table that has a guild_id column
+-- (found from the catalog, so a table added by a later migration is locked down
+-- the moment it exists: with no policy for a role, that role reads nothing),
+-- and on users, api_tokens, oauth_tokens.
+do $$
+declare
+    t regclass;
+begin
+    for t in
+        select c.oid::regclass
+        from pg_catalog.pg_class c
+        join pg_catalog.pg_namespace n on n.oid = c.relnamespace
+        where c.relkind in ('r', 'p')
+          and n.nspname not in ('pg_catalog', 'information_schema')
+          and n.nspname not like 'pg_toast%'
+          and (exists (select 1 from pg_catalog.pg_attribute a
+                       where a.attrelid = c.oid and a.attname = 'guild_id' and not a.attisdropped)
+               or (n.nspname = 'public' and c.relname in ('users', 'api_tokens', 'oauth_tokens')))
+    loop
+        execute format('alter table %s enable row level security', t);
+        execute format('alter table %s force row level security', t);
+    end loop;
+end
+$$;
+
+-- Policies are dropped and recreated on every run (idempotent; a renamed or
+-- removed policy disappears). Only this file's tables and prefix ("observer_").
+do $$
+declare
+    p record;
+begin
+    for p in
+        select schemaname, tablename, policyname
+        from pg_catalog.pg_policies
+        where schemaname = 'public'
+          and policyname like 'observer\_%'
+          and tablename in ('guilds', 'channels', 'permission_overwrites', 'roles', 'members',
+                            'thread_members', 'messages', 'message_revisions', 'message_events',
+                            'access_events', 'users', 'oauth_tokens', 'api_tokens')
+    loop
+        execute format('drop policy %I on %I.%I', p.policyname, p.schemaname, p.tablename);
+    end loop;
+end
+$$;
+
+-- worker: all rows of every ingest table.
+create policy observer_worker_all on guilds for all to observer_worker using (true) with check (true);
+create policy observer_worker_all on channels for all to observer_worker using (true) with check (true);
+create policy observer_worker_all on permission_overwrites for all to observer_worker using (true) with check (true);
+create policy observer_worker_all on roles for all to observer_worker using (true) with check (true);
+create policy observer_worker_all on members for all to observer_worker using (true) with check (true);
+create policy observer_worker_all on thread_members for all to observer_worker using (true) with check (true);
+create policy observer_worker_all on messages for all to observer_worker using (true) with check (true);
+create policy observer_worker_all on message_revisions for all to observer_worker using (true) with check (true);
+create policy observer_worker_all on message_events for all to observer_worker using (true) with check (true);
+create policy observer_worker_all on access_events for all to observer_worker using (true) with check (true);
+
+-- fanout: reads every row of what it may read (grants keep it read-only).
+create policy observer_fanout_read on guilds for select to observer_fanout using (true);
+create policy observer_fanout_read on channels for select to observer_fanout using (true);
+create policy observer_fanout_read on permission_overwrites for select to observer_fanout using (true);
+create policy observer_fanout_read on roles for select to observer_fanout using (true);
+create policy observer_fanout_read on members for select to observer_fanout using (true);
+create policy observer_fanout_read on thread_members for select to observer_fanout using (true);
+create policy observer_fanout_read on messages for select to observer_fanout using (true);
+create policy observer_fanout_read on message_revisions for select to observer_fanout using (true);
+create policy observer_fanout_read on message_events for select to observer_fanout using (true);
+create policy observer_fanout_read on access_events for select to observer_fanout using (true);
+
+-- access-rule owner: reads the tables that decide access; appends access events.
+create policy observer_access_read on guilds for select to observer_access using (true);
+create policy observer_access_read on channels for select to observer_access using (true);
+create policy observer_access_read on permission_overwrites for select to observer_access using (true);
+create policy observer_access_read on roles for select to observer_access using (true);
+create policy observer_access_read on members for select to observer_access using (true);
+create policy observer_access_read on thread_members for select to observer_access using (true);
+create policy observer_access_append on access_events for insert to observer_access with check (true);
+
+-- api: the access rule. Every array helper sits in a scalar subquery so that it
+-- is an InitPlan, evaluated once per query. The `::bigint[]` cast matters:
+-- without it `x = any ((select ..))` parses as the row-wise subquery form.
+create policy observer_api_read on messages for select to observer_api
+    using (channel_id = any ((select access.visible_channel_ids(true))::bigint[])
+           and guild_id = any ((select access.visible_guild_ids())::bigint[]));
+create policy observer_api_read on message_events for select to observer_api
+    using (channel_id = any ((select access.visible_channel_ids(true))::bigint[])
+           and guild_id = any ((select access.visible_guild_ids())::bigint[]));
+-- A revision is visible exactly when its message is (the subquery is itself
+-- filtered by the messages policy above). A scalar subquery, not EXISTS: the
+-- planner may turn EXISTS into a hashed subplan that reads every visible
+-- message; this stays one primary-key lookup per revision row.
+create policy observer_api_read on message_revisions for select to observer_api
+    using (coalesce((select true from messages m
+                     where m.guild_id = message_revisions.guild_id
+                       and m.message_id = message_revisions.message_id), false));
+create policy observer_api_read on channels for select to observer_api
+    using (channel_id = any ((select access.visible_channel_ids(false))::bigint[])
+           and guild_id = any ((select access.visible_guild_ids())::bigint[]));
+create policy observer_api_read on guilds for select to observer_api
+    using (guild_id = any ((select access.visible_guild_ids())::bigint[]));
+create policy observer_api_manage on guilds for update to observer_api
+    using (guild_id = any ((select access.manageable_guild_ids())::bigint[]))
+    with check (guild_id = any ((select access.manageable_guild_ids())::bigint[]));
+create policy observer_api_read on roles for select to observer_api
+    using (guild_id = any ((select access.visible_guild_ids())::bigint[]));
+create policy observer_api_own on members for select to observer_api
+    using (user_id = (select access.viewer_id()));
+create policy observer_api_own on thread_members for select to observer_api
+    using (user_id = (select access.viewer_id()));
+create policy observer_api_own on users for select to observer_api
+    using (user_id = (select access.viewer_id()));
+create policy observer_api_own on api_tokens for all to observer_api
+    using (user_id = (select access.viewer_id()))
+    with check (user_id = (select access.viewer_id()));
+
+-- auth: the login path works before a viewer exists; grants (20_grants.sql)
+-- limit it to these tables and commands.
+create policy observer_auth_all on users for all to observer_auth using (true) with check (true);
+create policy observer_auth_all on oauth_tokens for all to observer_auth using (true) with check (true);
+create policy observer_auth_all on api_tokens for all to observer_auth using (true) with check (true);
+create policy observer_auth_read on guilds for select to observer_auth using (true);
+create policy observer_auth_all on members for all to observer_auth using (true) with check (true);
+create policy observer_auth_append on access_events for insert to observer_auth with check (true);
