@@ -1,1 +1,154 @@
-//! observer-api (layout note to be written).
+//! observer-api: the HTTP/GraphQL API of Support Observer (DESIGN.md §6–§7).
+//!
+//! Layout:
+//! - [`config`]: [`Config`] and [`Limits`] (the binary maps env vars/flags onto them).
+//! - [`state`]: [`AppState`], shared by every handler.
+//! - [`login`]: Discord OAuth login/callback/logout (axum-login, PostgreSQL sessions).
+//! - [`discord`]: OAuth2 and `/users/@me...` REST client (any Discord-compatible base URL).
+//! - [`graphql`]: the schema (queries under RLS, mutations, subscription field).
+//! - [`http`]: `POST /graphql`, `GET /graphql` (WebSocket or query page), auth resolution.
+//! - [`replay`]: interim live events (LISTEN wake-ups, per-subscriber reads through RLS).
+//! - [`live`]: the shared fan-out hub (part 2, in progress).
+//! - [`tokens`]: API token secrets and their hashes.
+//! - [`ratelimit`]: per-viewer token buckets.
+//! - [`metrics`]: Prometheus counters/histograms and their middleware.
+//! - [`refresh`]: background refresh of viewers' memberships with their OAuth tokens.
+//! - [`pages`]: the query page and placeholder dashboard, served from the binary.
+//! - [`error`]: GraphQL `extensions.code` values and internal-error logging.
+
+pub mod config;
+pub mod discord;
+pub mod error;
+pub mod graphql;
+pub mod http;
+pub mod live;
+pub mod login;
+pub mod metrics;
+pub mod pages;
+pub mod ratelimit;
+pub mod refresh;
+pub mod replay;
+pub mod state;
+pub mod tokens;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::Router;
+use axum_login::AuthManagerLayerBuilder;
+use observer_db::Db;
+use tokio::net::TcpListener;
+use tower_sessions::cookie::SameSite;
+use tower_sessions::{Expiry, SessionManagerLayer};
+use tower_sessions_sqlx_store::PostgresStore;
+
+pub use config::{Config, Limits};
+pub use graphql::{build_schema, sdl};
+pub use state::AppState;
+
+/// Name of the session cookie.
+pub const SESSION_COOKIE: &str = "observer_session";
+
+/// The whole HTTP surface (routes of DESIGN.md §7).
+pub fn app(state: AppState) -> Router {
+    // The table `tower_sessions.session` comes from our migrations; never
+    // `store.migrate()`, which needs CREATE on the database.
+    let store = PostgresStore::new(state.db.pool().clone());
+    let ttl = time_duration(state.config.session_ttl);
+    let sessions = SessionManagerLayer::new(store)
+        .with_name(SESSION_COOKIE)
+        .with_http_only(true)
+        .with_same_site(SameSite::Lax)
+        .with_secure(state.config.secure_cookies())
+        .with_path("/")
+        .with_expiry(Expiry::OnInactivity(ttl));
+    let backend = login::Backend {
+        db: state.db.clone(),
+        discord: state.discord.clone(),
+    };
+    let auth = AuthManagerLayerBuilder::new(backend, sessions).build();
+
+    Router::new()
+        .route("/", get(pages::dashboard))
+        .route("/graphql", post(http::graphql_post).get(http::graphql_get))
+        .route("/assets/graphiql.js", get(pages::graphiql_js))
+        .route("/assets/graphiql.css", get(pages::graphiql_css))
+        .route("/auth/login", get(login::login))
+        .route("/auth/callback", get(login::callback))
+        .route("/auth/logout", post(login::logout))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics::handler))
+        .layer(auth)
+        .layer(axum::middleware::from_fn_with_state(
+            state.metrics.clone(),
+            metrics::track,
+        ))
+        .with_state(state)
+}
+
+pub(crate) fn time_duration(d: Duration) -> tower_sessions::cookie::time::Duration {
+    tower_sessions::cookie::time::Duration::seconds(i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+/// Ready when the database answers as the API role.
+async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
+    let probe = async {
+        let mut tx = state.db.viewer(0).await?;
+        observer_db::viewer::ping(&mut tx).await?;
+        tx.rollback().await
+    };
+    match tokio::time::timeout(Duration::from_secs(3), probe).await {
+        Ok(Ok(())) => (StatusCode::OK, "ready"),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %login::error_chain(&e), "readiness probe failed");
+            (StatusCode::SERVICE_UNAVAILABLE, "database unavailable")
+        }
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "database timeout"),
+    }
+}
+
+/// Serves the API on `listener` until `shutdown` resolves, with the
+/// background jobs (expired-session cleanup, membership refresh).
+pub async fn run(
+    config: Config,
+    db: Db,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let state = AppState::new(config, db).context("building API state")?;
+    let store = PostgresStore::new(state.db.pool().clone());
+    let cleanup = tokio::spawn(async move {
+        use tower_sessions::session_store::ExpiredDeletion;
+        if let Err(e) = store
+            .continuously_delete_expired(Duration::from_secs(300))
+            .await
+        {
+            tracing::error!(error = %e, "expired-session cleanup stopped");
+        }
+    });
+    let refresher = tokio::spawn(refresh::run(state.clone()));
+    let listener_task = tokio::spawn(replay::listen_loop(state.db.clone(), state.wakeups.clone()));
+    let addr = listener.local_addr().ok();
+    tracing::info!(?addr, "api listening");
+    let served = axum::serve(
+        listener,
+        app(state).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await;
+    cleanup.abort();
+    refresher.abort();
+    listener_task.abort();
+    served.context("serving HTTP")
+}

@@ -1,1 +1,1416 @@
-//! (to be written)
+//! Writes from the ingestion worker: idempotent, order-independent upserts of
+//! access data and messages, plus the message event log.
+//!
+//! The worker hands over plain data ([`IngestOp`], no serenity types) and
+//! [`write_batch`] applies a whole batch inside one [`WorkerTx`] with a handful
+//! of bulk statements.
+//!
+//! Messages converge under any arrival order and any number of repeats because
+//! every message op is turned into a [`MsgState`] and states are combined with
+//! [`MsgState::join`], which is commutative, associative and idempotent:
+//! - content (with `edited_at` and attachments) is a *version* keyed by its time
+//!   (`edited_at`, else `created_at`); the newest version wins;
+//! - a delete is sticky (`deleted_at` is set once, never cleared);
+//! - author / creation data fill in whenever they are first seen;
+//! - every observed version goes into `message_revisions` (insert-only).
+//!
+//! The same join runs for ops on one message inside a batch (one statement
+//! cannot touch a row twice) and against the stored row (read `for update`),
+//! so the database never depends on which event came first.
+//!
+//! A `message_events` row is appended only when a message's stored state
+//! actually changed; repeats produce none. NOTIFY is a trigger's job (policies/).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use chrono::{DateTime, TimeZone, Utc};
+use serde_json::Value;
+use sqlx::{PgConnection, Row};
+
+use crate::{Result, WorkerTx};
+
+/// Discord's epoch (2015-01-01T00:00:00Z) in Unix milliseconds.
+pub const DISCORD_EPOCH_MS: i64 = 1_420_070_400_000;
+
+/// Channel types that are threads (announcement, public, private).
+pub const THREAD_KINDS: [i16; 3] = [10, 11, 12];
+
+/// Caps on stored text, in bytes. Discord's own limits are lower; these only
+/// stop a misbehaving source from bloating rows.
+pub const MAX_CONTENT_BYTES: usize = 16 * 1024;
+pub const MAX_NAME_BYTES: usize = 512;
+pub const MAX_TOPIC_BYTES: usize = 4 * 1024;
+
+/// Creation time encoded in a snowflake.
+pub fn snowflake_time(id: i64) -> DateTime<Utc> {
+    let ms = (id >> 22).saturating_add(DISCORD_EPOCH_MS);
+    Utc.timestamp_millis_opt(ms)
+        .single()
+        .unwrap_or(DateTime::<Utc>::UNIX_EPOCH)
+}
+
+/// The smallest snowflake created at `t` (for "messages older than t" bounds).
+pub fn snowflake_at(t: DateTime<Utc>) -> i64 {
+    (t.timestamp_millis() - DISCORD_EPOCH_MS).max(0) << 22
+}
+
+/// Strips control characters (keeping newline and tab) and caps the size at a
+/// char boundary. Rust strings are valid UTF-8 already; NUL would be refused by
+/// PostgreSQL, the rest could mislead terminals and log viewers.
+pub fn sanitize(s: &str, max_bytes: usize) -> String {
+    let mut out = String::with_capacity(s.len().min(max_bytes));
+    for c in s.chars() {
+        if c.is_control() && c != '\n' && c != '\t' {
+            continue;
+        }
+        if out.len() + c.len_utf8() > max_bytes {
+            break;
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn sanitize_opt(s: Option<&str>, max: usize) -> Option<String> {
+    s.map(|s| sanitize(s, max))
+}
+
+// ---------------------------------------------------------------------------
+// Plain input types
+// ---------------------------------------------------------------------------
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuildInfo {
+    pub guild_id: i64,
+    pub name: String,
+    pub icon: Option<String>,
+    pub owner_id: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Overwrite {
+    /// Role id (kind 0) or user id (kind 1).
+    pub target_id: i64,
+    pub kind: i16,
+    pub allow: i64,
+    pub deny: i64,
+}
+
+/// A channel or thread (Discord models threads as channels).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChannelInfo {
+    pub guild_id: i64,
+    pub channel_id: i64,
+    pub kind: i16,
+    pub name: String,
+    pub parent_id: Option<i64>,
+    pub position: i32,
+    pub topic: Option<String>,
+    pub archived: bool,
+    pub owner_id: Option<i64>,
+    /// The complete set: stored overwrites not listed here are removed.
+    pub overwrites: Vec<Overwrite>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoleInfo {
+    pub guild_id: i64,
+    pub role_id: i64,
+    pub name: String,
+    pub permissions: i64,
+    pub position: i32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberInfo {
+    pub guild_id: i64,
+    pub user_id: i64,
+    /// Never includes @everyone.
+    pub role_ids: Vec<i64>,
+    pub nick: Option<String>,
+    pub joined_at: Option<DateTime<Utc>>,
+    pub communication_disabled_until: Option<DateTime<Utc>>,
+}
+
+/// Everything a GUILD_CREATE carries that we keep.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuildSnapshot {
+    pub guild: GuildInfo,
+    /// The complete role set: stored roles not listed are deleted.
+    pub roles: Vec<RoleInfo>,
+    /// The complete set of non-thread channels: stored ones not listed are deleted.
+    pub channels: Vec<ChannelInfo>,
+    /// Active threads (upserted; archived threads are not listed and are kept).
+    pub threads: Vec<ChannelInfo>,
+    /// Usually only some members (Discord sends a subset); upserted, never synced.
+    pub members: Vec<MemberInfo>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Author {
+    pub id: i64,
+    pub username: String,
+    pub display_name: Option<String>,
+    pub avatar: Option<String>,
+    pub bot: bool,
+}
+
+/// A complete message (MESSAGE_CREATE or a history fetch).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewMessage {
+    pub guild_id: i64,
+    pub channel_id: i64,
+    pub message_id: i64,
+    pub author: Author,
+    pub content: String,
+    pub created_at: DateTime<Utc>,
+    pub edited_at: Option<DateTime<Utc>>,
+    /// `[{id, filename, url, size, content_type}]`.
+    pub attachments: Value,
+    pub reply_to_id: Option<i64>,
+}
+
+/// A MESSAGE_UPDATE: every field may be missing and is merged on its own.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MessagePatch {
+    pub guild_id: i64,
+    pub channel_id: i64,
+    pub message_id: i64,
+    pub author: Option<Author>,
+    pub content: Option<String>,
+    pub edited_at: Option<DateTime<Utc>>,
+    pub attachments: Option<Value>,
+}
+
+/// One thing the worker observed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum IngestOp {
+    /// GUILD_CREATE: the bot is (again) in the guild; full access snapshot.
+    GuildCreate(Box<GuildSnapshot>),
+    /// GUILD_UPDATE.
+    GuildUpdate(GuildInfo),
+    /// GUILD_DELETE without `unavailable`: the bot left or was removed.
+    GuildRemoved {
+        guild_id: i64,
+    },
+    /// GUILD_DELETE with `unavailable: true`: outage.
+    GuildUnavailable {
+        guild_id: i64,
+    },
+    /// CHANNEL_CREATE/UPDATE, THREAD_CREATE/UPDATE.
+    ChannelUpsert(ChannelInfo),
+    /// CHANNEL_DELETE, THREAD_DELETE (also drops the channel's threads).
+    ChannelDelete {
+        guild_id: i64,
+        channel_id: i64,
+    },
+    /// THREAD_LIST_SYNC: active threads and the bot's thread memberships.
+    ThreadListSync {
+        guild_id: i64,
+        threads: Vec<ChannelInfo>,
+        members: Vec<(i64, i64)>,
+    },
+    /// THREAD_MEMBERS_UPDATE.
+    ThreadMembers {
+        guild_id: i64,
+        thread_id: i64,
+        added: Vec<i64>,
+        removed: Vec<i64>,
+    },
+    RoleUpsert(RoleInfo),
+    RoleDelete {
+        guild_id: i64,
+        role_id: i64,
+    },
+    /// The complete role set of a guild (a REST re-read): missing roles are deleted.
+    RolesSync {
+        guild_id: i64,
+        roles: Vec<RoleInfo>,
+    },
+    /// GUILD_MEMBER_ADD/UPDATE.
+    MemberUpsert(MemberInfo),
+    MemberRemove {
+        guild_id: i64,
+        user_id: i64,
+    },
+    MessageCreate(Box<NewMessage>),
+    MessageUpdate(Box<MessagePatch>),
+    MessageDelete {
+        guild_id: i64,
+        channel_id: i64,
+        message_id: i64,
+    },
+    MessageBulkDelete {
+        guild_id: i64,
+        channel_id: i64,
+        message_ids: Vec<i64>,
+    },
+}
+
+impl IngestOp {
+    /// True for ops that change who may see what (the API refreshes on these).
+    pub fn is_access(&self) -> bool {
+        !matches!(
+            self,
+            IngestOp::MessageCreate(_)
+                | IngestOp::MessageUpdate(_)
+                | IngestOp::MessageDelete { .. }
+                | IngestOp::MessageBulkDelete { .. }
+        )
+    }
+}
+
+/// What a batch did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BatchStats {
+    pub ops: usize,
+    /// Distinct messages touched by the batch (after merging).
+    pub messages: usize,
+    /// Message rows inserted or changed.
+    pub messages_changed: usize,
+    pub events_created: usize,
+    pub events_updated: usize,
+    pub events_deleted: usize,
+    pub revisions_offered: usize,
+    pub access_ops: usize,
+}
+
+// ---------------------------------------------------------------------------
+// Message state lattice
+// ---------------------------------------------------------------------------
+
+/// One version of a message's content.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Version {
+    /// When this version became current: `edited_at`, else `created_at`.
+    pub at: DateTime<Utc>,
+    pub edited_at: Option<DateTime<Utc>>,
+    pub content: String,
+    /// None: this observation did not carry attachments (keep what is known).
+    pub attachments: Option<Value>,
+}
+
+/// The stored state of a message, as far as ingestion knows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MsgState {
+    pub guild_id: i64,
+    pub message_id: i64,
+    pub channel_id: i64,
+    pub author: Option<Author>,
+    pub created_at: DateTime<Utc>,
+    pub seen_create: bool,
+    pub reply_to_id: Option<i64>,
+    pub version: Option<Version>,
+    pub deleted_at: Option<DateTime<Utc>>,
+}
+
+impl MsgState {
+    fn empty(guild_id: i64, channel_id: i64, message_id: i64) -> Self {
+        Self {
+            guild_id,
+            message_id,
+            channel_id,
+            author: None,
+            created_at: snowflake_time(message_id),
+            seen_create: false,
+            reply_to_id: None,
+            version: None,
+            deleted_at: None,
+        }
+    }
+
+    fn from_create(m: &NewMessage) -> Self {
+        Self {
+            guild_id: m.guild_id,
+            message_id: m.message_id,
+            channel_id: m.channel_id,
+            author: Some(sanitize_author(&m.author)),
+            created_at: m.created_at,
+            seen_create: true,
+            reply_to_id: m.reply_to_id,
+            version: Some(Version {
+                at: m.edited_at.unwrap_or(m.created_at),
+                edited_at: m.edited_at,
+                content: sanitize(&m.content, MAX_CONTENT_BYTES),
+                attachments: Some(m.attachments.clone()),
+            }),
+            deleted_at: None,
+        }
+    }
+
+    fn from_patch(p: &MessagePatch) -> Self {
+        let mut s = Self::empty(p.guild_id, p.channel_id, p.message_id);
+        s.author = p.author.as_ref().map(sanitize_author);
+        // An update without content (embed unfurl, pin) carries no version.
+        // Without edited_at its version time is the creation time: it can
+        // only fill a row whose content was never seen.
+        s.version = p.content.as_ref().map(|c| Version {
+            at: p.edited_at.unwrap_or(s.created_at),
+            edited_at: p.edited_at,
+            content: sanitize(c, MAX_CONTENT_BYTES),
+            attachments: p.attachments.clone(),
+        });
+        s
+    }
+
+    fn from_delete(guild_id: i64, channel_id: i64, message_id: i64, at: DateTime<Utc>) -> Self {
+        let mut s = Self::empty(guild_id, channel_id, message_id);
+        s.deleted_at = Some(at);
+        s
+    }
+
+    /// Least upper bound of two observations of the same message.
+    /// Commutative, associative and idempotent, up to ties that only differ
+    /// in data Discord never changes (author, creation time).
+    pub fn join(&self, other: &MsgState) -> MsgState {
+        let (first, second) = if !self.seen_create && other.seen_create {
+            (other, self)
+        } else {
+            (self, other)
+        };
+        let version = match (&self.version, &other.version) {
+            (None, v) | (v, None) => v.clone(),
+            (Some(a), Some(b)) => {
+                let (win, lose) = if b.at > a.at || (b.at == a.at && b.content > a.content) {
+                    (b, a)
+                } else {
+                    (a, b)
+                };
+                let mut v = win.clone();
+                if v.attachments.is_none() && win.at == lose.at {
+                    v.attachments = lose.attachments.clone();
+                }
+                if v.attachments.is_none() && lose.attachments.is_some() {
+                    // Attachments seen only with an older version still describe
+                    // the message better than nothing.
+                    v.attachments = lose.attachments.clone();
+                }
+                Some(v)
+            }
+        };
+        MsgState {
+            guild_id: self.guild_id,
+            message_id: self.message_id,
+            channel_id: first.channel_id,
+            author: first.author.clone().or_else(|| second.author.clone()),
+            created_at: first.created_at,
+            seen_create: self.seen_create || other.seen_create,
+            reply_to_id: first.reply_to_id.or(second.reply_to_id),
+            version,
+            deleted_at: match (self.deleted_at, other.deleted_at) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            },
+        }
+    }
+
+    /// Whether two states differ in anything a reader can see. The exact
+    /// deletion time of a message that was already deleted does not count.
+    fn visible_eq(&self, other: &MsgState) -> bool {
+        self.channel_id == other.channel_id
+            && self.author == other.author
+            && self.created_at == other.created_at
+            && self.seen_create == other.seen_create
+            && self.reply_to_id == other.reply_to_id
+            && self.deleted_at.is_some() == other.deleted_at.is_some()
+            && self.content() == other.content()
+            && self.edited_at() == other.edited_at()
+            && self.attachments() == other.attachments()
+    }
+
+    fn content(&self) -> &str {
+        self.version.as_ref().map_or("", |v| v.content.as_str())
+    }
+
+    fn edited_at(&self) -> Option<DateTime<Utc>> {
+        self.version.as_ref().and_then(|v| v.edited_at)
+    }
+
+    fn attachments(&self) -> Value {
+        self.version
+            .as_ref()
+            .and_then(|v| v.attachments.clone())
+            .unwrap_or_else(|| Value::Array(Vec::new()))
+    }
+}
+
+fn sanitize_author(a: &Author) -> Author {
+    Author {
+        id: a.id,
+        username: sanitize(&a.username, MAX_NAME_BYTES),
+        display_name: sanitize_opt(a.display_name.as_deref(), MAX_NAME_BYTES),
+        avatar: sanitize_opt(a.avatar.as_deref(), MAX_NAME_BYTES),
+        bot: a.bot,
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Batch
+// ---------------------------------------------------------------------------
+
+/// Applies `ops` in one transaction with few statements. Access ops are applied
+/// in the order given (runs of the same kind in one statement); message ops are
+/// merged per message and applied in bulk.
+pub async fn write_batch(tx: &mut WorkerTx, ops: &[IngestOp]) -> Result<BatchStats> {
+    let conn: &mut PgConnection = tx;
+    let mut stats = BatchStats {
+        ops: ops.len(),
+        ..BatchStats::default()
+    };
+    let now = Utc::now();
+
+    // Pre-merge message ops: one state and a set of revisions per message.
+    let mut merged: BTreeMap<(i64, i64), MsgState> = BTreeMap::new();
+    let mut revisions: HashSet<(i64, i64, DateTime<Utc>, String)> = HashSet::new();
+    let mut add = |s: MsgState| {
+        if let Some(v) = &s.version {
+            revisions.insert((s.guild_id, s.message_id, v.at, v.content.clone()));
+        }
+        let key = (s.guild_id, s.message_id);
+        let next = match merged.get(&key) {
+            Some(prev) => prev.join(&s),
+            None => s,
+        };
+        merged.insert(key, next);
+    };
+
+    let mut run: Vec<&IngestOp> = Vec::new();
+    for op in ops {
+        match op {
+            IngestOp::MessageCreate(m) => add(MsgState::from_create(m)),
+            IngestOp::MessageUpdate(p) => add(MsgState::from_patch(p)),
+            IngestOp::MessageDelete {
+                guild_id,
+                channel_id,
+                message_id,
+            } => add(MsgState::from_delete(
+                *guild_id,
+                *channel_id,
+                *message_id,
+                now,
+            )),
+            IngestOp::MessageBulkDelete {
+                guild_id,
+                channel_id,
+                message_ids,
+            } => {
+                for id in message_ids {
+                    add(MsgState::from_delete(*guild_id, *channel_id, *id, now));
+                }
+            }
+            access => {
+                stats.access_ops += 1;
+                if let Some(prev) = run.last() {
+                    if std::mem::discriminant(*prev) != std::mem::discriminant(access)
+                        || !batchable(access)
+                    {
+                        apply_access_run(conn, &run).await?;
+                        run.clear();
+                    }
+                }
+                run.push(access);
+            }
+        }
+    }
+    if !run.is_empty() {
+        apply_access_run(conn, &run).await?;
+    }
+
+    stats.messages = merged.len();
+    stats.revisions_offered = revisions.len();
+    write_messages(conn, merged, &mut stats).await?;
+    write_revisions(conn, revisions).await?;
+    Ok(stats)
+}
+
+fn batchable(op: &IngestOp) -> bool {
+    matches!(
+        op,
+        IngestOp::ChannelUpsert(_) | IngestOp::RoleUpsert(_) | IngestOp::MemberUpsert(_)
+    )
+}
+
+async fn apply_access_run(conn: &mut PgConnection, run: &[&IngestOp]) -> Result<()> {
+    let Some(first) = run.first() else {
+        return Ok(());
+    };
+    match first {
+        IngestOp::ChannelUpsert(_) => {
+            let chans: Vec<ChannelInfo> = run
+                .iter()
+                .filter_map(|op| match op {
+                    IngestOp::ChannelUpsert(c) => Some(c.clone()),
+                    _ => None,
+                })
+                .collect();
+            upsert_channels(conn, &last_by_key(chans, |c| (c.guild_id, c.channel_id))).await
+        }
+        IngestOp::RoleUpsert(_) => {
+            let roles: Vec<RoleInfo> = run
+                .iter()
+                .filter_map(|op| match op {
+                    IngestOp::RoleUpsert(r) => Some(r.clone()),
+                    _ => None,
+                })
+                .collect();
+            upsert_roles(conn, &last_by_key(roles, |r| (r.guild_id, r.role_id))).await
+        }
+        IngestOp::MemberUpsert(_) => {
+            let members: Vec<MemberInfo> = run
+                .iter()
+                .filter_map(|op| match op {
+                    IngestOp::MemberUpsert(m) => Some(m.clone()),
+                    _ => None,
+                })
+                .collect();
+            upsert_members(conn, &last_by_key(members, |m| (m.guild_id, m.user_id))).await
+        }
+        _ => {
+            for op in run {
+                apply_access(conn, op).await?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Keeps the last item per key (one statement may not touch a row twice).
+fn last_by_key<T, K: std::hash::Hash + Eq>(items: Vec<T>, key: impl Fn(&T) -> K) -> Vec<T> {
+    let mut idx: HashMap<K, usize> = HashMap::new();
+    let mut out: Vec<Option<T>> = Vec::with_capacity(items.len());
+    for it in items {
+        let k = key(&it);
+        if let Some(&i) = idx.get(&k) {
+            out[i] = None;
+        }
+        idx.insert(k, out.len());
+        out.push(Some(it));
+    }
+    out.into_iter().flatten().collect()
+}
+
+async fn apply_access(conn: &mut PgConnection, op: &IngestOp) -> Result<()> {
+    match op {
+        IngestOp::GuildCreate(snap) => guild_snapshot(conn, snap).await,
+        IngestOp::GuildUpdate(g) => upsert_guild(conn, g).await,
+        IngestOp::GuildRemoved { guild_id } => {
+            sqlx::query(
+                "insert into guilds (guild_id, removed_at) values ($1, now())
+                 on conflict (guild_id) do update
+                   set removed_at = coalesce(guilds.removed_at, now()), updated_at = now()
+                   where guilds.removed_at is null",
+            )
+            .bind(guild_id)
+            .execute(&mut *conn)
+            .await?;
+            Ok(())
+        }
+        IngestOp::GuildUnavailable { guild_id } => {
+            sqlx::query(
+                "update guilds set unavailable = true, updated_at = now()
+                 where guild_id = $1 and not unavailable",
+            )
+            .bind(guild_id)
+            .execute(&mut *conn)
+            .await?;
+            Ok(())
+        }
+        IngestOp::ChannelUpsert(c) => upsert_channels(conn, std::slice::from_ref(c)).await,
+        IngestOp::ChannelDelete {
+            guild_id,
+            channel_id,
+        } => delete_channel(conn, *guild_id, *channel_id).await,
+        IngestOp::ThreadListSync {
+            guild_id,
+            threads,
+            members,
+        } => {
+            upsert_channels(conn, threads).await?;
+            let (t, u): (Vec<i64>, Vec<i64>) = members.iter().copied().unzip();
+            add_thread_members(conn, *guild_id, &t, &u).await
+        }
+        IngestOp::ThreadMembers {
+            guild_id,
+            thread_id,
+            added,
+            removed,
+        } => {
+            if !removed.is_empty() {
+                sqlx::query(
+                    "delete from thread_members
+                     where guild_id = $1 and thread_id = $2 and user_id = any($3)",
+                )
+                .bind(guild_id)
+                .bind(thread_id)
+                .bind(removed)
+                .execute(&mut *conn)
+                .await?;
+            }
+            let t = vec![*thread_id; added.len()];
+            add_thread_members(conn, *guild_id, &t, added).await
+        }
+        IngestOp::RoleUpsert(r) => upsert_roles(conn, std::slice::from_ref(r)).await,
+        IngestOp::RolesSync { guild_id, roles } => sync_roles(conn, *guild_id, roles).await,
+        IngestOp::RoleDelete { guild_id, role_id } => {
+            sqlx::query("delete from roles where guild_id = $1 and role_id = $2")
+                .bind(guild_id)
+                .bind(role_id)
+                .execute(&mut *conn)
+                .await?;
+            // Discord strips the role from its members without sending member
+            // updates. (Its overwrites stay until a CHANNEL_UPDATE says
+            // otherwise; a role nobody holds grants nothing anyway.)
+            sqlx::query(
+                "update members set role_ids = array_remove(role_ids, $2), updated_at = now()
+                 where guild_id = $1 and $2 = any(role_ids)",
+            )
+            .bind(guild_id)
+            .bind(role_id)
+            .execute(&mut *conn)
+            .await?;
+            Ok(())
+        }
+        IngestOp::MemberUpsert(m) => upsert_members(conn, std::slice::from_ref(m)).await,
+        IngestOp::MemberRemove { guild_id, user_id } => {
+            sqlx::query("delete from members where guild_id = $1 and user_id = $2")
+                .bind(guild_id)
+                .bind(user_id)
+                .execute(&mut *conn)
+                .await?;
+            sqlx::query("delete from thread_members where guild_id = $1 and user_id = $2")
+                .bind(guild_id)
+                .bind(user_id)
+                .execute(&mut *conn)
+                .await?;
+            Ok(())
+        }
+        IngestOp::MessageCreate(_)
+        | IngestOp::MessageUpdate(_)
+        | IngestOp::MessageDelete { .. }
+        | IngestOp::MessageBulkDelete { .. } => Ok(()),
+    }
+}
+
+async fn upsert_guild(conn: &mut PgConnection, g: &GuildInfo) -> Result<()> {
+    // observer_role_ids and retention are tenant settings: never touched here.
+    sqlx::query(
+        "insert into guilds (guild_id, name, icon, owner_id) values ($1, $2, $3, $4)
+         on conflict (guild_id) do update
+           set name = excluded.name, icon = excluded.icon, owner_id = excluded.owner_id,
+               removed_at = null, unavailable = false, updated_at = now()
+           where (guilds.name, guilds.icon, guilds.owner_id, guilds.removed_at, guilds.unavailable)
+                 is distinct from (excluded.name, excluded.icon, excluded.owner_id, null::timestamptz, false)",
+    )
+    .bind(g.guild_id)
+    .bind(sanitize(&g.name, MAX_NAME_BYTES))
+    .bind(sanitize_opt(g.icon.as_deref(), MAX_NAME_BYTES))
+    .bind(g.owner_id)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+async fn guild_snapshot(conn: &mut PgConnection, s: &GuildSnapshot) -> Result<()> {
+    let gid = s.guild.guild_id;
+    upsert_guild(conn, &s.guild).await?;
+
+    sync_roles(conn, gid, &s.roles).await?;
+
+    let channel_ids: Vec<i64> = s.channels.iter().map(|c| c.channel_id).collect();
+    let gone: Vec<i64> = sqlx::query_scalar(
+        "delete from channels where guild_id = $1 and channel_id <> all($2)
+           and not (kind = any($3))
+         returning channel_id",
+    )
+    .bind(gid)
+    .bind(&channel_ids)
+    .bind(&THREAD_KINDS[..])
+    .fetch_all(&mut *conn)
+    .await?;
+    if !gone.is_empty() {
+        delete_channel_children(conn, gid, &gone).await?;
+    }
+    let mut all = s.channels.clone();
+    all.extend(s.threads.iter().cloned());
+    upsert_channels(conn, &last_by_key(all, |c| c.channel_id)).await?;
+    upsert_members(conn, &last_by_key(s.members.clone(), |m| m.user_id)).await?;
+    Ok(())
+}
+
+async fn sync_roles(conn: &mut PgConnection, guild_id: i64, roles: &[RoleInfo]) -> Result<()> {
+    let roles = last_by_key(roles.to_vec(), |r| r.role_id);
+    let role_ids: Vec<i64> = roles.iter().map(|r| r.role_id).collect();
+    sqlx::query("delete from roles where guild_id = $1 and role_id <> all($2)")
+        .bind(guild_id)
+        .bind(&role_ids)
+        .execute(&mut *conn)
+        .await?;
+    upsert_roles(conn, &roles).await
+}
+
+async fn upsert_roles(conn: &mut PgConnection, roles: &[RoleInfo]) -> Result<()> {
+    if roles.is_empty() {
+        return Ok(());
+    }
+    let g: Vec<i64> = roles.iter().map(|r| r.guild_id).collect();
+    let id: Vec<i64> = roles.iter().map(|r| r.role_id).collect();
+    let name: Vec<String> = roles
+        .iter()
+        .map(|r| sanitize(&r.name, MAX_NAME_BYTES))
+        .collect();
+    let perm: Vec<i64> = roles.iter().map(|r| r.permissions).collect();
+    let pos: Vec<i32> = roles.iter().map(|r| r.position).collect();
+    sqlx::query(
+        "insert into roles (guild_id, role_id, name, permissions, position)
+         select * from unnest($1::int8[], $2::int8[], $3::text[], $4::int8[], $5::int4[])
+         on conflict (guild_id, role_id) do update
+           set name = excluded.name, permissions = excluded.permissions, position = excluded.position
+           where (roles.name, roles.permissions, roles.position)
+                 is distinct from (excluded.name, excluded.permissions, excluded.position)",
+    )
+    .bind(&g)
+    .bind(&id)
+    .bind(&name)
+    .bind(&perm)
+    .bind(&pos)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+async fn upsert_members(conn: &mut PgConnection, members: &[MemberInfo]) -> Result<()> {
+    if members.is_empty() {
+        return Ok(());
+    }
+    let g: Vec<i64> = members.iter().map(|m| m.guild_id).collect();
+    let u: Vec<i64> = members.iter().map(|m| m.user_id).collect();
+    // A 2-D array must be rectangular; ship role lists as text and split in SQL.
+    let roles: Vec<String> = members
+        .iter()
+        .map(|m| {
+            let mut ids = m.role_ids.clone();
+            ids.sort_unstable();
+            ids.dedup();
+            ids.iter()
+                .map(|r| r.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .collect();
+    let nick: Vec<Option<String>> = members
+        .iter()
+        .map(|m| sanitize_opt(m.nick.as_deref(), MAX_NAME_BYTES))
+        .collect();
+    let joined: Vec<Option<DateTime<Utc>>> = members.iter().map(|m| m.joined_at).collect();
+    let timeout: Vec<Option<DateTime<Utc>>> = members
+        .iter()
+        .map(|m| m.communication_disabled_until)
+        .collect();
+    sqlx::query(
+        "insert into members (guild_id, user_id, role_ids, nick, joined_at, communication_disabled_until)
+         select g, u, coalesce(string_to_array(nullif(r, ''), ',')::int8[], '{}'), n, j, t
+         from unnest($1::int8[], $2::int8[], $3::text[], $4::text[], $5::timestamptz[], $6::timestamptz[])
+              as x(g, u, r, n, j, t)
+         on conflict (guild_id, user_id) do update
+           set role_ids = excluded.role_ids, nick = excluded.nick,
+               joined_at = coalesce(excluded.joined_at, members.joined_at),
+               communication_disabled_until = excluded.communication_disabled_until,
+               updated_at = now()
+           where (members.role_ids, members.nick, members.joined_at, members.communication_disabled_until)
+                 is distinct from (excluded.role_ids, excluded.nick,
+                                   coalesce(excluded.joined_at, members.joined_at),
+                                   excluded.communication_disabled_until)",
+    )
+    .bind(&g)
+    .bind(&u)
+    .bind(&roles)
+    .bind(&nick)
+    .bind(&joined)
+    .bind(&timeout)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+async fn upsert_channels(conn: &mut PgConnection, chans: &[ChannelInfo]) -> Result<()> {
+    if chans.is_empty() {
+        return Ok(());
+    }
+    let g: Vec<i64> = chans.iter().map(|c| c.guild_id).collect();
+    let id: Vec<i64> = chans.iter().map(|c| c.channel_id).collect();
+    let kind: Vec<i16> = chans.iter().map(|c| c.kind).collect();
+    let name: Vec<String> = chans
+        .iter()
+        .map(|c| sanitize(&c.name, MAX_NAME_BYTES))
+        .collect();
+    let parent: Vec<Option<i64>> = chans.iter().map(|c| c.parent_id).collect();
+    let pos: Vec<i32> = chans.iter().map(|c| c.position).collect();
+    let topic: Vec<Option<String>> = chans
+        .iter()
+        .map(|c| sanitize_opt(c.topic.as_deref(), MAX_TOPIC_BYTES))
+        .collect();
+    let archived: Vec<bool> = chans.iter().map(|c| c.archived).collect();
+    let owner: Vec<Option<i64>> = chans.iter().map(|c| c.owner_id).collect();
+    sqlx::query(
+        "insert into channels (guild_id, channel_id, kind, name, parent_id, position, topic, archived, owner_id)
+         select * from unnest($1::int8[], $2::int8[], $3::int2[], $4::text[], $5::int8[],
+                              $6::int4[], $7::text[], $8::bool[], $9::int8[])
+         on conflict (guild_id, channel_id) do update
+           set kind = excluded.kind, name = excluded.name, parent_id = excluded.parent_id,
+               position = excluded.position, topic = excluded.topic, archived = excluded.archived,
+               owner_id = excluded.owner_id, updated_at = now()
+           where (channels.kind, channels.name, channels.parent_id, channels.position,
+                  channels.topic, channels.archived, channels.owner_id)
+                 is distinct from (excluded.kind, excluded.name, excluded.parent_id, excluded.position,
+                                   excluded.topic, excluded.archived, excluded.owner_id)",
+    )
+    .bind(&g)
+    .bind(&id)
+    .bind(&kind)
+    .bind(&name)
+    .bind(&parent)
+    .bind(&pos)
+    .bind(&topic)
+    .bind(&archived)
+    .bind(&owner)
+    .execute(&mut *conn)
+    .await?;
+
+    // Overwrites are replaced as a set per channel. Threads have none of their
+    // own that matter, but whatever Discord sends is mirrored the same way.
+    let mut og = Vec::new();
+    let mut oc = Vec::new();
+    let mut ot = Vec::new();
+    let mut ok = Vec::new();
+    let mut oa = Vec::new();
+    let mut od = Vec::new();
+    for c in chans {
+        let ows = last_by_key(c.overwrites.clone(), |o| (o.target_id, o.kind));
+        for o in ows.iter().filter(|o| o.kind == 0 || o.kind == 1) {
+            og.push(c.guild_id);
+            oc.push(c.channel_id);
+            ot.push(o.target_id);
+            ok.push(o.kind);
+            oa.push(o.allow);
+            od.push(o.deny);
+        }
+    }
+    sqlx::query(
+        "delete from permission_overwrites p
+         using unnest($1::int8[], $2::int8[]) as c(g, id)
+         where p.guild_id = c.g and p.channel_id = c.id
+           and (p.target_id, p.kind) not in (
+               select n.t, n.k from unnest($3::int8[], $4::int8[], $5::int8[], $6::int2[]) as n(g, c, t, k)
+               where n.g = p.guild_id and n.c = p.channel_id)",
+    )
+    .bind(&g)
+    .bind(&id)
+    .bind(&og)
+    .bind(&oc)
+    .bind(&ot)
+    .bind(&ok)
+    .execute(&mut *conn)
+    .await?;
+    if !og.is_empty() {
+        sqlx::query(
+            "insert into permission_overwrites (guild_id, channel_id, target_id, kind, allow, deny)
+             select * from unnest($1::int8[], $2::int8[], $3::int8[], $4::int2[], $5::int8[], $6::int8[])
+             on conflict (guild_id, channel_id, target_id, kind) do update
+               set allow = excluded.allow, deny = excluded.deny
+               where (permission_overwrites.allow, permission_overwrites.deny)
+                     is distinct from (excluded.allow, excluded.deny)",
+        )
+        .bind(&og)
+        .bind(&oc)
+        .bind(&ot)
+        .bind(&ok)
+        .bind(&oa)
+        .bind(&od)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
+}
+
+async fn delete_channel(conn: &mut PgConnection, guild_id: i64, channel_id: i64) -> Result<()> {
+    // Deleting a channel deletes its threads too (Discord does not always send
+    // THREAD_DELETE for them).
+    let gone: Vec<i64> = sqlx::query_scalar(
+        "delete from channels
+         where guild_id = $1
+           and (channel_id = $2 or (parent_id = $2 and kind = any($3)))
+         returning channel_id",
+    )
+    .bind(guild_id)
+    .bind(channel_id)
+    .bind(&THREAD_KINDS[..])
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut ids = gone;
+    if !ids.contains(&channel_id) {
+        ids.push(channel_id);
+    }
+    delete_channel_children(conn, guild_id, &ids).await
+}
+
+async fn delete_channel_children(
+    conn: &mut PgConnection,
+    guild_id: i64,
+    ids: &[i64],
+) -> Result<()> {
+    sqlx::query("delete from permission_overwrites where guild_id = $1 and channel_id = any($2)")
+        .bind(guild_id)
+        .bind(ids)
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query("delete from thread_members where guild_id = $1 and thread_id = any($2)")
+        .bind(guild_id)
+        .bind(ids)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+async fn add_thread_members(
+    conn: &mut PgConnection,
+    guild_id: i64,
+    threads: &[i64],
+    users: &[i64],
+) -> Result<()> {
+    if threads.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "insert into thread_members (guild_id, thread_id, user_id)
+         select $1, t, u from unnest($2::int8[], $3::int8[]) as x(t, u)
+         on conflict do nothing",
+    )
+    .bind(guild_id)
+    .bind(threads)
+    .bind(users)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Messages in bulk
+// ---------------------------------------------------------------------------
+
+const MESSAGE_COLUMNS: &str = "guild_id, message_id, channel_id, author_id, author_username, \
+     author_display_name, author_avatar, author_bot, content, created_at, edited_at, deleted_at, \
+     attachments, reply_to_id, seen_create";
+
+fn row_to_state(row: &sqlx::postgres::PgRow) -> Result<MsgState> {
+    let author_id: Option<i64> = row.try_get("author_id")?;
+    let author = match author_id {
+        Some(id) => Some(Author {
+            id,
+            username: row
+                .try_get::<Option<String>, _>("author_username")?
+                .unwrap_or_default(),
+            display_name: row.try_get("author_display_name")?,
+            avatar: row.try_get("author_avatar")?,
+            bot: row.try_get("author_bot")?,
+        }),
+        None => None,
+    };
+    let seen_create: bool = row.try_get("seen_create")?;
+    let created_at: DateTime<Utc> = row.try_get("created_at")?;
+    let edited_at: Option<DateTime<Utc>> = row.try_get("edited_at")?;
+    let content: String = row.try_get("content")?;
+    let attachments: Value = row.try_get("attachments")?;
+    // A row carries a content version unless it is a bare tombstone (a delete
+    // seen before any create or update).
+    let has_version = seen_create || edited_at.is_some() || !content.is_empty();
+    Ok(MsgState {
+        guild_id: row.try_get("guild_id")?,
+        message_id: row.try_get("message_id")?,
+        channel_id: row.try_get("channel_id")?,
+        author,
+        created_at,
+        seen_create,
+        reply_to_id: row.try_get("reply_to_id")?,
+        version: has_version.then(|| Version {
+            at: edited_at.unwrap_or(created_at),
+            edited_at,
+            content,
+            // '[]' on a row whose create was never seen means "not known yet".
+            attachments: (seen_create || attachments.as_array().is_none_or(|a| !a.is_empty()))
+                .then_some(attachments),
+        }),
+        deleted_at: row.try_get("deleted_at")?,
+    })
+}
+
+/// Column arrays for a set of message states.
+#[derive(Default)]
+struct MsgColumns {
+    g: Vec<i64>,
+    id: Vec<i64>,
+    ch: Vec<i64>,
+    aid: Vec<Option<i64>>,
+    aname: Vec<Option<String>>,
+    adisp: Vec<Option<String>>,
+    aav: Vec<Option<String>>,
+    abot: Vec<bool>,
+    content: Vec<String>,
+    created: Vec<DateTime<Utc>>,
+    edited: Vec<Option<DateTime<Utc>>>,
+    deleted: Vec<Option<DateTime<Utc>>>,
+    att: Vec<Value>,
+    reply: Vec<Option<i64>>,
+    seen: Vec<bool>,
+}
+
+impl MsgColumns {
+    fn push(&mut self, s: &MsgState) {
+        self.g.push(s.guild_id);
+        self.id.push(s.message_id);
+        self.ch.push(s.channel_id);
+        self.aid.push(s.author.as_ref().map(|a| a.id));
+        self.aname
+            .push(s.author.as_ref().map(|a| a.username.clone()));
+        self.adisp
+            .push(s.author.as_ref().and_then(|a| a.display_name.clone()));
+        self.aav
+            .push(s.author.as_ref().and_then(|a| a.avatar.clone()));
+        self.abot.push(s.author.as_ref().is_some_and(|a| a.bot));
+        self.content.push(s.content().to_owned());
+        self.created.push(s.created_at);
+        self.edited.push(s.edited_at());
+        self.deleted.push(s.deleted_at);
+        self.att.push(s.attachments());
+        self.reply.push(s.reply_to_id);
+        self.seen.push(s.seen_create);
+    }
+
+    fn bind<'q>(
+        &'q self,
+        q: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        q.bind(&self.g)
+            .bind(&self.id)
+            .bind(&self.ch)
+            .bind(&self.aid)
+            .bind(&self.aname)
+            .bind(&self.adisp)
+            .bind(&self.aav)
+            .bind(&self.abot)
+            .bind(&self.content)
+            .bind(&self.created)
+            .bind(&self.edited)
+            .bind(&self.deleted)
+            .bind(&self.att)
+            .bind(&self.reply)
+            .bind(&self.seen)
+    }
+}
+
+const UNNEST_MESSAGES: &str = "unnest($1::int8[], $2::int8[], $3::int8[], $4::int8[], $5::text[], \
+     $6::text[], $7::text[], $8::bool[], $9::text[], $10::timestamptz[], $11::timestamptz[], \
+     $12::timestamptz[], $13::jsonb[], $14::int8[], $15::bool[])";
+
+async fn write_messages(
+    conn: &mut PgConnection,
+    mut pending: BTreeMap<(i64, i64), MsgState>,
+    stats: &mut BatchStats,
+) -> Result<()> {
+    let mut events: Vec<(i64, i16, i64, i64)> = Vec::new();
+    // Normally one round; a row inserted concurrently by another transaction
+    // between our read and our insert sends that message around once more.
+    for _round in 0..8 {
+        if pending.is_empty() {
+            break;
+        }
+        let (kg, kid): (Vec<i64>, Vec<i64>) = pending.keys().copied().unzip();
+        let rows = sqlx::query(&format!(
+            "select {MESSAGE_COLUMNS} from messages m
+             join unnest($1::int8[], $2::int8[]) as k(g, id)
+               on m.guild_id = k.g and m.message_id = k.id
+             order by m.guild_id, m.message_id
+             for update of m"
+        ))
+        .bind(&kg)
+        .bind(&kid)
+        .fetch_all(&mut *conn)
+        .await?;
+        let mut existing: HashMap<(i64, i64), MsgState> = HashMap::with_capacity(rows.len());
+        for row in &rows {
+            let s = row_to_state(row)?;
+            existing.insert((s.guild_id, s.message_id), s);
+        }
+
+        let mut inserts = MsgColumns::default();
+        let mut insert_states: Vec<MsgState> = Vec::new();
+        let mut updates = MsgColumns::default();
+        for (key, incoming) in &pending {
+            match existing.get(key) {
+                None => {
+                    inserts.push(incoming);
+                    insert_states.push(incoming.clone());
+                }
+                Some(old) => {
+                    let new = old.join(incoming);
+                    if !old.visible_eq(&new) {
+                        updates.push(&new);
+                        let kind = if new.deleted_at.is_some() && old.deleted_at.is_none() {
+                            3
+                        } else {
+                            2
+                        };
+                        events.push((new.guild_id, kind, new.channel_id, new.message_id));
+                    }
+                }
+            }
+        }
+
+        if !updates.g.is_empty() {
+            let n = updates
+                .bind(sqlx::query(&format!(
+                    "update messages m set
+                       channel_id = u.channel_id, author_id = u.author_id,
+                       author_username = u.author_username,
+                       author_display_name = u.author_display_name,
+                       author_avatar = u.author_avatar, author_bot = u.author_bot,
+                       content = u.content, created_at = u.created_at, edited_at = u.edited_at,
+                       deleted_at = u.deleted_at, attachments = u.attachments,
+                       reply_to_id = u.reply_to_id, seen_create = u.seen_create
+                     from {UNNEST_MESSAGES} as u({MESSAGE_COLUMNS})
+                     where m.guild_id = u.guild_id and m.message_id = u.message_id"
+                )))
+                .execute(&mut *conn)
+                .await?
+                .rows_affected();
+            stats.messages_changed += n as usize;
+        }
+
+        let mut retry = BTreeMap::new();
+        if !inserts.g.is_empty() {
+            let done: Vec<(i64, i64)> = sqlx::query_as(&format!(
+                "insert into messages ({MESSAGE_COLUMNS})
+                 select * from {UNNEST_MESSAGES}
+                 on conflict (guild_id, message_id) do nothing
+                 returning guild_id, message_id"
+            ))
+            .bind(&inserts.g)
+            .bind(&inserts.id)
+            .bind(&inserts.ch)
+            .bind(&inserts.aid)
+            .bind(&inserts.aname)
+            .bind(&inserts.adisp)
+            .bind(&inserts.aav)
+            .bind(&inserts.abot)
+            .bind(&inserts.content)
+            .bind(&inserts.created)
+            .bind(&inserts.edited)
+            .bind(&inserts.deleted)
+            .bind(&inserts.att)
+            .bind(&inserts.reply)
+            .bind(&inserts.seen)
+            .fetch_all(&mut *conn)
+            .await?;
+            let done: HashSet<(i64, i64)> = done.into_iter().collect();
+            stats.messages_changed += done.len();
+            for s in insert_states {
+                let key = (s.guild_id, s.message_id);
+                if done.contains(&key) {
+                    let kind = if s.deleted_at.is_some() { 3 } else { 1 };
+                    events.push((s.guild_id, kind, s.channel_id, s.message_id));
+                } else {
+                    retry.insert(key, s);
+                }
+            }
+        }
+        pending = retry;
+    }
+    if !pending.is_empty() {
+        return Err(crate::Error::Conflict(format!(
+            "{} messages kept conflicting with concurrent writers",
+            pending.len()
+        )));
+    }
+
+    if !events.is_empty() {
+        // Events in message-id order within the batch, so a subscriber sees a
+        // channel's messages in creation order when they arrive together.
+        events.sort_by_key(|e| (e.3, e.1));
+        let g: Vec<i64> = events.iter().map(|e| e.0).collect();
+        let k: Vec<i16> = events.iter().map(|e| e.1).collect();
+        let c: Vec<i64> = events.iter().map(|e| e.2).collect();
+        let m: Vec<i64> = events.iter().map(|e| e.3).collect();
+        sqlx::query(
+            "insert into message_events (guild_id, kind, channel_id, message_id)
+             select g, k, c, m from unnest($1::int8[], $2::int2[], $3::int8[], $4::int8[])
+                 with ordinality as e(g, k, c, m, n)
+             order by n",
+        )
+        .bind(&g)
+        .bind(&k)
+        .bind(&c)
+        .bind(&m)
+        .execute(&mut *conn)
+        .await?;
+        for (_, kind, _, _) in &events {
+            match kind {
+                1 => stats.events_created += 1,
+                2 => stats.events_updated += 1,
+                _ => stats.events_deleted += 1,
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn write_revisions(
+    conn: &mut PgConnection,
+    revisions: HashSet<(i64, i64, DateTime<Utc>, String)>,
+) -> Result<()> {
+    if revisions.is_empty() {
+        return Ok(());
+    }
+    let mut g = Vec::with_capacity(revisions.len());
+    let mut m = Vec::with_capacity(revisions.len());
+    let mut at = Vec::with_capacity(revisions.len());
+    let mut content = Vec::with_capacity(revisions.len());
+    for (a, b, c, d) in revisions {
+        g.push(a);
+        m.push(b);
+        at.push(c);
+        content.push(d);
+    }
+    sqlx::query(
+        "insert into message_revisions (guild_id, message_id, version_at, content)
+         select * from unnest($1::int8[], $2::int8[], $3::timestamptz[], $4::text[])
+         on conflict do nothing",
+    )
+    .bind(&g)
+    .bind(&m)
+    .bind(&at)
+    .bind(&content)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Whether a failed batch is worth retrying as is: connection trouble, a
+/// restarting server, serialization failures, deadlocks. Anything else is the
+/// database refusing the data itself.
+pub fn is_transient(err: &crate::Error) -> bool {
+    match err {
+        crate::Error::Sqlx(sqlx::Error::Database(db)) => db.code().is_some_and(|c| {
+            c.starts_with("08")
+                || c.starts_with("57")
+                || c.starts_with("53")
+                || c == "40001"
+                || c == "40P01"
+        }),
+        crate::Error::Sqlx(_) => true,
+        _ => false,
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Backfill support
+// ---------------------------------------------------------------------------
+
+/// For each of `channel_ids`, the newest message id (with its create seen)
+/// older than `before` (a snowflake; `i64::MAX` for no bound). Channels with
+/// no such message are absent. One index probe per channel.
+pub async fn newest_message_ids(
+    tx: &mut WorkerTx,
+    guild_id: i64,
+    channel_ids: &[i64],
+    before: i64,
+) -> Result<HashMap<i64, i64>> {
+    let rows: Vec<(i64, Option<i64>)> = sqlx::query_as(
+        "select c, (select m.message_id from messages m
+                    where m.channel_id = c and m.guild_id = $1 and m.message_id < $3
+                      and m.seen_create
+                    order by m.message_id desc limit 1)
+         from unnest($2::int8[]) as c",
+    )
+    .bind(guild_id)
+    .bind(channel_ids)
+    .bind(before)
+    .fetch_all(&mut **tx)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|(c, m)| m.map(|m| (c, m)))
+        .collect())
+}
+
+/// Channels of a guild that hold messages the worker should backfill: text and
+/// announcement channels, and threads that are not archived.
+pub async fn backfill_channels(tx: &mut WorkerTx, guild_id: i64) -> Result<Vec<i64>> {
+    let ids = sqlx::query_scalar(
+        "select channel_id from channels
+         where guild_id = $1 and (kind in (0, 5) or (kind = any($2) and not archived))
+         order by channel_id",
+    )
+    .bind(guild_id)
+    .bind(&THREAD_KINDS[..])
+    .fetch_all(&mut **tx)
+    .await?;
+    Ok(ids)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(ms: i64) -> DateTime<Utc> {
+        Utc.timestamp_millis_opt(ms).single().unwrap_or_default()
+    }
+
+    #[test]
+    fn sanitize_strips_controls_and_caps() {
+        assert_eq!(sanitize("a\u{0}b\nc\td\u{7}", 100), "ab\nc\td");
+        assert_eq!(sanitize("héllo", 2), "h");
+    }
+
+    #[test]
+    fn snowflake_roundtrip() {
+        let at = t(1_700_000_000_000);
+        assert_eq!(snowflake_time(snowflake_at(at)), at);
+    }
+
+    #[test]
+    fn join_is_order_independent() {
+        let id = snowflake_at(t(1_700_000_000_000)) | 5;
+        let create = MsgState::from_create(&NewMessage {
+            guild_id: 1,
+            channel_id: 2,
+            message_id: id,
+            author: Author {
+                id: 9,
+                username: "u".into(),
+                display_name: None,
+                avatar: None,
+                bot: false,
+            },
+            content: "v0".into(),
+            created_at: snowflake_time(id),
+            edited_at: None,
+            attachments: Value::Array(vec![]),
+            reply_to_id: None,
+        });
+        let edit = MsgState::from_patch(&MessagePatch {
+            guild_id: 1,
+            channel_id: 2,
+            message_id: id,
+            author: None,
+            content: Some("v1".into()),
+            edited_at: Some(t(1_700_000_001_000)),
+            attachments: None,
+        });
+        let del = MsgState::from_delete(1, 2, id, t(1_700_000_002_000));
+        let a = create.join(&edit).join(&del);
+        let b = del.join(&edit).join(&create);
+        let c = edit.join(&del).join(&create).join(&edit);
+        assert!(a.visible_eq(&b) && b.visible_eq(&c));
+        assert_eq!(a.content(), "v1");
+        assert!(a.deleted_at.is_some() && a.seen_create);
+    }
+}

@@ -12,6 +12,7 @@
 //!   policies/); used by live fan-out.
 //! - [`access_data`]: loads that rule's inputs (guilds, roles, channels,
 //!   overwrites, memberships) as `observer_fanout`.
+//! - [`events`]: the event logs for live fan-out and resume (cursors, watermark reads, RLS replay).
 //! - [`ingest`]: writes from the worker (idempotent upserts, event log, NOTIFY).
 //! - [`viewer`]: reads for the API, always under RLS.
 //! - [`auth`]: users, OAuth tokens, API tokens and memberships for the login path.
@@ -23,6 +24,7 @@ pub mod access;
 pub mod access_data;
 pub mod auth;
 pub mod error;
+pub mod events;
 pub mod ingest;
 pub mod migrate;
 pub mod tx;

@@ -1,1 +1,424 @@
-//! (to be written)
+//! Reads (and the few writes) the API performs for a viewer.
+//!
+//! Every function takes a [`ViewerTx`]: the transaction runs as `observer_api`
+//! with the viewer set, so row-level security decides what comes back. None of
+//! these queries filters by access itself; a row the viewer may not see simply
+//! does not exist here, which is what makes "not found" and "forbidden" the
+//! same answer.
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use crate::{Error, Result, ViewerTx};
+
+/// Longest search query accepted, in bytes: websearch parsing is linear, but
+/// there is no reason to let a client make PostgreSQL chew on megabytes.
+pub const MAX_SEARCH_QUERY_BYTES: usize = 512;
+
+/// Most rows one page may return (DESIGN.md §7: `first` ≤ 100).
+pub const MAX_PAGE: i64 = 100;
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct UserRow {
+    pub user_id: i64,
+    pub username: String,
+    pub global_name: Option<String>,
+    pub avatar: Option<String>,
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct GuildRow {
+    pub guild_id: i64,
+    pub name: String,
+    pub icon: Option<String>,
+    pub observer_role_ids: Vec<i64>,
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ChannelRow {
+    pub guild_id: i64,
+    pub channel_id: i64,
+    pub kind: i16,
+    pub name: String,
+    pub parent_id: Option<i64>,
+    pub position: i32,
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct MessageRow {
+    pub guild_id: i64,
+    pub message_id: i64,
+    pub channel_id: i64,
+    pub author_id: Option<i64>,
+    pub author_username: Option<String>,
+    pub author_display_name: Option<String>,
+    pub author_avatar: Option<String>,
+    pub author_bot: bool,
+    pub content: String,
+    pub created_at: DateTime<Utc>,
+    pub edited_at: Option<DateTime<Utc>>,
+    pub deleted_at: Option<DateTime<Utc>>,
+    pub attachments: serde_json::Value,
+    pub reply_to_id: Option<i64>,
+}
+
+/// A search hit: the message and its rank (part of the stable cursor).
+#[derive(Debug, Clone)]
+pub struct SearchHit {
+    pub message: MessageRow,
+    pub rank: f32,
+}
+
+/// One prior version of a message's content.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct RevisionRow {
+    pub guild_id: i64,
+    pub message_id: i64,
+    pub version_at: DateTime<Utc>,
+    pub content: String,
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ApiTokenRow {
+    pub token_id: Uuid,
+    pub name: String,
+    pub created_at: DateTime<Utc>,
+    pub last_used_at: Option<DateTime<Utc>>,
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+const MESSAGE_COLUMNS: &str = "m.guild_id, m.message_id, m.channel_id, m.author_id, \
+     m.author_username, m.author_display_name, m.author_avatar, m.author_bot, m.content, \
+     m.created_at, m.edited_at, m.deleted_at, m.attachments, m.reply_to_id";
+
+/// The viewer's own user row (RLS shows no other).
+pub async fn viewer_user(tx: &mut ViewerTx, viewer_id: i64) -> Result<Option<UserRow>> {
+    let row = sqlx::query_as::<_, UserRow>(
+        "select user_id, username, global_name, avatar from users where user_id = $1",
+    )
+    .bind(viewer_id)
+    .fetch_optional(&mut **tx)
+    .await?;
+    Ok(row)
+}
+
+/// Guilds in which the viewer sees at least one channel (the policy's definition).
+pub async fn guilds(tx: &mut ViewerTx) -> Result<Vec<GuildRow>> {
+    let rows = sqlx::query_as::<_, GuildRow>(
+        "select guild_id, name, icon, observer_role_ids from guilds order by lower(name), guild_id",
+    )
+    .fetch_all(&mut **tx)
+    .await?;
+    Ok(rows)
+}
+
+pub async fn guild(tx: &mut ViewerTx, guild_id: i64) -> Result<Option<GuildRow>> {
+    let row = sqlx::query_as::<_, GuildRow>(
+        "select guild_id, name, icon, observer_role_ids from guilds where guild_id = $1",
+    )
+    .bind(guild_id)
+    .fetch_optional(&mut **tx)
+    .await?;
+    Ok(row)
+}
+
+/// Visible channels of the given guilds, ordered for display (position, then id).
+pub async fn channels_of_guilds(tx: &mut ViewerTx, guild_ids: &[i64]) -> Result<Vec<ChannelRow>> {
+    let rows = sqlx::query_as::<_, ChannelRow>(
+        "select guild_id, channel_id, kind, name, parent_id, position from channels \
+         where guild_id = any($1) order by guild_id, position, channel_id",
+    )
+    .bind(guild_ids)
+    .fetch_all(&mut **tx)
+    .await?;
+    Ok(rows)
+}
+
+pub async fn channel(tx: &mut ViewerTx, channel_id: i64) -> Result<Option<ChannelRow>> {
+    let row = sqlx::query_as::<_, ChannelRow>(
+        "select guild_id, channel_id, kind, name, parent_id, position from channels \
+         where channel_id = $1",
+    )
+    .bind(channel_id)
+    .fetch_optional(&mut **tx)
+    .await?;
+    Ok(row)
+}
+
+pub async fn message(tx: &mut ViewerTx, message_id: i64) -> Result<Option<MessageRow>> {
+    let sql = format!("select {MESSAGE_COLUMNS} from messages m where m.message_id = $1");
+    let row = sqlx::query_as::<_, MessageRow>(&sql)
+        .bind(message_id)
+        .fetch_optional(&mut **tx)
+        .await?;
+    Ok(row)
+}
+
+/// One page of a channel's history, newest first, strictly older than `before`
+/// (a message id) when given. Fetch `limit + 1` to learn whether more exist.
+pub async fn messages(
+    tx: &mut ViewerTx,
+    channel_id: i64,
+    before: Option<i64>,
+    limit: i64,
+) -> Result<Vec<MessageRow>> {
+    if !(1..=MAX_PAGE + 1).contains(&limit) {
+        return Err(Error::Invalid(format!("page size {limit} out of range")));
+    }
+    let sql = format!(
+        "select {MESSAGE_COLUMNS} from messages m \
+         where m.channel_id = $1 and ($2::bigint is null or m.message_id < $2) \
+         order by m.message_id desc limit $3"
+    );
+    let rows = sqlx::query_as::<_, MessageRow>(&sql)
+        .bind(channel_id)
+        .bind(before)
+        .bind(limit)
+        .fetch_all(&mut **tx)
+        .await?;
+    Ok(rows)
+}
+
+/// Full-text search over visible messages, best rank first; ties broken by
+/// newest id so that `(rank, message_id)` is a stable cursor.
+pub async fn search_messages(
+    tx: &mut ViewerTx,
+    query: &str,
+    guild_id: Option<i64>,
+    after: Option<(f32, i64)>,
+    limit: i64,
+) -> Result<Vec<SearchHit>> {
+    if query.len() > MAX_SEARCH_QUERY_BYTES {
+        return Err(Error::Invalid("search query too long".into()));
+    }
+    if !(1..=MAX_PAGE + 1).contains(&limit) {
+        return Err(Error::Invalid(format!("page size {limit} out of range")));
+    }
+    #[derive(sqlx::FromRow)]
+    struct Hit {
+        #[sqlx(flatten)]
+        message: MessageRow,
+        rank: f32,
+    }
+    let sql = format!(
+        "select {MESSAGE_COLUMNS}, ts_rank(m.search, q) as rank \
+         from messages m, websearch_to_tsquery('english', $1) q \
+         where m.search @@ q \
+           and ($2::bigint is null or m.guild_id = $2) \
+           and ($3::real is null or (ts_rank(m.search, q), m.message_id) < ($3::real, $4::bigint)) \
+         order by rank desc, m.message_id desc limit $5"
+    );
+    let rows = sqlx::query_as::<_, Hit>(&sql)
+        .bind(query)
+        .bind(guild_id)
+        .bind(after.map(|(rank, _)| rank))
+        .bind(after.map(|(_, id)| id))
+        .bind(limit)
+        .fetch_all(&mut **tx)
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|h| SearchHit {
+            message: h.message,
+            rank: h.rank,
+        })
+        .collect())
+}
+
+/// Prior versions of the given messages (`(guild_id, message_id)` pairs), oldest
+/// first. The current version is excluded: a version is current when its time
+/// equals the message's `coalesce(edited_at, created_at)`.
+pub async fn revisions(tx: &mut ViewerTx, keys: &[(i64, i64)]) -> Result<Vec<RevisionRow>> {
+    if keys.is_empty() {
+        return Ok(Vec::new());
+    }
+    let guild_ids: Vec<i64> = keys.iter().map(|k| k.0).collect();
+    let message_ids: Vec<i64> = keys.iter().map(|k| k.1).collect();
+    let rows = sqlx::query_as::<_, RevisionRow>(
+        "select r.guild_id, r.message_id, r.version_at, r.content \
+         from message_revisions r \
+         join messages m on m.guild_id = r.guild_id and m.message_id = r.message_id \
+         where (r.guild_id, r.message_id) in (select * from unnest($1::bigint[], $2::bigint[])) \
+           and r.version_at <> coalesce(m.edited_at, m.created_at) \
+         order by r.guild_id, r.message_id, r.version_at",
+    )
+    .bind(&guild_ids)
+    .bind(&message_ids)
+    .fetch_all(&mut **tx)
+    .await?;
+    Ok(rows)
+}
+
+/// Role ids of `guild_id` among `role_ids` that exist (roles are readable for
+/// visible guilds).
+pub async fn existing_role_ids(
+    tx: &mut ViewerTx,
+    guild_id: i64,
+    role_ids: &[i64],
+) -> Result<Vec<i64>> {
+    let rows: Vec<(i64,)> =
+        sqlx::query_as("select role_id from roles where guild_id = $1 and role_id = any($2)")
+            .bind(guild_id)
+            .bind(role_ids)
+            .fetch_all(&mut **tx)
+            .await?;
+    Ok(rows.into_iter().map(|r| r.0).collect())
+}
+
+/// Sets a guild's observer roles. The policy lets the update through only for
+/// the owner, ADMINISTRATOR or MANAGE_GUILD; anything else (including a guild
+/// the viewer cannot see) updates nothing and is reported as [`Error::NotFound`].
+pub async fn set_observer_roles(tx: &mut ViewerTx, guild_id: i64, role_ids: &[i64]) -> Result<()> {
+    let done = sqlx::query("update guilds set observer_role_ids = $2 where guild_id = $1")
+        .bind(guild_id)
+        .bind(role_ids)
+        .execute(&mut **tx)
+        .await;
+    match done {
+        Ok(r) if r.rows_affected() == 1 => Ok(()),
+        Ok(_) => Err(Error::NotFound),
+        // A permission error must look exactly like "not found" so nothing leaks.
+        Err(sqlx::Error::Database(e))
+            if e.code().as_deref() == Some("42501") || e.code().as_deref() == Some("42P17") =>
+        {
+            Err(Error::NotFound)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Creates an API token row for the viewer; the caller generated the secret and
+/// passes only its SHA-256.
+pub async fn create_api_token(
+    tx: &mut ViewerTx,
+    viewer_id: i64,
+    token_id: Uuid,
+    name: &str,
+    secret_hash: &[u8],
+) -> Result<ApiTokenRow> {
+    let row = sqlx::query_as::<_, ApiTokenRow>(
+        "insert into api_tokens (token_id, user_id, name, secret_hash) values ($1, $2, $3, $4) \
+         returning token_id, name, created_at, last_used_at, revoked_at",
+    )
+    .bind(token_id)
+    .bind(viewer_id)
+    .bind(name)
+    .bind(secret_hash)
+    .fetch_one(&mut **tx)
+    .await?;
+    Ok(row)
+}
+
+/// The viewer's tokens, newest first (never the hashes).
+pub async fn api_tokens(tx: &mut ViewerTx) -> Result<Vec<ApiTokenRow>> {
+    let rows = sqlx::query_as::<_, ApiTokenRow>(
+        "select token_id, name, created_at, last_used_at, revoked_at from api_tokens \
+         order by created_at desc, token_id",
+    )
+    .fetch_all(&mut **tx)
+    .await?;
+    Ok(rows)
+}
+
+/// Revokes one of the viewer's tokens. `false` when there is no such live token.
+pub async fn revoke_api_token(tx: &mut ViewerTx, token_id: Uuid) -> Result<bool> {
+    let r = sqlx::query(
+        "update api_tokens set revoked_at = now() where token_id = $1 and revoked_at is null",
+    )
+    .bind(token_id)
+    .execute(&mut **tx)
+    .await?;
+    Ok(r.rows_affected() > 0)
+}
+
+/// Cheap liveness probe of the connection and role switch (for `/readyz`).
+pub async fn ping(tx: &mut ViewerTx) -> Result<()> {
+    sqlx::query("select 1").execute(&mut **tx).await?;
+    Ok(())
+}
+
+/// Position in the event log: `(xid, seq)` (see migrations/0001_schema.sql,
+/// "commit order vs sequence order"). `xid` is the 64-bit `xid8` as an integer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct EventCursor {
+    pub xid: i64,
+    pub seq: i64,
+}
+
+/// One message event with the message's current state.
+#[derive(Debug, Clone)]
+pub struct EventRow {
+    pub cursor: EventCursor,
+    /// 1 created, 2 updated, 3 deleted.
+    pub kind: i16,
+    pub message: MessageRow,
+}
+
+/// The cursor just before every event that is not yet readable: all events
+/// with an xid below the snapshot's xmin are final, later ones may still
+/// appear. Starting here means "from now on".
+pub async fn event_watermark(tx: &mut ViewerTx) -> Result<EventCursor> {
+    let xmin: i64 =
+        sqlx::query_scalar("select pg_snapshot_xmin(pg_current_snapshot())::text::bigint")
+            .fetch_one(&mut **tx)
+            .await?;
+    Ok(EventCursor { xid: xmin, seq: -1 })
+}
+
+/// Readable events after `after` that the viewer may see (RLS on
+/// message_events and messages), optionally scoped, in log order. Only events
+/// of transactions below the snapshot's xmin are returned, so a prefix once
+/// returned never gains an earlier member: no gap, no duplicate on resume.
+pub async fn events_after(
+    tx: &mut ViewerTx,
+    after: EventCursor,
+    guild_id: Option<i64>,
+    channel_ids: Option<&[i64]>,
+    limit: i64,
+) -> Result<Vec<EventRow>> {
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        ev_xid: i64,
+        ev_seq: i64,
+        ev_kind: i16,
+        #[sqlx(flatten)]
+        message: MessageRow,
+    }
+    let sql = format!(
+        "select e.xid::text::bigint as ev_xid, e.seq as ev_seq, e.kind as ev_kind, {MESSAGE_COLUMNS} \
+         from message_events e \
+         join messages m on m.guild_id = e.guild_id and m.message_id = e.message_id \
+         where e.xid < pg_snapshot_xmin(pg_current_snapshot()) \
+           and (e.xid, e.seq) > ($1::text::xid8, $2::bigint) \
+           and ($3::bigint is null or e.guild_id = $3) \
+           and ($4::bigint[] is null or e.channel_id = any($4)) \
+         order by e.xid, e.seq limit $5"
+    );
+    let rows = sqlx::query_as::<_, Row>(&sql)
+        .bind(after.xid.to_string())
+        .bind(after.seq)
+        .bind(guild_id)
+        .bind(channel_ids)
+        .bind(limit)
+        .fetch_all(&mut **tx)
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| EventRow {
+            cursor: EventCursor {
+                xid: r.ev_xid,
+                seq: r.ev_seq,
+            },
+            kind: r.ev_kind,
+            message: r.message,
+        })
+        .collect())
+}
+
+/// A LISTEN connection on the notification channels of policies/README.md
+/// (`observer_events`, `observer_access`); payloads are empty wake-ups.
+pub async fn listen(db: &crate::Db) -> Result<sqlx::postgres::PgListener> {
+    let mut l = sqlx::postgres::PgListener::connect_with(db.pool()).await?;
+    l.listen_all(["observer_events", "observer_access"]).await?;
+    Ok(l)
+}

@@ -1,1 +1,360 @@
-//! observer-worker (layout note to be written).
+//! observer-worker: the ingestion worker (DESIGN.md §5). Discord Gateway
+//! (serenity) and REST backfill into PostgreSQL through observer-db.
+//!
+//! Layout:
+//! - [`config`]: [`Config`] and [`ShardRange`], plain data the CLI fills in.
+//! - `map`: serenity events and messages → plain `observer_db::ingest::IngestOp`s.
+//! - `batcher`: the single writer; greedy batches, one transaction each.
+//! - [`backfill`]: history after the newest stored message, per channel.
+//! - `rest`: rate-limit-aware Discord REST GETs (backfill, re-reads).
+//! - `reread`: debounced REST re-reads of access entities touched by events,
+//!   so out-of-order handling converges to Discord's current state.
+//! - [`metrics`]: Prometheus registry, `/metrics` endpoint, health log line.
+//! - this file: the raw event handler, client setup, [`run`] and shutdown.
+//!
+//! Correctness never depends on event order: serenity handles every event in
+//! its own task, so ops reach the batcher in any order, and observer-db's
+//! ingest merges them order-independently.
+
+pub mod backfill;
+mod batcher;
+pub mod config;
+mod map;
+pub mod metrics;
+mod reread;
+mod rest;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use chrono::Utc;
+use observer_db::Db;
+use serenity::all::{
+    ClientBuilder, ConnectionStage, Context, Event, GatewayError, GatewayIntents, HttpBuilder,
+    RawEventHandler,
+};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+pub use config::{Config, ShardRange, DISCORD_BASE_URL};
+pub use metrics::Metrics;
+
+use batcher::Queued;
+
+/// The intents the worker needs. GUILD_MEMBERS and MESSAGE_CONTENT are privileged.
+pub fn intents() -> GatewayIntents {
+    GatewayIntents::GUILDS
+        | GatewayIntents::GUILD_MEMBERS
+        | GatewayIntents::GUILD_MESSAGES
+        | GatewayIntents::MESSAGE_CONTENT
+}
+
+struct Handler {
+    ops: mpsc::Sender<Queued>,
+    backfill: Option<mpsc::UnboundedSender<backfill::Request>>,
+    reread: Option<mpsc::UnboundedSender<reread::Key>>,
+    metrics: Arc<Metrics>,
+    stopping: Arc<AtomicBool>,
+}
+
+#[serenity::async_trait]
+impl RawEventHandler for Handler {
+    async fn raw_event(&self, _ctx: Context, ev: Event) {
+        if self.stopping.load(Ordering::Relaxed) {
+            return;
+        }
+        match &ev {
+            Event::Unknown(u) => {
+                // serenity turns known events it cannot parse into Unknown: never
+                // silently drop them.
+                self.metrics.unknown(&u.kind);
+                let payload = u.value.to_string();
+                let cut = payload
+                    .char_indices()
+                    .nth(512)
+                    .map_or(payload.len(), |(i, _)| i);
+                tracing::warn!(event = %u.kind, payload = &payload[..cut], "unparseable or unknown gateway event");
+                return;
+            }
+            Event::Ready(r) => {
+                self.metrics.ready_total.inc();
+                tracing::info!(
+                    guilds = r.ready.guilds.len(),
+                    shard = ?r.ready.shard,
+                    "gateway READY (identified); guilds will be backfilled as they arrive"
+                );
+            }
+            Event::Resumed(_) => tracing::info!("gateway session resumed"),
+            _ => {}
+        }
+        if let Some(name) = ev.name() {
+            self.metrics.event(&name);
+        }
+        let mapped = map::event(&ev);
+        for op in mapped.ops {
+            if let (Some(tx), Some(key)) = (&self.reread, reread::key_for(&op)) {
+                let _ = tx.send(key);
+            }
+            self.metrics.ops_queued.inc();
+            if self.ops.send(Queued::new(op)).await.is_err() {
+                return;
+            }
+        }
+        if let (Some((guild_id, channels)), Some(tx)) = (mapped.backfill, &self.backfill) {
+            let req = backfill::Request {
+                guild_id,
+                channels: channels.into_iter().map(|c| c.channel_id).collect(),
+                seen_at: Utc::now(),
+            };
+            let _ = tx.send(req);
+        }
+    }
+}
+
+/// Runs the worker until `shutdown` resolves (or the gateway fails for good),
+/// serving metrics on `config.metrics_addr` if set.
+pub async fn run(
+    config: Config,
+    db: Db,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    let metrics = Metrics::new();
+    if let Some(addr) = config.metrics_addr {
+        let local = metrics::serve(addr, Arc::clone(&metrics))
+            .await
+            .with_context(|| format!("binding the metrics listener on {addr}"))?;
+        tracing::info!(addr = %local, "metrics at http://{local}/metrics");
+    }
+    run_with_metrics(config, db, metrics, shutdown).await
+}
+
+/// [`run`] with a caller-owned [`Metrics`] (tests read counters from it).
+pub async fn run_with_metrics(
+    config: Config,
+    db: Db,
+    metrics: Arc<Metrics>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    let token = config
+        .discord_token
+        .trim()
+        .trim_start_matches("Bot ")
+        .to_owned();
+    if token.is_empty() {
+        anyhow::bail!("DISCORD_TOKEN is empty");
+    }
+    let base = config.base().to_owned();
+    let rest = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .context("building the HTTP client")?;
+
+    // Discover the gateway ourselves: serenity silently falls back to the real
+    // Discord gateway if this fails, which must never happen against a simulator.
+    let gateway_url = discover_gateway(&rest, &base).await?;
+    tracing::info!(api = %base, gateway = %gateway_url, "connecting");
+
+    let (ops_tx, ops_rx) = mpsc::channel::<Queued>(config.queue_capacity.max(1));
+    let stop = CancellationToken::new();
+    let batcher = tokio::spawn(batcher::run(
+        db.clone(),
+        ops_rx,
+        config.max_batch_ops,
+        Arc::clone(&metrics),
+        stop.clone(),
+    ));
+
+    let api = rest::Rest {
+        http: rest,
+        api: format!("{base}/api/v10"),
+        token: token.clone(),
+        metrics: Arc::clone(&metrics),
+    };
+    let (bf_tx, bf_rx) = mpsc::unbounded_channel();
+    let backfill_task = config.backfill.then(|| {
+        let bf = backfill::Backfiller {
+            rest: api.clone(),
+            db: db.clone(),
+            ops: ops_tx.clone(),
+            metrics: Arc::clone(&metrics),
+            concurrency: config.backfill_concurrency,
+            max_pages: config.backfill_max_pages,
+            overlap: config.backfill_overlap,
+        };
+        tokio::spawn(bf.run(bf_rx))
+    });
+
+    let (rr_tx, rr_rx) = mpsc::unbounded_channel();
+    let reread_task = config.access_reread.map(|delay| {
+        let rr = reread::Rereader {
+            rest: api.clone(),
+            ops: ops_tx.clone(),
+            delay,
+        };
+        tokio::spawn(rr.run(rr_rx))
+    });
+
+    let stopping = Arc::new(AtomicBool::new(false));
+    let handler = Handler {
+        ops: ops_tx.clone(),
+        backfill: config.backfill.then_some(bf_tx),
+        reread: config.access_reread.is_some().then_some(rr_tx),
+        metrics: Arc::clone(&metrics),
+        stopping: Arc::clone(&stopping),
+    };
+    drop(ops_tx);
+
+    let mut http = HttpBuilder::new(&token);
+    if !config.is_real_discord() {
+        // Proxy mode only works with serenity's rate limiter off (serenity
+        // #1739); the worker's own REST calls (backfill) handle 429s themselves.
+        http = http.proxy(base.clone()).ratelimiter_disabled(true);
+    }
+    let mut client = ClientBuilder::new_with_http(http.build(), intents())
+        .raw_event_handler(handler)
+        .await
+        .context("building the gateway client")?;
+    *client.ws_url.lock().await = gateway_url;
+    let manager = Arc::clone(&client.shard_manager);
+    let shards = config.shards;
+    metrics
+        .shards_total
+        .set(shards.map_or(1, |s| i64::from(s.last - s.first + 1)));
+    let mut gateway = tokio::spawn(async move {
+        match shards {
+            // serenity's range end is inclusive here (it boots end - start + 1 shards).
+            Some(s) => client.start_shard_range(s.first..s.last, s.count).await,
+            None => client.start().await,
+        }
+    });
+
+    let health = tokio::spawn(health_loop(
+        Arc::clone(&manager),
+        Arc::clone(&metrics),
+        config.log_interval,
+    ));
+
+    let outcome = tokio::select! {
+        res = &mut gateway => Some(res),
+        () = shutdown => None,
+    };
+    health.abort();
+    stopping.store(true, Ordering::Relaxed);
+
+    let result = match outcome {
+        None => {
+            tracing::info!("shutting down: closing the gateway resumably and flushing");
+            let ids: Vec<_> = manager.runners.lock().await.keys().copied().collect();
+            for id in ids {
+                // Any close code but 1000/1001 keeps the session resumable.
+                manager.shutdown(id, 4000).await;
+            }
+            gateway.abort();
+            Ok(())
+        }
+        Some(Ok(Ok(()))) => Ok(()),
+        Some(Ok(Err(err))) => Err(gateway_error(err)),
+        Some(Err(join)) => Err(anyhow::anyhow!("gateway task failed: {join}")),
+    };
+    for t in [backfill_task, reread_task].into_iter().flatten() {
+        t.abort();
+    }
+    stop.cancel();
+    if let Err(err) = batcher.await {
+        tracing::error!(error = %err, "batcher task failed");
+    }
+    result
+}
+
+fn gateway_error(err: serenity::Error) -> anyhow::Error {
+    match err {
+        serenity::Error::Gateway(GatewayError::DisallowedGatewayIntents) => anyhow::anyhow!(
+            "Discord closed the gateway with 4014 (disallowed intents): the bot needs the \
+             privileged intents GUILD_MEMBERS (\"Server Members Intent\") and MESSAGE_CONTENT \
+             (\"Message Content Intent\"); enable both for the application in the Discord \
+             developer portal"
+        ),
+        serenity::Error::Gateway(GatewayError::InvalidAuthentication) => {
+            anyhow::anyhow!("Discord rejected DISCORD_TOKEN (close 4004)")
+        }
+        other => anyhow::Error::new(other).context("gateway failed"),
+    }
+}
+
+async fn discover_gateway(http: &reqwest::Client, base: &str) -> anyhow::Result<String> {
+    #[derive(serde::Deserialize)]
+    struct Gateway {
+        url: String,
+    }
+    let url = format!("{base}/api/v10/gateway");
+    let mut last_err = None;
+    for attempt in 0..5u64 {
+        match http.get(&url).send().await {
+            Ok(resp) if resp.status().is_success() => {
+                let g: Gateway = resp
+                    .json()
+                    .await
+                    .with_context(|| format!("parsing GET {url}"))?;
+                return Ok(g.url);
+            }
+            Ok(resp) => last_err = Some(anyhow::anyhow!("GET {url}: status {}", resp.status())),
+            Err(err) => last_err = Some(anyhow::Error::new(err).context(format!("GET {url}"))),
+        }
+        tokio::time::sleep(Duration::from_millis(200 * (attempt + 1))).await;
+    }
+    Err(last_err
+        .unwrap_or_else(|| anyhow::anyhow!("GET {url} failed"))
+        .context("discovering the gateway URL"))
+}
+
+async fn health_loop(
+    manager: Arc<serenity::gateway::ShardManager>,
+    metrics: Arc<Metrics>,
+    every: Duration,
+) {
+    let mut tick = tokio::time::interval(every.max(Duration::from_millis(100)));
+    tick.tick().await;
+    let mut last_ops = metrics.ops_queued.get();
+    let mut last_batches = metrics.batches.get();
+    loop {
+        tick.tick().await;
+        let (connected, stages) = {
+            let runners = manager.runners.lock().await;
+            let connected = runners
+                .values()
+                .filter(|r| r.stage == ConnectionStage::Connected)
+                .count();
+            let stages: Vec<String> = runners
+                .iter()
+                .map(|(id, r)| format!("{id}:{}", r.stage))
+                .collect();
+            (connected, stages)
+        };
+        metrics.shards_connected.set(connected as i64);
+        let ops = metrics.ops_queued.get();
+        let batches = metrics.batches.get();
+        let secs = every.as_secs_f64().max(0.001);
+        let d_ops = ops - last_ops;
+        let d_batches = batches - last_batches;
+        tracing::info!(
+            shards = %stages.join(","),
+            connected,
+            events_per_s = format!("{:.1}", d_ops as f64 / secs),
+            batches = d_batches,
+            avg_batch = format!("{:.1}", if d_batches > 0 { d_ops as f64 / d_batches as f64 } else { 0.0 }),
+            lag_ms = format!("{:.1}", metrics.last_lag_ms.get()),
+            queue = metrics.queue_depth.get(),
+            unknown_events = metrics.unknown_total(),
+            backfill_pending = metrics.backfill_channels_pending.get(),
+            backfill_done = metrics.backfill_channels_done.get(),
+            backfill_messages = metrics.backfill_messages.get(),
+            db_errors = metrics.db_errors.get(),
+            "worker health"
+        );
+        last_ops = ops;
+        last_batches = batches;
+    }
+}

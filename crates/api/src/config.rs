@@ -1,0 +1,87 @@
+//! Runtime configuration of the API (the binary maps flags/env vars onto it).
+
+use std::time::Duration;
+
+/// Everything the API needs besides the database handle and the listener.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where browsers reach the API (`PUBLIC_URL`). The OAuth redirect is
+    /// `{public_url}/auth/callback`; cookies are `Secure` when it is https.
+    pub public_url: String,
+    /// `DISCORD_CLIENT_ID`.
+    pub discord_client_id: String,
+    /// `DISCORD_CLIENT_SECRET`.
+    pub discord_client_secret: String,
+    /// `DISCORD_API_BASE_URL`: REST `{base}/api/v10/...`, token
+    /// `{base}/api/oauth2/token`, authorize `{base}/oauth2/authorize`.
+    pub discord_api_base_url: String,
+    pub limits: Limits,
+    /// How long a login session lives without activity.
+    pub session_ttl: Duration,
+    /// How often a logged-in viewer's guild memberships are re-read from
+    /// Discord with their stored OAuth token.
+    pub membership_refresh_interval: Duration,
+}
+
+/// Abuse limits (DESIGN.md §7 "Limits").
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest accepted HTTP request body, in bytes.
+    pub max_body_bytes: usize,
+    /// Deepest accepted GraphQL selection.
+    pub max_depth: usize,
+    /// Largest accepted GraphQL complexity (list fields count `first` times).
+    pub max_complexity: usize,
+    /// Token bucket per viewer (or per client address when anonymous): burst size…
+    pub rate_burst: u32,
+    /// …and sustained requests per second.
+    pub rate_per_sec: f64,
+    /// Longest a GraphQL request may execute before it is abandoned (and its
+    /// transaction rolled back).
+    pub request_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 64 * 1024,
+            max_depth: 12,
+            max_complexity: 2_000,
+            rate_burst: 60,
+            rate_per_sec: 20.0,
+            request_timeout: Duration::from_secs(15),
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            public_url: "http://localhost:3000".into(),
+            discord_client_id: String::new(),
+            discord_client_secret: String::new(),
+            discord_api_base_url: "https://discord.com".into(),
+            limits: Limits::default(),
+            session_ttl: Duration::from_secs(7 * 24 * 3600),
+            membership_refresh_interval: Duration::from_secs(10 * 60),
+        }
+    }
+}
+
+impl Config {
+    pub(crate) fn public_url_trimmed(&self) -> &str {
+        self.public_url.trim_end_matches('/')
+    }
+
+    pub(crate) fn api_base_trimmed(&self) -> &str {
+        self.discord_api_base_url.trim_end_matches('/')
+    }
+
+    pub(crate) fn redirect_url(&self) -> String {
+        format!("{}/auth/callback", self.public_url_trimmed())
+    }
+
+    pub(crate) fn secure_cookies(&self) -> bool {
+        self.public_url.starts_with("https://")
+    }
+}

@@ -1,0 +1,293 @@
+//! HTTP entry points of GraphQL: `POST /graphql`, and `GET /graphql` (the
+//! WebSocket upgrade, or the query page for a browser).
+//!
+//! Order of checks on POST: content type (a JSON-only endpoint cannot be hit
+//! by a cross-site form), who is asking (bearer token, else session cookie),
+//! the per-viewer rate limit, the body cap, then execution in one
+//! `observer_api` transaction that is committed after the response is built.
+
+use std::net::SocketAddr;
+
+use async_graphql::http::ALL_WEBSOCKET_PROTOCOLS;
+use async_graphql::Data;
+use async_graphql_axum::{GraphQLProtocol, GraphQLWebSocket};
+use axum::extract::{ConnectInfo, FromRequestParts, Request, State, WebSocketUpgrade};
+use axum::http::header::{AUTHORIZATION, CONTENT_TYPE, ORIGIN, UPGRADE};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use observer_db::Db;
+
+use crate::error::{ensure_codes, error_response, Code};
+use crate::graphql::subscription::ConnectionViewer;
+use crate::graphql::{RequestDb, Viewer};
+use crate::login::AuthSession;
+use crate::ratelimit::RateKey;
+use crate::state::AppState;
+use crate::tokens;
+
+fn gql_json(status: StatusCode, resp: &async_graphql::Response) -> Response {
+    match serde_json::to_vec(resp) {
+        Ok(body) => (status, [(CONTENT_TYPE, "application/json")], body).into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "could not serialise GraphQL response");
+            StatusCode::INTERNAL_SERVER_ERROR.into_response()
+        }
+    }
+}
+
+fn reject(state: &AppState, status: StatusCode, code: Code, message: &str) -> Response {
+    state.metrics.graphql_error(code.as_str());
+    gql_json(status, &error_response(code, message))
+}
+
+/// Resolves a bearer secret to the viewer it acts for.
+pub async fn viewer_from_bearer(
+    db: &Db,
+    secret: &str,
+) -> Result<Option<Viewer>, observer_db::Error> {
+    let hash = tokens::hash_secret(secret);
+    let mut tx = db.auth().await?;
+    let owner = observer_db::auth::api_token_owner(&mut tx, &hash).await?;
+    tx.commit().await?;
+    Ok(owner.map(|o| Viewer { user_id: o.user_id }))
+}
+
+enum Who {
+    Viewer(Viewer),
+    Anonymous,
+    BadToken,
+}
+
+async fn who(state: &AppState, headers: &HeaderMap, auth: &AuthSession) -> Result<Who, Response> {
+    if let Some(value) = headers.get(AUTHORIZATION) {
+        // An Authorization header is never silently ignored: a wrong one
+        // fails, rather than falling back to whatever cookie rode along.
+        let Some(secret) = value.to_str().ok().and_then(tokens::bearer_secret) else {
+            return Ok(Who::BadToken);
+        };
+        return match viewer_from_bearer(&state.db, secret).await {
+            Ok(Some(v)) => Ok(Who::Viewer(v)),
+            Ok(None) => Ok(Who::BadToken),
+            Err(e) => {
+                crate::error::internal(&e);
+                Err(reject(
+                    state,
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    Code::Internal,
+                    "internal error",
+                ))
+            }
+        };
+    }
+    Ok(match &auth.user {
+        Some(u) => Who::Viewer(Viewer { user_id: u.user_id }),
+        None => Who::Anonymous,
+    })
+}
+
+pub async fn graphql_post(
+    State(state): State<AppState>,
+    auth: AuthSession,
+    req: Request,
+) -> Response {
+    let is_json = req
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(';')
+                .next()
+                .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
+        });
+    if !is_json {
+        return reject(
+            &state,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Code::BadRequest,
+            "content-type must be application/json",
+        );
+    }
+    let viewer = match who(&state, req.headers(), &auth).await {
+        Ok(Who::Viewer(v)) => Some(v),
+        Ok(Who::Anonymous) => None,
+        Ok(Who::BadToken) => {
+            return reject(
+                &state,
+                StatusCode::UNAUTHORIZED,
+                Code::Unauthenticated,
+                "invalid or revoked API token",
+            )
+        }
+        Err(resp) => return resp,
+    };
+    let key = match viewer {
+        Some(v) => RateKey::Viewer(v.user_id),
+        None => req
+            .extensions()
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|c| RateKey::Address(c.0.ip()))
+            .unwrap_or(RateKey::Anonymous),
+    };
+    if !state.rate_limiter.check(key) {
+        return reject(
+            &state,
+            StatusCode::TOO_MANY_REQUESTS,
+            Code::RateLimited,
+            "rate limit exceeded; slow down",
+        );
+    }
+    let limit = state.config.limits.max_body_bytes;
+    let body = match axum::body::to_bytes(req.into_body(), limit).await {
+        Ok(b) => b,
+        Err(_) => {
+            return reject(
+                &state,
+                StatusCode::PAYLOAD_TOO_LARGE,
+                Code::BadRequest,
+                "request body too large",
+            )
+        }
+    };
+    let request: async_graphql::Request = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(_) => {
+            return reject(
+                &state,
+                StatusCode::BAD_REQUEST,
+                Code::BadRequest,
+                "body must be a GraphQL request object",
+            )
+        }
+    };
+    let rdb = std::sync::Arc::new(RequestDb::new(state.db.clone(), viewer));
+    let request = request.data(rdb.clone());
+    let timeout = state.config.limits.request_timeout;
+    let mut resp = match tokio::time::timeout(timeout, state.schema.execute(request)).await {
+        Ok(resp) => resp,
+        Err(_) => {
+            tracing::warn!(?viewer, "GraphQL request timed out");
+            rdb.mark_rollback();
+            error_response(Code::Internal, "request timed out")
+        }
+    };
+    if let Err(e) = rdb.finish().await {
+        crate::error::internal(&e);
+        resp = error_response(Code::Internal, "internal error");
+    }
+    ensure_codes(&mut resp);
+    for e in &resp.errors {
+        if let Some(code) =
+            e.extensions
+                .as_ref()
+                .and_then(|x| x.get("code"))
+                .and_then(|c| match c {
+                    async_graphql::Value::String(s) => Some(s.clone()),
+                    _ => None,
+                })
+        {
+            state.metrics.graphql_error(&code);
+        }
+    }
+    gql_json(StatusCode::OK, &resp)
+}
+
+fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
+    headers
+        .get(UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
+}
+
+/// `GET /graphql`: WebSocket subscriptions, or the query page for a browser.
+pub async fn graphql_get(
+    State(state): State<AppState>,
+    auth: AuthSession,
+    req: Request,
+) -> Response {
+    if !is_websocket_upgrade(req.headers()) {
+        return crate::pages::graphiql().await;
+    }
+    let (mut parts, _body) = req.into_parts();
+    let protocol = match GraphQLProtocol::from_request_parts(&mut parts, &state).await {
+        Ok(p) => p,
+        Err(e) => return e.into_response(),
+    };
+    let upgrade = match WebSocketUpgrade::from_request_parts(&mut parts, &state).await {
+        Ok(u) => u,
+        Err(e) => return e.into_response(),
+    };
+    // A cookie rides along on cross-site WebSocket handshakes (no CORS for
+    // WebSockets), so the cookie counts only from our own origin.
+    let origin_ok = parts
+        .headers
+        .get(ORIGIN)
+        .and_then(|o| o.to_str().ok())
+        .is_some_and(|o| o.trim_end_matches('/') == public_origin(&state.config.public_url));
+    let cookie_viewer = match (&auth.user, origin_ok) {
+        (Some(u), true) => Some(Viewer { user_id: u.user_id }),
+        _ => None,
+    };
+    // Scripts may also authenticate the upgrade itself with a bearer header
+    // (browsers cannot set one; they use connection_init or the cookie).
+    let upgrade_viewer = if parts.headers.contains_key(AUTHORIZATION) {
+        match who(&state, &parts.headers, &auth).await {
+            Ok(Who::Viewer(v)) => Some(v),
+            Ok(_) => {
+                return reject(
+                    &state,
+                    StatusCode::UNAUTHORIZED,
+                    Code::Unauthenticated,
+                    "invalid or revoked API token",
+                )
+            }
+            Err(resp) => return resp,
+        }
+    } else {
+        cookie_viewer
+    };
+    let schema = state.schema.clone();
+    let db = state.db.clone();
+    let wake = state.wakeups.subscribe();
+    upgrade
+        .protocols(ALL_WEBSOCKET_PROTOCOLS)
+        .on_upgrade(move |socket| async move {
+            GraphQLWebSocket::new(socket, schema, protocol)
+                .on_connection_init(move |payload| async move {
+                    let mut data = Data::default();
+                    let viewer = match payload.get("authorization").and_then(|v| v.as_str()) {
+                        Some(value) => {
+                            let secret = tokens::bearer_secret(value).ok_or_else(|| {
+                                async_graphql::Error::new("invalid authorization")
+                            })?;
+                            match viewer_from_bearer(&db, secret).await {
+                                Ok(Some(v)) => Some(v),
+                                Ok(None) => {
+                                    return Err(async_graphql::Error::new(
+                                        "invalid or revoked API token",
+                                    ))
+                                }
+                                Err(e) => {
+                                    crate::error::internal(&e);
+                                    return Err(async_graphql::Error::new("internal error"));
+                                }
+                            }
+                        }
+                        None => upgrade_viewer,
+                    };
+                    data.insert(ConnectionViewer(viewer));
+                    data.insert(db.clone());
+                    data.insert(wake);
+                    Ok(data)
+                })
+                .serve()
+                .await
+        })
+}
+
+/// `scheme://host[:port]` of a URL, as browsers send it in `Origin`.
+pub fn public_origin(public_url: &str) -> String {
+    match url::Url::parse(public_url) {
+        Ok(u) => u.origin().ascii_serialization(),
+        Err(_) => public_url.trim_end_matches('/').to_owned(),
+    }
+}

@@ -1,0 +1,297 @@
+//! Command-line and environment configuration: every setting is a flag and an
+//! environment variable (`#[arg(long, env)]`), documented in `.env.example`.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::ops::RangeInclusive;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+use crate::telemetry::LogFormat;
+
+#[derive(Debug, Parser)]
+#[command(name = "observer", version, about = "Support Observer: a live, read-only, permission-aware view of Discord support servers")]
+pub struct Cli {
+    /// Log format: `pretty` (default on a terminal) or `json` (default otherwise). `RUST_LOG` filters.
+    #[arg(long, env = "LOG_FORMAT", value_enum, global = true)]
+    pub log_format: Option<LogFormat>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Apply database migrations and row-level-security policies (idempotent; safe to run concurrently).
+    Migrate(MigrateArgs),
+    /// Ingest guilds from the Discord Gateway into PostgreSQL.
+    Worker(WorkerArgs),
+    /// Serve GraphQL, OAuth login, the dashboard and metrics.
+    Api(ApiArgs),
+    /// Run the built-in Discord simulator alone (gateway, REST, OAuth, control API).
+    Sim(SimArgs),
+    /// Run everything locally with no accounts: PostgreSQL (private if DATABASE_URL is unset),
+    /// the simulator with synthetic support traffic, the worker and the API.
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DbArgs {
+    /// PostgreSQL connection string.
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: String,
+}
+
+impl DbArgs {
+    pub async fn connect(&self, max_connections: u32) -> anyhow::Result<observer_db::Db> {
+        observer_db::Db::connect(&self.database_url, max_connections)
+            .await
+            .context("connecting to DATABASE_URL")
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    #[command(flatten)]
+    pub db: DbArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct DiscordArgs {
+    /// Discord-compatible server: REST at `{base}/api/v10`, OAuth token at `{base}/api/oauth2/token`,
+    /// authorize at `{base}/oauth2/authorize`; the gateway URL comes from `GET {base}/api/v10/gateway`.
+    #[arg(long, env = "DISCORD_API_BASE_URL", default_value = "https://discord.com")]
+    pub discord_api_base_url: String,
+}
+
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    #[command(flatten)]
+    pub db: DbArgs,
+    #[command(flatten)]
+    pub discord: DiscordArgs,
+    /// Bot token (without the `Bot ` prefix).
+    #[arg(long, env = "DISCORD_TOKEN", hide_env_values = true)]
+    pub discord_token: String,
+    /// Shard ids this process runs, e.g. `0-3` or `5` (needs --shard-count). Default: all shards of
+    /// one connection.
+    #[arg(long, env = "WORKER_SHARDS", value_parser = parse_shard_range, requires = "shard_count")]
+    pub shards: Option<RangeInclusive<u32>>,
+    /// Total number of shards across all worker processes.
+    #[arg(long, env = "WORKER_SHARD_COUNT")]
+    pub shard_count: Option<u32>,
+    /// Where the worker serves Prometheus `/metrics` (empty to disable).
+    #[arg(long, env = "WORKER_METRICS_ADDR", default_value = "127.0.0.1:9091")]
+    pub metrics_addr: String,
+}
+
+#[derive(Debug, Args)]
+pub struct ApiArgs {
+    #[command(flatten)]
+    pub db: DbArgs,
+    #[command(flatten)]
+    pub discord: DiscordArgs,
+    /// OAuth application id.
+    #[arg(long, env = "DISCORD_CLIENT_ID")]
+    pub discord_client_id: String,
+    /// OAuth application secret.
+    #[arg(long, env = "DISCORD_CLIENT_SECRET", hide_env_values = true)]
+    pub discord_client_secret: String,
+    /// Where browsers reach the API; the OAuth redirect is `{PUBLIC_URL}/auth/callback`; cookies are
+    /// `Secure` when it is https.
+    #[arg(long, env = "PUBLIC_URL", default_value = "http://localhost:3000")]
+    pub public_url: String,
+    /// Listen port (Railway sets it).
+    #[arg(long, env = "PORT", default_value_t = 3000)]
+    pub port: u16,
+    /// Listen address.
+    #[arg(long, env = "HOST", default_value = "0.0.0.0")]
+    pub host: String,
+    /// Per-viewer rate limit: sustained GraphQL requests per second…
+    #[arg(long, env = "API_RATE_PER_SEC", default_value_t = 20.0)]
+    pub rate_per_sec: f64,
+    /// …and burst size.
+    #[arg(long, env = "API_RATE_BURST", default_value_t = 60)]
+    pub rate_burst: u32,
+    /// Database connections the api keeps (one more is used by the LISTEN connection).
+    #[arg(long, env = "API_DB_POOL_SIZE", default_value_t = 16)]
+    pub db_pool_size: u32,
+}
+
+#[derive(Debug, Args)]
+pub struct SimArgs {
+    /// Port for the simulator (HTTP, OAuth, gateway WebSocket and `/_sim/` control API).
+    #[arg(long, env = "SIM_PORT", default_value_t = 4000)]
+    pub port: u16,
+    /// Bot token the simulator accepts.
+    #[arg(long, env = "SIM_BOT_TOKEN", default_value = "sim-bot-token")]
+    pub bot_token: String,
+    /// OAuth client id the simulator accepts (a snowflake: it is also the READY application id).
+    #[arg(long, env = "SIM_CLIENT_ID", default_value = "1000000000000000001")]
+    pub client_id: String,
+    /// OAuth client secret the simulator accepts.
+    #[arg(long, env = "SIM_CLIENT_SECRET", default_value = "sim-client-secret", hide_env_values = true)]
+    pub client_secret: String,
+    /// Seed for the generated scenario and traffic.
+    #[arg(long, env = "SIM_SEED", default_value_t = 1)]
+    pub seed: u64,
+    /// Synthetic support messages per second (0 = none).
+    #[arg(long, env = "SIM_TRAFFIC_RATE", default_value_t = 0.0)]
+    pub traffic_rate: f64,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Use this PostgreSQL instead of starting a private one.
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// API / dashboard port.
+    #[arg(long, env = "PORT", default_value_t = 3000)]
+    pub port: u16,
+    /// Simulator port.
+    #[arg(long, env = "SIM_PORT", default_value_t = 4000)]
+    pub sim_port: u16,
+    /// Folder for the private PostgreSQL cluster.
+    #[arg(long, env = "DEMO_DATA_DIR", default_value = ".demo-data")]
+    pub data_dir: std::path::PathBuf,
+    /// Synthetic support messages per second.
+    #[arg(long, env = "SIM_TRAFFIC_RATE", default_value_t = 2.0)]
+    pub traffic_rate: f64,
+    /// Seed for the generated scenario and traffic.
+    #[arg(long, env = "SIM_SEED", default_value_t = 1)]
+    pub seed: u64,
+}
+
+fn parse_shard_range(s: &str) -> Result<RangeInclusive<u32>, String> {
+    let parse = |p: &str| {
+        p.trim()
+            .parse::<u32>()
+            .map_err(|e| format!("bad shard id {p:?}: {e}"))
+    };
+    let range = match s.split_once('-') {
+        Some((a, b)) => parse(a)?..=parse(b)?,
+        None => {
+            let n = parse(s)?;
+            n..=n
+        }
+    };
+    if range.is_empty() {
+        return Err(format!("empty shard range {s:?}"));
+    }
+    Ok(range)
+}
+
+pub fn parse_addr(s: &str) -> anyhow::Result<Option<SocketAddr>> {
+    if s.trim().is_empty() {
+        return Ok(None);
+    }
+    s.parse()
+        .map(Some)
+        .with_context(|| format!("invalid listen address {s:?}"))
+}
+
+pub async fn run_worker(_args: WorkerArgs, _shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    anyhow::bail!("`observer worker` is not wired yet")
+}
+
+impl ApiArgs {
+    pub fn api_config(&self) -> observer_api::Config {
+        let defaults = observer_api::Config::default();
+        observer_api::Config {
+            public_url: self.public_url.clone(),
+            discord_client_id: self.discord_client_id.clone(),
+            discord_client_secret: self.discord_client_secret.clone(),
+            discord_api_base_url: self.discord.discord_api_base_url.clone(),
+            limits: observer_api::Limits {
+                rate_burst: self.rate_burst,
+                rate_per_sec: self.rate_per_sec,
+                ..defaults.limits.clone()
+            },
+            ..defaults
+        }
+    }
+}
+
+pub async fn run_api(
+    args: ApiArgs,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let db = args.db.connect(args.db_pool_size).await?;
+    let addr = format!("{}:{}", args.host, args.port);
+    let listener = tokio::net::TcpListener::bind(&addr)
+        .await
+        .with_context(|| format!("binding {addr}"))?;
+    tracing::info!(%addr, public_url = %args.public_url, "api listening");
+    observer_api::run(args.api_config(), db, listener, shutdown).await
+}
+
+impl SimArgs {
+    pub fn sim_config(&self) -> observer_sim::SimConfig {
+        observer_sim::SimConfig {
+            port: self.port,
+            bot_token: self.bot_token.clone(),
+            client_id: self.client_id.clone(),
+            client_secret: self.client_secret.clone(),
+            seed: self.seed,
+            ..observer_sim::SimConfig::default()
+        }
+    }
+}
+
+pub async fn run_sim(args: SimArgs, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let addr = SocketAddr::from(([127, 0, 0, 1], args.port));
+    let sim = observer_sim::start_on(addr, args.sim_config())
+        .await
+        .with_context(|| format!("starting the simulator on {addr}"))?;
+    sim.load(observer_sim::Scenario::generate(
+        args.seed,
+        observer_sim::GenOptions::default(),
+    ));
+    let _traffic = (args.traffic_rate > 0.0).then(|| {
+        sim.start_traffic(observer_sim::TrafficOptions {
+            rate_per_sec: args.traffic_rate,
+            seed: args.seed,
+            ..observer_sim::TrafficOptions::default()
+        })
+    });
+    // The one line scripts wait for; keep its shape stable.
+    println!("simulator listening on {}", sim.base_url());
+    println!(
+        "bot token {:?}, OAuth client {:?} / {:?}; control API under {}/_sim/ (see crates/sim/README.md)",
+        args.bot_token,
+        args.client_id,
+        args.client_secret,
+        sim.base_url()
+    );
+    shutdown.await;
+    sim.shutdown().await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shard_ranges_parse() {
+        assert_eq!(parse_shard_range("0-3"), Ok(0..=3));
+        assert_eq!(parse_shard_range("5"), Ok(5..=5));
+        assert!(parse_shard_range("3-1").is_err());
+        assert!(parse_shard_range("a-b").is_err());
+    }
+
+    #[test]
+    fn cli_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn worker_requires_shard_count_with_shards() {
+        let r = Cli::try_parse_from([
+            "observer", "worker", "--database-url", "postgres://x", "--discord-token", "t", "--shards", "0-3",
+        ]);
+        assert!(r.is_err());
+    }
+}

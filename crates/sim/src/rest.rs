@@ -1,0 +1,640 @@
+//! REST under `/api/v10` and Discord-style rate limiting (per-route buckets, `X-RateLimit-*`
+//! headers on every response, 429 with `Retry-After` and `{message, retry_after, global}`).
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::extract::{Path, RawQuery, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use crate::model::ChannelKind;
+use crate::world::{GuildState, World};
+use crate::{PostOptions, Shared, SimError};
+
+/// A Discord-shaped JSON error.
+#[derive(Debug)]
+pub(crate) struct ApiError {
+    pub status: StatusCode,
+    pub code: u32,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: u32, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+    pub fn unauthorized() -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, 0, "401: Unauthorized")
+    }
+    pub fn missing_access() -> Self {
+        Self::new(StatusCode::FORBIDDEN, 50001, "Missing Access")
+    }
+    pub fn bad_request(msg: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, 50035, msg)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            Json(json!({"code": self.code, "message": self.message})),
+        )
+            .into_response()
+    }
+}
+
+impl From<SimError> for ApiError {
+    fn from(e: SimError) -> Self {
+        let msg = e.to_string();
+        match e {
+            SimError::UnknownGuild(_) => Self::new(StatusCode::NOT_FOUND, 10004, "Unknown Guild"),
+            SimError::UnknownChannel(_) => {
+                Self::new(StatusCode::NOT_FOUND, 10003, "Unknown Channel")
+            }
+            SimError::UnknownMessage(_) => {
+                Self::new(StatusCode::NOT_FOUND, 10008, "Unknown Message")
+            }
+            SimError::UnknownUser(_) => Self::new(StatusCode::NOT_FOUND, 10013, "Unknown User"),
+            SimError::UnknownRole(_) => Self::new(StatusCode::NOT_FOUND, 10011, "Unknown Role"),
+            SimError::NotAMember { .. } => {
+                Self::new(StatusCode::NOT_FOUND, 10007, "Unknown Member")
+            }
+            SimError::Invalid(_) | SimError::Io(_) => Self::bad_request(msg),
+        }
+    }
+}
+
+pub(crate) type ApiResult = Result<Json<Value>, ApiError>;
+
+// ----- rate limits -------------------------------------------------------------------------
+
+#[derive(Default)]
+pub(crate) struct RateState {
+    buckets: HashMap<String, Bucket>,
+}
+
+struct Bucket {
+    remaining: u32,
+    reset_at: Instant,
+}
+
+/// Route template with every id but the top-level resource replaced, plus that resource id.
+fn bucket_key(method: &str, path: &str) -> (String, String) {
+    let mut template = String::from(method);
+    let mut major = String::new();
+    let mut prev = "";
+    for seg in path.split('/').filter(|s| !s.is_empty()) {
+        template.push('/');
+        if seg.bytes().all(|b| b.is_ascii_digit()) {
+            if major.is_empty() && matches!(prev, "channels" | "guilds" | "webhooks") {
+                major = seg.to_string();
+            }
+            template.push_str(":id");
+        } else {
+            template.push_str(seg);
+        }
+        prev = seg;
+    }
+    let hash = hex_prefix(&Sha256::digest(template.as_bytes()));
+    (format!("{template}|{major}"), hash)
+}
+
+fn hex_prefix(bytes: &[u8]) -> String {
+    bytes.iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+fn epoch_secs(after: Duration) -> f64 {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    (now + after).as_secs_f64()
+}
+
+fn set(headers: &mut HeaderMap, name: &'static str, value: String) {
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        headers.insert(name, v);
+    }
+}
+
+fn too_many(retry_after: Duration, limit: u32, bucket: &str) -> Response {
+    let secs = retry_after.as_secs_f64();
+    let mut res = (
+        StatusCode::TOO_MANY_REQUESTS,
+        Json(
+            json!({"message": "You are being rate limited.", "retry_after": secs, "global": false}),
+        ),
+    )
+        .into_response();
+    let h = res.headers_mut();
+    set(h, "retry-after", format!("{}", secs.ceil().max(1.0) as u64));
+    set(h, "x-ratelimit-limit", limit.to_string());
+    set(h, "x-ratelimit-remaining", "0".into());
+    set(
+        h,
+        "x-ratelimit-reset",
+        format!("{:.3}", epoch_secs(retry_after)),
+    );
+    set(h, "x-ratelimit-reset-after", format!("{secs:.3}"));
+    set(h, "x-ratelimit-bucket", bucket.to_string());
+    set(h, "x-ratelimit-scope", "user".into());
+    res
+}
+
+pub(crate) async fn rate_limit(
+    State(sh): State<Arc<Shared>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let path = req.uri().path().to_string();
+    // Gateway discovery is exempt: serenity silently falls back to the real gateway if it fails.
+    // Attachments stand for the CDN, which has no such limits.
+    if path.ends_with("/gateway")
+        || path.ends_with("/gateway/bot")
+        || path.starts_with("/attachments/")
+    {
+        return next.run(req).await;
+    }
+    let (key, bucket) = bucket_key(req.method().as_str(), &path);
+    let limit = sh.config.rate_limit_per_route;
+    let window = Duration::from_millis(sh.config.rate_limit_window_ms.max(1));
+    let burst = sh
+        .burst
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok();
+    if burst {
+        return too_many(
+            Duration::from_millis(sh.config.burst_retry_after_ms),
+            limit.max(1),
+            &bucket,
+        );
+    }
+    if limit == 0 {
+        return next.run(req).await;
+    }
+    let (remaining, reset_after) = {
+        let mut rs = sh.rate.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        let b = rs.buckets.entry(key).or_insert(Bucket {
+            remaining: limit,
+            reset_at: now + window,
+        });
+        if now >= b.reset_at {
+            b.remaining = limit;
+            b.reset_at = now + window;
+        }
+        let reset_after = b.reset_at.saturating_duration_since(now);
+        if b.remaining == 0 {
+            drop(rs);
+            return too_many(reset_after, limit, &bucket);
+        }
+        b.remaining -= 1;
+        (b.remaining, reset_after)
+    };
+    let mut res = next.run(req).await;
+    let h = res.headers_mut();
+    set(h, "x-ratelimit-limit", limit.to_string());
+    set(h, "x-ratelimit-remaining", remaining.to_string());
+    set(
+        h,
+        "x-ratelimit-reset",
+        format!("{:.3}", epoch_secs(reset_after)),
+    );
+    set(
+        h,
+        "x-ratelimit-reset-after",
+        format!("{:.3}", reset_after.as_secs_f64()),
+    );
+    set(h, "x-ratelimit-bucket", bucket);
+    res
+}
+
+// ----- auth --------------------------------------------------------------------------------
+
+fn auth_header(headers: &HeaderMap) -> &str {
+    headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+}
+
+pub(crate) fn require_bot(sh: &Shared, headers: &HeaderMap) -> Result<(), ApiError> {
+    match auth_header(headers).strip_prefix("Bot ") {
+        Some(t) if t == sh.config.bot_token => Ok(()),
+        _ => Err(ApiError::unauthorized()),
+    }
+}
+
+fn visible_guild(w: &World, id: u64) -> Result<&GuildState, ApiError> {
+    let g = w.guild(id)?;
+    if !g.bot_present {
+        return Err(ApiError::missing_access());
+    }
+    Ok(g)
+}
+
+fn visible_channel(w: &World, id: u64) -> Result<(&GuildState, &crate::Channel), ApiError> {
+    let (g, c) = w.channel(id)?;
+    if !g.bot_present {
+        return Err(ApiError::missing_access());
+    }
+    Ok((g, c))
+}
+
+/// Query pairs; tolerates serenity's `?&limit=..` (empty pairs are skipped).
+pub(crate) fn query_map(raw: &Option<String>) -> HashMap<String, String> {
+    raw.as_deref()
+        .map(|q| {
+            url::form_urlencoded::parse(q.as_bytes())
+                .into_owned()
+                .filter(|(k, _)| !k.is_empty())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn id_param(q: &HashMap<String, String>, name: &str) -> Result<Option<u64>, ApiError> {
+    q.get(name)
+        .map(|v| {
+            v.parse::<u64>()
+                .map_err(|_| ApiError::bad_request(format!("{name} is not a snowflake")))
+        })
+        .transpose()
+}
+
+fn limit_param(q: &HashMap<String, String>, default: u64, max: u64) -> Result<usize, ApiError> {
+    let limit = match q.get("limit") {
+        Some(v) => v
+            .parse::<u64>()
+            .map_err(|_| ApiError::bad_request("limit is not an integer"))?,
+        None => default,
+    };
+    if limit == 0 || limit > max {
+        return Err(ApiError::bad_request(format!(
+            "limit must be between 1 and {max}"
+        )));
+    }
+    Ok(limit as usize)
+}
+
+// ----- handlers ----------------------------------------------------------------------------
+
+pub(crate) fn router(sh: Arc<Shared>) -> Router<Arc<Shared>> {
+    Router::new()
+        .route("/attachments/{cid}/{aid}/{name}", get(attachment))
+        .route("/api/v10/gateway", get(gateway))
+        .route("/api/v10/gateway/bot", get(gateway_bot))
+        .route("/api/v10/channels/{id}", get(channel))
+        .route(
+            "/api/v10/channels/{id}/messages",
+            get(history).post(create_message),
+        )
+        .route("/api/v10/channels/{id}/messages/{mid}", get(one_message))
+        .route(
+            "/api/v10/channels/{id}/threads/archived/public",
+            get(archived_public),
+        )
+        .route(
+            "/api/v10/channels/{id}/threads/archived/private",
+            get(archived_private),
+        )
+        .route("/api/v10/guilds/{id}", get(guild))
+        .route("/api/v10/guilds/{id}/channels", get(guild_channels))
+        .route("/api/v10/guilds/{id}/roles", get(guild_roles))
+        .route("/api/v10/guilds/{id}/members", get(guild_members))
+        .route("/api/v10/guilds/{id}/members/{uid}", get(guild_member))
+        .route("/api/v10/guilds/{id}/threads/active", get(active_threads))
+        .route("/api/v10/users/@me", get(crate::oauth::users_me))
+        .route(
+            "/api/v10/users/@me/guilds",
+            get(crate::oauth::users_me_guilds),
+        )
+        .route(
+            "/api/v10/users/@me/guilds/{id}/member",
+            get(crate::oauth::users_me_member),
+        )
+        .route("/api/v10/oauth2/@me", get(crate::oauth::oauth_me))
+        .route_layer(axum::middleware::from_fn_with_state(sh, rate_limit))
+}
+
+/// A placeholder body so attachment links in the demo resolve.
+async fn attachment(Path((_, _, name)): Path<(u64, u64, String)>) -> String {
+    format!("simulated attachment {name}\n")
+}
+
+async fn gateway(State(sh): State<Arc<Shared>>) -> Json<Value> {
+    Json(json!({"url": sh.gateway_url}))
+}
+
+async fn gateway_bot(State(sh): State<Arc<Shared>>, headers: HeaderMap) -> ApiResult {
+    require_bot(&sh, &headers)?;
+    Ok(Json(json!({
+        "url": sh.gateway_url,
+        "shards": 1,
+        "session_start_limit": {"total": 1000, "remaining": 999, "reset_after": 14_400_000, "max_concurrency": 1},
+    })))
+}
+
+async fn channel(
+    State(sh): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Path(id): Path<u64>,
+) -> ApiResult {
+    require_bot(&sh, &headers)?;
+    let w = sh.world();
+    let (g, c) = visible_channel(&w, id)?;
+    Ok(Json(w.channel_json(g.id, c)))
+}
+
+/// Discord's paging: results newest first; `after` gives the messages right after the cursor.
+async fn history(
+    State(sh): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Path(id): Path<u64>,
+    RawQuery(raw): RawQuery,
+) -> ApiResult {
+    require_bot(&sh, &headers)?;
+    let q = query_map(&raw);
+    let limit = limit_param(&q, 50, 100)?;
+    let (before, after, around) = (
+        id_param(&q, "before")?,
+        id_param(&q, "after")?,
+        id_param(&q, "around")?,
+    );
+    let w = sh.world();
+    let (_, c) = visible_channel(&w, id)?;
+    if !c.kind.is_textual() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            50024,
+            "Cannot execute action on this channel type",
+        ));
+    }
+    let empty = Default::default();
+    let msgs = w.messages.get(&id).unwrap_or(&empty);
+    let live = |m: &&crate::MessageState| !m.deleted;
+    let picked: Vec<&crate::MessageState> = if let Some(a) = around {
+        let older: Vec<_> = msgs
+            .range(..a)
+            .rev()
+            .map(|(_, m)| m)
+            .filter(live)
+            .take(limit / 2)
+            .collect();
+        let newer: Vec<_> = msgs
+            .range(a..)
+            .map(|(_, m)| m)
+            .filter(live)
+            .take(limit - older.len())
+            .collect();
+        newer.into_iter().rev().chain(older).collect()
+    } else if let Some(a) = after {
+        let mut v: Vec<_> = msgs
+            .range(a.saturating_add(1)..)
+            .map(|(_, m)| m)
+            .filter(live)
+            .take(limit)
+            .collect();
+        v.reverse();
+        v
+    } else {
+        let b = before.unwrap_or(u64::MAX);
+        msgs.range(..b)
+            .rev()
+            .map(|(_, m)| m)
+            .filter(live)
+            .take(limit)
+            .collect()
+    };
+    Ok(Json(Value::Array(
+        picked.into_iter().map(|m| w.message_json(m)).collect(),
+    )))
+}
+
+async fn one_message(
+    State(sh): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Path((id, mid)): Path<(u64, u64)>,
+) -> ApiResult {
+    require_bot(&sh, &headers)?;
+    let w = sh.world();
+    visible_channel(&w, id)?;
+    match w
+        .messages
+        .get(&id)
+        .and_then(|m| m.get(&mid))
+        .filter(|m| !m.deleted)
+    {
+        Some(m) => Ok(Json(w.message_json(m))),
+        None => Err(SimError::UnknownMessage(mid).into()),
+    }
+}
+
+#[derive(Deserialize)]
+struct CreateMessage {
+    #[serde(default)]
+    content: String,
+    #[serde(default)]
+    message_reference: Option<MessageRef>,
+}
+
+#[derive(Deserialize)]
+struct MessageRef {
+    #[serde(with = "crate::model::sf::opt", default)]
+    message_id: Option<u64>,
+}
+
+async fn create_message(
+    State(sh): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Path(id): Path<u64>,
+    Json(body): Json<CreateMessage>,
+) -> ApiResult {
+    require_bot(&sh, &headers)?;
+    let mut w = sh.world();
+    visible_channel(&w, id)?;
+    if body.content.is_empty() || body.content.chars().count() > 2000 {
+        return Err(ApiError::bad_request("content must be 1..=2000 characters"));
+    }
+    let bot = w.bot.id;
+    let opts = PostOptions {
+        attachments: vec![],
+        reply_to: body.message_reference.and_then(|r| r.message_id),
+    };
+    let m = w.post_message(id, bot, body.content, opts)?;
+    Ok(Json(w.message_json(&m)))
+}
+
+fn threads_json(w: &World, g: &GuildState, threads: Vec<&crate::Channel>) -> Value {
+    let mut threads = threads;
+    threads.sort_by_key(|c| std::cmp::Reverse(c.id));
+    let now = chrono::Utc::now();
+    let members: Vec<Value> = threads
+        .iter()
+        .filter(|c| {
+            c.thread
+                .as_ref()
+                .is_some_and(|t| t.members.contains(&w.bot.id))
+        })
+        .map(|c| crate::payload::thread_member(c.id, w.bot.id, &now))
+        .collect();
+    json!({
+        "threads": threads.iter().map(|c| w.channel_json(g.id, c)).collect::<Vec<_>>(),
+        "members": members,
+        "has_more": false,
+    })
+}
+
+fn archived(sh: &Shared, headers: &HeaderMap, id: u64, kind: ChannelKind) -> ApiResult {
+    require_bot(sh, headers)?;
+    let w = sh.world();
+    let (g, _) = visible_channel(&w, id)?;
+    let threads = g
+        .channels
+        .values()
+        .filter(|c| {
+            c.parent_id == Some(id)
+                && c.kind == kind
+                && c.thread.as_ref().is_some_and(|t| t.archived)
+        })
+        .collect();
+    Ok(Json(threads_json(&w, g, threads)))
+}
+
+async fn archived_public(
+    State(sh): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Path(id): Path<u64>,
+) -> ApiResult {
+    archived(&sh, &headers, id, ChannelKind::PublicThread)
+}
+
+async fn archived_private(
+    State(sh): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Path(id): Path<u64>,
+) -> ApiResult {
+    archived(&sh, &headers, id, ChannelKind::PrivateThread)
+}
+
+async fn active_threads(
+    State(sh): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Path(id): Path<u64>,
+) -> ApiResult {
+    require_bot(&sh, &headers)?;
+    let w = sh.world();
+    let g = visible_guild(&w, id)?;
+    let threads = g
+        .channels
+        .values()
+        .filter(|c| c.kind.is_thread() && !c.thread.as_ref().is_some_and(|t| t.archived))
+        .collect();
+    Ok(Json(threads_json(&w, g, threads)))
+}
+
+async fn guild(
+    State(sh): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Path(id): Path<u64>,
+) -> ApiResult {
+    require_bot(&sh, &headers)?;
+    let w = sh.world();
+    let g = visible_guild(&w, id)?;
+    let mut v = w.guild_create_json(g);
+    if let Some(o) = v.as_object_mut() {
+        for k in [
+            "members",
+            "channels",
+            "threads",
+            "voice_states",
+            "presences",
+            "joined_at",
+            "large",
+            "member_count",
+        ] {
+            o.remove(k);
+        }
+    }
+    Ok(Json(v))
+}
+
+async fn guild_channels(
+    State(sh): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Path(id): Path<u64>,
+) -> ApiResult {
+    require_bot(&sh, &headers)?;
+    let w = sh.world();
+    let g = visible_guild(&w, id)?;
+    let v: Vec<Value> = g
+        .channels
+        .values()
+        .filter(|c| !c.kind.is_thread())
+        .map(|c| w.channel_json(g.id, c))
+        .collect();
+    Ok(Json(Value::Array(v)))
+}
+
+async fn guild_roles(
+    State(sh): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Path(id): Path<u64>,
+) -> ApiResult {
+    require_bot(&sh, &headers)?;
+    let w = sh.world();
+    let g = visible_guild(&w, id)?;
+    Ok(Json(Value::Array(
+        g.roles.values().map(crate::payload::role).collect(),
+    )))
+}
+
+/// Pages by ascending user id (`after` = highest id of the previous page), like Discord.
+async fn guild_members(
+    State(sh): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Path(id): Path<u64>,
+    RawQuery(raw): RawQuery,
+) -> ApiResult {
+    require_bot(&sh, &headers)?;
+    let q = query_map(&raw);
+    let limit = limit_param(&q, 1, 1000)?;
+    let after = id_param(&q, "after")?.unwrap_or(0);
+    let w = sh.world();
+    let g = visible_guild(&w, id)?;
+    let v: Vec<Value> = g
+        .members
+        .range(after.saturating_add(1)..)
+        .take(limit)
+        .map(|(_, m)| w.member_json(g, m))
+        .collect();
+    Ok(Json(Value::Array(v)))
+}
+
+async fn guild_member(
+    State(sh): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Path((id, uid)): Path<(u64, u64)>,
+) -> ApiResult {
+    require_bot(&sh, &headers)?;
+    let w = sh.world();
+    let g = visible_guild(&w, id)?;
+    let m = g.members.get(&uid).ok_or(SimError::NotAMember {
+        guild_id: id,
+        user_id: uid,
+    })?;
+    Ok(Json(w.member_json(g, m)))
+}

@@ -1,0 +1,391 @@
+//! `Scenario::generate`: a reproducible support organisation — several guilds with staff,
+//! moderator and customer roles, a private staff category, a forum of ticket threads, private
+//! escalation threads, and overwrites of every kind.
+
+use chrono::{TimeZone, Utc};
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::model::{
+    perms, snowflake_at, snowflake_time, Channel, ChannelKind, Guild, Member, Overwrite,
+    OverwriteKind, Role, Scenario, ThreadInfo, User,
+};
+
+/// Size of a generated scenario.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default)]
+pub struct GenOptions {
+    pub guilds: usize,
+    pub users: usize,
+    /// Staff members per guild (besides the owner); one of them is also a moderator.
+    pub staff_per_guild: usize,
+    /// Ticket threads created in each guild's forum.
+    pub tickets_per_guild: usize,
+}
+
+impl Default for GenOptions {
+    fn default() -> Self {
+        GenOptions {
+            guilds: 3,
+            users: 24,
+            staff_per_guild: 3,
+            tickets_per_guild: 3,
+        }
+    }
+}
+
+const FIRST: &[&str] = &[
+    "alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi", "ivan", "judy", "mallory",
+    "niaj", "olivia", "peggy", "rupert", "sybil", "trent", "ursula", "victor", "wendy", "xavier",
+    "yolanda", "zoe", "amir", "bea", "chen", "dara", "emeka", "farah", "goran", "hana", "ilse",
+];
+
+const GUILDS: &[&str] = &[
+    "Acme Support",
+    "Nimbus Cloud Help",
+    "Pixel Forge Community",
+    "Orbit Payments Help",
+    "Lumen Analytics",
+    "Harbor DevTools",
+    "Quill Docs Support",
+    "Beacon Hosting",
+];
+
+const TICKETS: &[&str] = &[
+    "Login loop after password reset",
+    "Invoice shows wrong VAT",
+    "API returns 502 on upload",
+    "Cannot invite teammates",
+    "Webhook retries never stop",
+    "Export to CSV is empty",
+    "Dark mode breaks charts",
+    "SSO with Okta fails",
+    "Refund for duplicate charge",
+];
+
+struct Ids(u64);
+
+impl Ids {
+    fn next(&mut self) -> u64 {
+        self.0 += 1 << 22;
+        self.0
+    }
+}
+
+fn ow(id: u64, kind: OverwriteKind, allow: u64, deny: u64) -> Overwrite {
+    Overwrite {
+        id,
+        kind,
+        allow,
+        deny,
+    }
+}
+
+fn text(
+    id: u64,
+    name: &str,
+    parent: Option<u64>,
+    position: i32,
+    overwrites: Vec<Overwrite>,
+) -> Channel {
+    Channel {
+        id,
+        kind: ChannelKind::Text,
+        name: name.into(),
+        parent_id: parent,
+        position,
+        topic: None,
+        overwrites,
+        thread: None,
+    }
+}
+
+impl Scenario {
+    /// Builds a realistic support organisation; the same seed gives the same scenario.
+    pub fn generate(seed: u64, opts: GenOptions) -> Scenario {
+        // Sizes may come from the HTTP control API: keep absurd requests from exhausting memory.
+        let opts = GenOptions {
+            guilds: opts.guilds.clamp(1, 1_000),
+            users: opts.users.min(200_000),
+            staff_per_guild: opts.staff_per_guild.min(1_000),
+            tickets_per_guild: opts.tickets_per_guild.min(10_000),
+        };
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        // Ids start on 2024-01-01 so they sort before anything created live.
+        let mut ids = Ids(snowflake_at(1_704_067_200_000));
+        let n_users = opts.users.max(opts.staff_per_guild + 3).max(4);
+        let users: Vec<User> = (0..n_users)
+            .map(|i| {
+                let name = FIRST[i % FIRST.len()];
+                let username = if i < FIRST.len() {
+                    name.to_string()
+                } else {
+                    format!("{name}{}", i / FIRST.len())
+                };
+                let mut display = username.clone();
+                if let Some(f) = display.get_mut(0..1) {
+                    f.make_ascii_uppercase();
+                }
+                User {
+                    id: ids.next(),
+                    username,
+                    global_name: Some(display),
+                    avatar: None,
+                    bot: false,
+                }
+            })
+            .collect();
+        let far_future = Utc.with_ymd_and_hms(2030, 1, 1, 0, 0, 0).single();
+
+        let mut guilds = Vec::new();
+        for gi in 0..opts.guilds.max(1) {
+            let gid = ids.next();
+            let name = match GUILDS.get(gi) {
+                Some(n) => n.to_string(),
+                None => format!("Support Guild {}", gi + 1),
+            };
+            let (admin, moderator, staff, customer) =
+                (ids.next(), ids.next(), ids.next(), ids.next());
+            let roles = vec![
+                Role {
+                    id: gid,
+                    name: "@everyone".into(),
+                    permissions: perms::EVERYONE_DEFAULT,
+                    position: 0,
+                    color: 0,
+                    hoist: false,
+                    mentionable: false,
+                },
+                Role {
+                    id: admin,
+                    name: "Admin".into(),
+                    permissions: perms::ADMINISTRATOR,
+                    position: 4,
+                    color: 0xE74C3C,
+                    hoist: true,
+                    mentionable: false,
+                },
+                Role {
+                    id: moderator,
+                    name: "Moderator".into(),
+                    permissions: perms::KICK_MEMBERS
+                        | perms::BAN_MEMBERS
+                        | perms::MANAGE_MESSAGES
+                        | perms::MODERATE_MEMBERS
+                        | perms::MANAGE_THREADS,
+                    position: 3,
+                    color: 0x3498DB,
+                    hoist: true,
+                    mentionable: true,
+                },
+                Role {
+                    id: staff,
+                    name: "Staff".into(),
+                    permissions: perms::MANAGE_MESSAGES | perms::MANAGE_THREADS,
+                    position: 2,
+                    color: 0x2ECC71,
+                    hoist: true,
+                    mentionable: true,
+                },
+                Role {
+                    id: customer,
+                    name: "Customer".into(),
+                    permissions: 0,
+                    position: 1,
+                    color: 0x95A5A6,
+                    hoist: false,
+                    mentionable: false,
+                },
+            ];
+
+            // Members: the first guild has everyone; later guilds a random ~60% (plus their staff).
+            let mut pool: Vec<usize> = (0..users.len()).collect();
+            pool.shuffle(&mut rng);
+            let owner_idx = pool[0];
+            let staff_idx: Vec<usize> = pool[1..=opts.staff_per_guild.min(pool.len() - 2)].to_vec();
+            let mut members = Vec::new();
+            let mut customers = Vec::new();
+            for (pos, &ui) in pool.iter().enumerate() {
+                let u = &users[ui];
+                let in_guild =
+                    gi == 0 || ui == owner_idx || staff_idx.contains(&ui) || rng.gen_bool(0.6);
+                if !in_guild {
+                    continue;
+                }
+                let roles = if ui == owner_idx {
+                    vec![]
+                } else if let Some(si) = staff_idx.iter().position(|s| *s == ui) {
+                    match si {
+                        0 => vec![staff, moderator],
+                        1 if opts.staff_per_guild > 2 => vec![admin],
+                        _ => vec![staff],
+                    }
+                } else if pos % 7 == 6 {
+                    vec![] // not verified yet: only @everyone
+                } else {
+                    customers.push(u.id);
+                    vec![customer]
+                };
+                let timed_out =
+                    !customers.is_empty() && customers.len() == 4 && roles == vec![customer];
+                members.push(Member {
+                    user_id: u.id,
+                    roles,
+                    nick: if pos % 5 == 3 {
+                        Some(format!(
+                            "{} ({})",
+                            u.username,
+                            name.split(' ').next().unwrap_or("guild")
+                        ))
+                    } else {
+                        None
+                    },
+                    joined_at: snowflake_time(gid),
+                    communication_disabled_until: if timed_out { far_future } else { None },
+                });
+            }
+            members.sort_by_key(|m| m.user_id);
+            let staff_ids: Vec<u64> = staff_idx.iter().map(|i| users[*i].id).collect();
+            let owner_id = users[owner_idx].id;
+
+            let support_cat = ids.next();
+            let staff_cat = ids.next();
+            let staff_only = vec![
+                ow(gid, OverwriteKind::Role, 0, perms::VIEW_CHANNEL),
+                ow(staff, OverwriteKind::Role, perms::VIEW_CHANNEL, 0),
+                ow(moderator, OverwriteKind::Role, perms::VIEW_CHANNEL, 0),
+            ];
+            let mut channels = vec![
+                Channel {
+                    kind: ChannelKind::Category,
+                    ..text(support_cat, "Support", None, 0, vec![])
+                },
+                text(
+                    ids.next(),
+                    "welcome",
+                    Some(support_cat),
+                    0,
+                    vec![ow(gid, OverwriteKind::Role, 0, perms::SEND_MESSAGES)],
+                ),
+                text(ids.next(), "general-help", Some(support_cat), 1, vec![]),
+                text(
+                    ids.next(),
+                    "billing",
+                    Some(support_cat),
+                    2,
+                    // One customer was banned from billing by a member overwrite.
+                    customers
+                        .get(1)
+                        .map(|c| vec![ow(*c, OverwriteKind::Member, 0, perms::VIEW_CHANNEL)])
+                        .unwrap_or_default(),
+                ),
+                text(ids.next(), "bug-reports", Some(support_cat), 3, vec![]),
+                Channel {
+                    kind: ChannelKind::Announcement,
+                    ..text(
+                        ids.next(),
+                        "announcements",
+                        Some(support_cat),
+                        4,
+                        vec![ow(gid, OverwriteKind::Role, 0, perms::SEND_MESSAGES)],
+                    )
+                },
+                text(
+                    ids.next(),
+                    "changelog",
+                    Some(support_cat),
+                    5,
+                    vec![ow(
+                        customer,
+                        OverwriteKind::Role,
+                        0,
+                        perms::READ_MESSAGE_HISTORY,
+                    )],
+                ),
+                Channel {
+                    kind: ChannelKind::Category,
+                    ..text(staff_cat, "Staff", None, 1, staff_only.clone())
+                },
+                text(
+                    ids.next(),
+                    "staff-chat",
+                    Some(staff_cat),
+                    0,
+                    staff_only.clone(),
+                ),
+            ];
+            let escalations = ids.next();
+            channels.push(text(
+                escalations,
+                "escalations",
+                Some(staff_cat),
+                1,
+                staff_only,
+            ));
+            let forum = ids.next();
+            channels.push(Channel {
+                kind: ChannelKind::Forum,
+                topic: Some("One thread per ticket".into()),
+                ..text(forum, "tickets", Some(support_cat), 6, vec![])
+            });
+            for t in 0..opts.tickets_per_guild {
+                let owner = customers
+                    .get(t % customers.len().max(1))
+                    .copied()
+                    .unwrap_or(owner_id);
+                let helper = staff_ids
+                    .get(t % staff_ids.len().max(1))
+                    .copied()
+                    .unwrap_or(owner_id);
+                channels.push(Channel {
+                    id: ids.next(),
+                    kind: ChannelKind::PublicThread,
+                    name: TICKETS[(gi * 3 + t) % TICKETS.len()].into(),
+                    parent_id: Some(forum),
+                    position: 0,
+                    topic: None,
+                    overwrites: vec![],
+                    thread: Some(ThreadInfo {
+                        owner_id: owner,
+                        archived: t + 1 == opts.tickets_per_guild && t > 1,
+                        locked: false,
+                        auto_archive_duration: 1440,
+                        invitable: true,
+                        members: vec![owner, helper],
+                    }),
+                });
+            }
+            // A private escalation thread in the staff area that one customer was invited into.
+            let escalated = customers.first().copied();
+            channels.push(Channel {
+                id: ids.next(),
+                kind: ChannelKind::PrivateThread,
+                name: "Escalation: enterprise outage".into(),
+                parent_id: Some(escalations),
+                position: 0,
+                topic: None,
+                overwrites: vec![],
+                thread: Some(ThreadInfo {
+                    owner_id: staff_ids.first().copied().unwrap_or(owner_id),
+                    archived: false,
+                    locked: false,
+                    auto_archive_duration: 4320,
+                    invitable: false,
+                    members: staff_ids.iter().copied().take(2).chain(escalated).collect(),
+                }),
+            });
+            guilds.push(Guild {
+                id: gid,
+                name,
+                owner_id,
+                roles,
+                channels,
+                members,
+                bot_present: true,
+            });
+        }
+        Scenario { users, guilds }
+    }
+}

@@ -1,0 +1,135 @@
+//! Ingest benchmark: simulator → serenity worker → PostgreSQL.
+//!
+//! ```text
+//! DATABASE_URL=postgres://postgres@127.0.0.1:5432/postgres \
+//!   cargo run --release -p observer-worker --example ingest_bench -- 100000
+//! ```
+//!
+//! Creates a scratch database `observer_bench_<pid>` next to DATABASE_URL's,
+//! posts N messages into the simulator as fast as it accepts them (spread over
+//! every text channel), and reports sustained messages/s (first post → last
+//! row committed) and p50/p99 of dispatch → row written (message_events.at,
+//! the writing transaction's start, minus the message's creation time).
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use observer_sim::{ChannelKind, GenOptions, PostOptions, Scenario, SimConfig, Simulator};
+use sqlx::Connection;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let n: usize = std::env::args()
+        .nth(1)
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(50_000);
+    let url = std::env::var("DATABASE_URL").context("DATABASE_URL")?;
+    let name = format!("observer_bench_{}", std::process::id());
+    let mut admin = sqlx::PgConnection::connect(&url).await?;
+    sqlx::query(&format!("create database {name}"))
+        .execute(&mut admin)
+        .await?;
+    let bench_url = match url.rsplit_once('/') {
+        Some((server, _)) => format!("{server}/{name}"),
+        None => anyhow::bail!("DATABASE_URL needs a database path"),
+    };
+    let result = bench(&bench_url, n).await;
+    sqlx::query(&format!("drop database if exists {name} with (force)"))
+        .execute(&mut admin)
+        .await?;
+    result
+}
+
+async fn bench(url: &str, n: usize) -> anyhow::Result<()> {
+    let db = observer_db::Db::connect(url, 8).await?;
+    observer_db::migrate::run(db.pool()).await?;
+
+    let sim = Simulator::start(SimConfig {
+        rate_limit_per_route: 0,
+        ..SimConfig::default()
+    })
+    .await?;
+    let sc = Scenario::generate(1, GenOptions::default());
+    let targets: Vec<(u64, u64)> = sc
+        .guilds
+        .iter()
+        .flat_map(|g| {
+            let author = g.members.first().map(|m| m.user_id).unwrap_or_default();
+            g.channels
+                .iter()
+                .filter(|c| c.kind == ChannelKind::Text)
+                .map(move |c| (c.id, author))
+        })
+        .collect();
+    let guilds = sc.guilds.len() as i64;
+    sim.load(sc);
+
+    let mut config = observer_worker::Config::new(sim.config().bot_token.clone());
+    config.api_base_url = sim.base_url();
+    config.log_interval = Duration::from_secs(5);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let worker = tokio::spawn(observer_worker::run(config, db.clone(), async move {
+        let _ = stop_rx.await;
+    }));
+
+    loop {
+        let got: i64 = sqlx::query_scalar("select count(*) from guilds")
+            .fetch_one(db.pool())
+            .await?;
+        if got >= guilds {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let started = Instant::now();
+    let poster = tokio::task::spawn_blocking({
+        let sim = sim.clone();
+        move || {
+            for i in 0..n {
+                let (ch, author) = targets[i % targets.len()];
+                let _ = sim.post_message(
+                    ch,
+                    author,
+                    format!("benchmark message {i}: my order has not arrived yet"),
+                    PostOptions::default(),
+                );
+            }
+        }
+    });
+    poster.await?;
+    let posted_in = started.elapsed();
+    loop {
+        let got: i64 = sqlx::query_scalar("select count(*) from messages")
+            .fetch_one(db.pool())
+            .await?;
+        if got as usize >= n {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(600) {
+            anyhow::bail!("only {got} of {n} messages after 10 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let total = started.elapsed();
+    let (p50, p99): (f64, f64) = sqlx::query_as(
+        "select percentile_cont(0.5) within group (order by ms), percentile_cont(0.99) within group (order by ms)
+         from (select extract(epoch from (e.at - m.created_at)) * 1000 as ms
+               from message_events e join messages m using (guild_id, message_id)
+               where e.kind = 1) x",
+    )
+    .fetch_one(db.pool())
+    .await?;
+    println!(
+        "messages: {n}\nposted in: {:.2}s ({:.0}/s offered)\nall committed after: {:.2}s\nsustained: {:.0} messages/s\ndispatch->row p50: {p50:.1} ms, p99: {p99:.1} ms",
+        posted_in.as_secs_f64(),
+        n as f64 / posted_in.as_secs_f64(),
+        total.as_secs_f64(),
+        n as f64 / total.as_secs_f64(),
+    );
+    let _ = stop_tx.send(());
+    worker.await??;
+    sim.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,184 @@
+//! History backfill: after every identify (each GUILD_CREATE), fetch what was
+//! posted while the worker was not listening.
+//!
+//! REST goes through reqwest directly (not serenity's Http) because backfill
+//! must see status codes, `retry_after` and the `X-RateLimit-*` headers in
+//! every mode; serenity's proxy mode disables its rate limiter and hides them.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use observer_db::ingest::{self, IngestOp};
+use observer_db::Db;
+use reqwest::StatusCode;
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+use crate::batcher::Queued;
+use crate::map;
+use crate::metrics::Metrics;
+
+pub const PAGE: usize = 100;
+
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub guild_id: i64,
+    pub channels: Vec<i64>,
+    /// When the guild (re)appeared on the gateway: everything newer arrives live.
+    pub seen_at: DateTime<Utc>,
+}
+
+#[derive(Clone)]
+pub struct Backfiller {
+    pub rest: crate::rest::Rest,
+    pub db: Db,
+    pub ops: mpsc::Sender<Queued>,
+    pub metrics: Arc<Metrics>,
+    pub concurrency: usize,
+    pub max_pages: u32,
+    pub overlap: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackfillError {
+    #[error("{0}")]
+    Rest(#[from] crate::rest::RestError),
+    #[error("database: {0}")]
+    Db(#[from] observer_db::Error),
+    #[error("unexpected status {0} from {1}")]
+    Status(StatusCode, String),
+    #[error("the ingest queue is closed")]
+    Closed,
+}
+
+impl Backfiller {
+    pub async fn run(self, mut rx: mpsc::UnboundedReceiver<Request>) {
+        while let Some(req) = rx.recv().await {
+            self.guild(req).await;
+        }
+    }
+
+    async fn guild(&self, req: Request) {
+        let started = std::time::Instant::now();
+        let cursors = match self.cursors(&req).await {
+            Ok(c) => c,
+            Err(err) => {
+                self.metrics.backfill_errors.inc();
+                tracing::error!(guild = req.guild_id, error = %err, "backfill: reading cursors failed");
+                return;
+            }
+        };
+        let n = req.channels.len();
+        self.metrics.backfill_channels_pending.inc_by(n as i64);
+        tracing::info!(guild = req.guild_id, channels = n, "backfill started");
+        let results: Vec<(i64, Result<u64, BackfillError>)> =
+            futures::stream::iter(req.channels.iter().copied())
+                .map(|ch| {
+                    let after = cursors.get(&ch).copied().unwrap_or(0);
+                    async move { (ch, self.channel(req.guild_id, ch, after).await) }
+                })
+                .buffer_unordered(self.concurrency.max(1))
+                .collect()
+                .await;
+        let mut total = 0;
+        for (ch, res) in results {
+            self.metrics.backfill_channels_pending.dec();
+            match res {
+                Ok(k) => {
+                    total += k;
+                    self.metrics.backfill_channels_done.inc();
+                }
+                Err(err) => {
+                    self.metrics.backfill_errors.inc();
+                    tracing::warn!(guild = req.guild_id, channel = ch, error = %err, "backfill of a channel failed");
+                }
+            }
+        }
+        tracing::info!(
+            guild = req.guild_id,
+            channels = n,
+            messages = total,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "backfill finished"
+        );
+    }
+
+    /// Per channel, the id to fetch after: the newest stored message older than
+    /// the guild's arrival, minus the overlap window.
+    async fn cursors(
+        &self,
+        req: &Request,
+    ) -> Result<std::collections::HashMap<i64, i64>, BackfillError> {
+        let before = ingest::snowflake_at(req.seen_at);
+        let mut tx = self.db.worker().await?;
+        let newest =
+            ingest::newest_message_ids(&mut tx, req.guild_id, &req.channels, before).await?;
+        tx.commit().await?;
+        let overlap = chrono::Duration::from_std(self.overlap).unwrap_or_default();
+        Ok(newest
+            .into_iter()
+            .map(|(ch, id)| {
+                (
+                    ch,
+                    ingest::snowflake_at(ingest::snowflake_time(id) - overlap),
+                )
+            })
+            .collect())
+    }
+
+    async fn channel(
+        &self,
+        guild_id: i64,
+        channel_id: i64,
+        mut after: i64,
+    ) -> Result<u64, BackfillError> {
+        let mut fetched = 0u64;
+        let mut pages = 0u32;
+        loop {
+            let Some(page) = self.page(channel_id, after).await? else {
+                // No access (403) or gone (404): nothing to backfill.
+                return Ok(fetched);
+            };
+            pages += 1;
+            self.metrics.backfill_pages.inc();
+            let len = page.len();
+            let mut newest = after;
+            // Oldest first, so a subscriber sees history in order.
+            for raw in page.into_iter().rev() {
+                let msg: serenity::all::Message = match serde_json::from_value(raw) {
+                    Ok(m) => m,
+                    Err(err) => {
+                        self.metrics.backfill_errors.inc();
+                        tracing::warn!(channel = channel_id, error = %err, "backfill: unparseable message skipped");
+                        continue;
+                    }
+                };
+                newest = newest.max(i64::try_from(msg.id.get()).unwrap_or(i64::MAX));
+                if let Some(m) = map::message(&msg, Some(guild_id)) {
+                    fetched += 1;
+                    self.metrics.backfill_messages.inc();
+                    self.ops
+                        .send(Queued::new(IngestOp::MessageCreate(Box::new(m))))
+                        .await
+                        .map_err(|_| BackfillError::Closed)?;
+                }
+            }
+            if len < PAGE || newest == after || (self.max_pages > 0 && pages >= self.max_pages) {
+                return Ok(fetched);
+            }
+            after = newest;
+        }
+    }
+
+    /// One history page, newest first; None when the channel is not readable.
+    async fn page(&self, channel_id: i64, after: i64) -> Result<Option<Vec<Value>>, BackfillError> {
+        let path = format!("/channels/{channel_id}/messages?after={after}&limit={PAGE}");
+        match self.rest.get(&path).await? {
+            Some(Value::Array(page)) => Ok(Some(page)),
+            Some(_) => Err(BackfillError::Status(StatusCode::OK, path)),
+            None => Ok(None),
+        }
+    }
+}

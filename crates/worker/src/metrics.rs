@@ -1,0 +1,257 @@
+//! Prometheus metrics and the `/metrics` endpoint.
+//!
+//! The endpoint is a tiny HTTP/1.1 responder on a plain TCP listener: the
+//! worker needs nothing else from HTTP, and HTTP frameworks belong to the API crate.
+
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+type Labels = Vec<(String, String)>;
+
+pub struct Metrics {
+    registry: Registry,
+    /// Gateway dispatches received, by event name.
+    pub events: Family<Labels, Counter>,
+    /// Events serenity could not parse (`Event::Unknown`), by event name.
+    pub unknown_events: Family<Labels, Counter>,
+    pub ops_queued: Counter,
+    pub batches: Counter,
+    pub batch_ops: Histogram,
+    pub batch_seconds: Histogram,
+    /// Time from an op being queued to its transaction committing.
+    pub lag_seconds: Histogram,
+    pub messages_changed: Counter,
+    pub message_events: Counter,
+    pub db_errors: Counter,
+    pub queue_depth: Gauge,
+    pub shards_connected: Gauge,
+    pub shards_total: Gauge,
+    pub ready_total: Counter,
+    pub backfill_channels_pending: Gauge,
+    pub backfill_channels_done: Counter,
+    pub backfill_messages: Counter,
+    pub backfill_pages: Counter,
+    pub backfill_rate_limited: Counter,
+    pub backfill_errors: Counter,
+    pub last_lag_ms: Gauge<f64, AtomicU64>,
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Self> {
+        let mut r = Registry::with_prefix("observer_worker");
+        let m = Metrics {
+            events: Family::default(),
+            unknown_events: Family::default(),
+            ops_queued: Counter::default(),
+            batches: Counter::default(),
+            batch_ops: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
+            batch_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
+            lag_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
+            messages_changed: Counter::default(),
+            message_events: Counter::default(),
+            db_errors: Counter::default(),
+            queue_depth: Gauge::default(),
+            shards_connected: Gauge::default(),
+            shards_total: Gauge::default(),
+            ready_total: Counter::default(),
+            backfill_channels_pending: Gauge::default(),
+            backfill_channels_done: Counter::default(),
+            backfill_messages: Counter::default(),
+            backfill_pages: Counter::default(),
+            backfill_rate_limited: Counter::default(),
+            backfill_errors: Counter::default(),
+            last_lag_ms: Gauge::default(),
+            registry: Registry::default(),
+        };
+        r.register(
+            "gateway_events",
+            "Gateway dispatches received",
+            m.events.clone(),
+        );
+        r.register(
+            "unknown_events",
+            "Dispatches serenity could not parse (Event::Unknown)",
+            m.unknown_events.clone(),
+        );
+        r.register(
+            "ops_queued",
+            "Ingest ops queued for the batcher",
+            m.ops_queued.clone(),
+        );
+        r.register(
+            "batches",
+            "Transactions committed by the batcher",
+            m.batches.clone(),
+        );
+        r.register("batch_ops", "Ops per committed batch", m.batch_ops.clone());
+        r.register(
+            "batch_seconds",
+            "Time to write and commit a batch",
+            m.batch_seconds.clone(),
+        );
+        r.register(
+            "lag_seconds",
+            "Time from queueing an op to its commit",
+            m.lag_seconds.clone(),
+        );
+        r.register(
+            "messages_changed",
+            "Message rows inserted or changed",
+            m.messages_changed.clone(),
+        );
+        r.register(
+            "message_events",
+            "message_events rows appended",
+            m.message_events.clone(),
+        );
+        r.register(
+            "db_errors",
+            "Failed batch attempts (retried)",
+            m.db_errors.clone(),
+        );
+        r.register(
+            "queue_depth",
+            "Ops waiting for the batcher",
+            m.queue_depth.clone(),
+        );
+        r.register(
+            "shards_connected",
+            "Shards in the Connected stage",
+            m.shards_connected.clone(),
+        );
+        r.register(
+            "shards",
+            "Shards run by this process",
+            m.shards_total.clone(),
+        );
+        r.register(
+            "ready",
+            "READY dispatches (identifies)",
+            m.ready_total.clone(),
+        );
+        r.register(
+            "backfill_channels_pending",
+            "Channels waiting for or in backfill",
+            m.backfill_channels_pending.clone(),
+        );
+        r.register(
+            "backfill_channels_done",
+            "Channels backfilled",
+            m.backfill_channels_done.clone(),
+        );
+        r.register(
+            "backfill_messages",
+            "Messages fetched by backfill",
+            m.backfill_messages.clone(),
+        );
+        r.register(
+            "backfill_pages",
+            "History pages fetched",
+            m.backfill_pages.clone(),
+        );
+        r.register(
+            "backfill_rate_limited",
+            "429 answers during backfill",
+            m.backfill_rate_limited.clone(),
+        );
+        r.register(
+            "backfill_errors",
+            "Backfill requests that failed",
+            m.backfill_errors.clone(),
+        );
+        r.register(
+            "last_lag_milliseconds",
+            "Queue-to-commit lag of the last batch's oldest op",
+            m.last_lag_ms.clone(),
+        );
+        Arc::new(Metrics { registry: r, ..m })
+    }
+
+    pub fn event(&self, name: &str) {
+        self.events
+            .get_or_create(&vec![("event".to_owned(), name.to_owned())])
+            .inc();
+    }
+
+    pub fn unknown(&self, name: &str) {
+        self.unknown_events
+            .get_or_create(&vec![("event".to_owned(), name.to_owned())])
+            .inc();
+    }
+
+    pub fn unknown_total(&self) -> u64 {
+        // Family has no sum; the health line reads it rarely.
+        let mut text = String::new();
+        if encode(&mut text, &self.registry).is_err() {
+            return 0;
+        }
+        text.lines()
+            .filter(|l| l.starts_with("observer_worker_unknown_events_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64
+    }
+
+    pub fn render(&self) -> String {
+        let mut text = String::new();
+        if let Err(err) = encode(&mut text, &self.registry) {
+            tracing::warn!(%err, "encoding metrics failed");
+        }
+        text
+    }
+}
+
+/// Serves `GET /metrics` until the listener task is dropped.
+pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                continue;
+            };
+            let metrics = Arc::clone(&metrics);
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut n = 0;
+                // Read the request head (bounded); the body, if any, is ignored.
+                while n < buf.len() {
+                    match sock.read(&mut buf[n..]).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(k) => n += k,
+                    }
+                    if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                        break;
+                    }
+                }
+                let head = String::from_utf8_lossy(&buf[..n]);
+                let path = head.split_whitespace().nth(1).unwrap_or("");
+                let (status, ctype, body) = if path == "/metrics" {
+                    (
+                        "200 OK",
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        metrics.render(),
+                    )
+                } else {
+                    ("404 Not Found", "text/plain", "not found\n".to_owned())
+                };
+                let resp = format!(
+                    "HTTP/1.1 {status}\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = sock.write_all(resp.as_bytes()).await;
+                let _ = sock.shutdown().await;
+            });
+        }
+    });
+    Ok(local)
+}
