@@ -70,6 +70,11 @@ async fn apply_policies_once(pool: &PgPool) -> Result<()> {
         .bind(POLICY_LOCK_KEY)
         .execute(&mut *tx)
         .await?;
+    // The files drop-and-recreate idempotently; "does not exist, skipping"
+    // notices on a fresh database are expected, not news.
+    sqlx::query("set local client_min_messages = warning")
+        .execute(&mut *tx)
+        .await?;
     for (name, sql) in POLICY_FILES {
         tracing::debug!(file = name, "applying policy file");
         sqlx::raw_sql(sql).execute(&mut *tx).await.map_err(|err| {

@@ -3,7 +3,6 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::ops::RangeInclusive;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -74,10 +73,9 @@ pub struct WorkerArgs {
     /// Bot token (without the `Bot ` prefix).
     #[arg(long, env = "DISCORD_TOKEN", hide_env_values = true)]
     pub discord_token: String,
-    /// Shard ids this process runs, e.g. `0-3` or `5` (needs --shard-count). Default: all shards of
-    /// one connection.
-    #[arg(long, env = "WORKER_SHARDS", value_parser = parse_shard_range, requires = "shard_count")]
-    pub shards: Option<RangeInclusive<u32>>,
+    /// Shard ids this process runs, e.g. `0-3` or `5` (needs --shard-count). Default: shard 0 of 1.
+    #[arg(long, env = "WORKER_SHARDS", requires = "shard_count")]
+    pub shards: Option<String>,
     /// Total number of shards across all worker processes.
     #[arg(long, env = "WORKER_SHARD_COUNT")]
     pub shard_count: Option<u32>,
@@ -163,25 +161,6 @@ pub struct DemoArgs {
     pub seed: u64,
 }
 
-fn parse_shard_range(s: &str) -> Result<RangeInclusive<u32>, String> {
-    let parse = |p: &str| {
-        p.trim()
-            .parse::<u32>()
-            .map_err(|e| format!("bad shard id {p:?}: {e}"))
-    };
-    let range = match s.split_once('-') {
-        Some((a, b)) => parse(a)?..=parse(b)?,
-        None => {
-            let n = parse(s)?;
-            n..=n
-        }
-    };
-    if range.is_empty() {
-        return Err(format!("empty shard range {s:?}"));
-    }
-    Ok(range)
-}
-
 pub fn parse_addr(s: &str) -> anyhow::Result<Option<SocketAddr>> {
     if s.trim().is_empty() {
         return Ok(None);
@@ -191,8 +170,33 @@ pub fn parse_addr(s: &str) -> anyhow::Result<Option<SocketAddr>> {
         .with_context(|| format!("invalid listen address {s:?}"))
 }
 
-pub async fn run_worker(_args: WorkerArgs, _shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    anyhow::bail!("`observer worker` is not wired yet")
+impl WorkerArgs {
+    pub fn worker_config(&self) -> anyhow::Result<observer_worker::Config> {
+        let mut config = observer_worker::Config::new(self.discord_token.clone());
+        config.api_base_url = self.discord.discord_api_base_url.clone();
+        config.metrics_addr = parse_addr(&self.metrics_addr)?;
+        config.shards = match (&self.shards, self.shard_count) {
+            (Some(range), Some(count)) => Some(
+                observer_worker::ShardRange::parse(range, count)
+                    .map_err(|e| anyhow::anyhow!("--shards/--shard-count: {e}"))?,
+            ),
+            (None, Some(count)) => Some(
+                observer_worker::ShardRange::parse(&format!("0-{}", count.saturating_sub(1)), count)
+                    .map_err(|e| anyhow::anyhow!("--shard-count: {e}"))?,
+            ),
+            (_, None) => None,
+        };
+        Ok(config)
+    }
+}
+
+pub async fn run_worker(
+    args: WorkerArgs,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    let config = args.worker_config()?;
+    let db = args.db.connect(8).await?;
+    observer_worker::run(config, db, shutdown).await
 }
 
 impl ApiArgs {
@@ -273,12 +277,33 @@ pub async fn run_sim(args: SimArgs, shutdown: impl Future<Output = ()>) -> anyho
 mod tests {
     use super::*;
 
+    fn worker(extra: &[&str]) -> anyhow::Result<observer_worker::Config> {
+        let mut argv = vec!["observer", "worker", "--database-url", "postgres://x", "--discord-token", "t"];
+        argv.extend_from_slice(extra);
+        match Cli::try_parse_from(argv)?.command {
+            Command::Worker(w) => w.worker_config(),
+            other => anyhow::bail!("parsed as {other:?}"),
+        }
+    }
+
     #[test]
-    fn shard_ranges_parse() {
-        assert_eq!(parse_shard_range("0-3"), Ok(0..=3));
-        assert_eq!(parse_shard_range("5"), Ok(5..=5));
-        assert!(parse_shard_range("3-1").is_err());
-        assert!(parse_shard_range("a-b").is_err());
+    fn shard_flags_map_to_the_worker() -> anyhow::Result<()> {
+        let c = worker(&["--shards", "0-3", "--shard-count", "8"])?;
+        assert_eq!(
+            c.shards,
+            Some(observer_worker::ShardRange { first: 0, last: 3, count: 8 })
+        );
+        let c = worker(&["--shard-count", "2"])?;
+        assert_eq!(
+            c.shards,
+            Some(observer_worker::ShardRange { first: 0, last: 1, count: 2 })
+        );
+        assert_eq!(worker(&[])?.shards, None);
+        assert!(worker(&["--shards", "3-1", "--shard-count", "8"]).is_err());
+        assert!(worker(&["--shards", "0-8", "--shard-count", "8"]).is_err());
+        assert!(worker(&["--metrics-addr", "not an address"]).is_err());
+        assert_eq!(worker(&["--metrics-addr", ""])?.metrics_addr, None);
+        Ok(())
     }
 
     #[test]
