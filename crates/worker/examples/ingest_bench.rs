@@ -2,8 +2,11 @@
 //!
 //! ```text
 //! DATABASE_URL=postgres://postgres@127.0.0.1:5432/postgres \
-//!   cargo run --release -p observer-worker --example ingest_bench -- 100000
+//!   cargo run --release -p observer-worker --example ingest_bench -- 100000 [RATE]
 //! ```
+//!
+//! Without RATE messages are offered as fast as the simulator takes them
+//! (throughput); with RATE (messages/s) they are paced (latency at that rate).
 //!
 //! Creates a scratch database `observer_bench_<pid>` next to DATABASE_URL's,
 //! posts N messages into the simulator as fast as it accepts them (spread over
@@ -24,6 +27,7 @@ async fn main() -> anyhow::Result<()> {
         .map(|s| s.parse())
         .transpose()?
         .unwrap_or(50_000);
+    let rate: Option<f64> = std::env::args().nth(2).map(|s| s.parse()).transpose()?;
     let url = std::env::var("DATABASE_URL").context("DATABASE_URL")?;
     let name = format!("observer_bench_{}", std::process::id());
     let mut admin = sqlx::PgConnection::connect(&url).await?;
@@ -34,14 +38,14 @@ async fn main() -> anyhow::Result<()> {
         Some((server, _)) => format!("{server}/{name}"),
         None => anyhow::bail!("DATABASE_URL needs a database path"),
     };
-    let result = bench(&bench_url, n).await;
+    let result = bench(&bench_url, n, rate).await;
     sqlx::query(&format!("drop database if exists {name} with (force)"))
         .execute(&mut admin)
         .await?;
     result
 }
 
-async fn bench(url: &str, n: usize) -> anyhow::Result<()> {
+async fn bench(url: &str, n: usize, rate: Option<f64>) -> anyhow::Result<()> {
     let db = observer_db::Db::connect(url, 8).await?;
     observer_db::migrate::run(db.pool()).await?;
 
@@ -87,7 +91,14 @@ async fn bench(url: &str, n: usize) -> anyhow::Result<()> {
     let poster = tokio::task::spawn_blocking({
         let sim = sim.clone();
         move || {
+            let t0 = Instant::now();
             for i in 0..n {
+                if let Some(r) = rate {
+                    let due = t0 + Duration::from_secs_f64(i as f64 / r);
+                    if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                        std::thread::sleep(wait);
+                    }
+                }
                 let (ch, author) = targets[i % targets.len()];
                 let _ = sim.post_message(
                     ch,
