@@ -248,6 +248,7 @@ pub async fn graphql_get(
     let schema = state.schema.clone();
     let db = state.db.clone();
     let wake = state.wakeups.subscribe();
+    let hub = state.live.clone();
     upgrade
         .protocols(ALL_WEBSOCKET_PROTOCOLS)
         .on_upgrade(move |socket| async move {
@@ -277,6 +278,7 @@ pub async fn graphql_get(
                     data.insert(ConnectionViewer(viewer));
                     data.insert(db.clone());
                     data.insert(wake);
+                    data.insert(hub.clone());
                     Ok(data)
                 })
                 .serve()

@@ -7,13 +7,13 @@
 //! - [`discord`]: OAuth2 and `/users/@me...` REST client (any Discord-compatible base URL).
 //! - [`graphql`]: the schema (queries under RLS, mutations, subscription field).
 //! - [`http`]: `POST /graphql`, `GET /graphql` (WebSocket or query page), auth resolution.
-//! - [`replay`]: interim live events (LISTEN wake-ups, per-subscriber reads through RLS).
-//! - [`live`]: the shared fan-out hub (part 2, in progress).
+//! - [`replay`]: part 1's interim per-subscriber reader (superseded by [`live`]; kept for its tests).
+//! - [`live`]: live fan-out: the shared hub behind `messageEvents` (one LISTEN, one read per notification).
 //! - [`tokens`]: API token secrets and their hashes.
 //! - [`ratelimit`]: per-viewer token buckets.
 //! - [`metrics`]: Prometheus counters/histograms and their middleware.
 //! - [`refresh`]: background refresh of viewers' memberships with their OAuth tokens.
-//! - [`pages`]: the query page and placeholder dashboard, served from the binary.
+//! - [`pages`]: GraphiQL and the dashboard (web/), embedded in the binary.
 //! - [`error`]: GraphQL `extensions.code` values and internal-error logging.
 
 pub mod config;
@@ -77,8 +77,7 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .route("/", get(pages::dashboard))
         .route("/graphql", post(http::graphql_post).get(http::graphql_get))
-        .route("/assets/graphiql.js", get(pages::graphiql_js))
-        .route("/assets/graphiql.css", get(pages::graphiql_css))
+        .route("/assets/{*path}", get(pages::asset))
         .route("/auth/login", get(login::login))
         .route("/auth/callback", get(login::callback))
         .route("/auth/logout", post(login::logout))
@@ -138,7 +137,9 @@ pub async fn run(
         }
     });
     let refresher = tokio::spawn(refresh::run(state.clone()));
-    let listener_task = tokio::spawn(replay::listen_loop(state.db.clone(), state.wakeups.clone()));
+    // The hub holds the process's one LISTEN connection.
+    state.live.run();
+    let state_live = state.live.clone();
     let addr = listener.local_addr().ok();
     tracing::info!(?addr, "api listening");
     let served = axum::serve(
@@ -149,6 +150,6 @@ pub async fn run(
     .await;
     cleanup.abort();
     refresher.abort();
-    listener_task.abort();
+    state_live.shutdown();
     served.context("serving HTTP")
 }

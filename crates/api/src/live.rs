@@ -1,6 +1,14 @@
-//! Live fan-out (issue 6, brief E): the shared hub that replaces the
-//! per-subscriber reads of [`crate::replay`]. Module root kept here because
-//! `live.rs` already existed when `live/` was created.
+//! Live fan-out of message events (DESIGN.md §6, issue 6).
+//!
+//! - [`hub`]: the per-process hub — one LISTEN connection, one read of the
+//!   event log per notification for all subscribers, in-memory access sets,
+//!   bounded per-subscriber buffers, gapless resume through RLS.
+//! - [`metrics`]: its Prometheus metrics (registered into [`crate::metrics::Metrics`]).
+//! - [`gql`]: the GraphQL face: event → `MessageEvent`, cursors, error codes.
+//!
+//! ([`crate::replay`] is part 1's interim per-subscriber reader, no longer
+//! used by the `messageEvents` resolver.)
 
+pub mod gql;
 pub mod hub;
 pub mod metrics;

@@ -38,6 +38,8 @@ pub struct Metrics {
     pub latency: Family<RouteOnly, Histogram>,
     pub graphql_errors: Family<CodeLabels, Counter>,
     pub logins: Family<CodeLabels, Counter>,
+    /// Live fan-out (`observer_api_live_*`).
+    pub live: crate::live::metrics::LiveMetrics,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -67,12 +69,15 @@ impl Metrics {
             graphql_errors.clone(),
         );
         registry.register("logins", "OAuth login attempts by outcome", logins.clone());
+        let live = crate::live::metrics::LiveMetrics::default();
+        live.register(&mut registry);
         Self {
             registry,
             requests,
             latency,
             graphql_errors,
             logins,
+            live,
         }
     }
 

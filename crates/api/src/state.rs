@@ -20,6 +20,8 @@ pub struct AppState {
     pub rate_limiter: Arc<RateLimiter>,
     /// Bumped on every database notification (see [`crate::replay`]).
     pub wakeups: Arc<tokio::sync::watch::Sender<u64>>,
+    /// Live fan-out (one per process; its tasks start with the first subscription).
+    pub live: crate::live::hub::Hub,
 }
 
 impl AppState {
@@ -28,14 +30,21 @@ impl AppState {
         let discord = Discord::new(&config)?;
         let schema = crate::graphql::build_schema(&config.limits);
         let rate_limiter = RateLimiter::new(config.limits.rate_burst, config.limits.rate_per_sec);
+        let metrics = Metrics::new();
+        let live = crate::live::hub::Hub::new(
+            db.clone(),
+            crate::live::hub::HubConfig::default(),
+            metrics.live.clone(),
+        );
         Ok(Self {
             config: Arc::new(config),
             db,
             discord: Arc::new(discord),
             schema,
-            metrics: Arc::new(Metrics::new()),
+            metrics: Arc::new(metrics),
             rate_limiter: Arc::new(rate_limiter),
             wakeups: Arc::new(tokio::sync::watch::channel(0).0),
+            live,
         })
     }
 }

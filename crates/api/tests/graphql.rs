@@ -587,15 +587,63 @@ async fn health_ready_metrics_and_query_page(pool: PgPool) {
         .unwrap()
         .to_owned();
     assert!(csp.contains("script-src 'self'"));
+    assert!(!csp.contains("unsafe-eval"), "{csp}");
     let html = page.text().await.unwrap();
-    assert!(html.contains("/assets/graphiql.js"));
+    assert!(html.contains("/assets/graphiql-init.js"));
+    assert!(!html.contains("<script>"), "no inline script");
     assert!(!html.contains("https://"), "no CDN");
-    let js = client
-        .get(format!("{}/assets/graphiql.js", api.base))
+    for asset in [
+        "/assets/graphiql/graphiql-4.1.2.min.js",
+        "/assets/graphiql/graphiql-4.1.2.min.css",
+        "/assets/graphiql/react-18.3.1.production.min.js",
+        "/assets/graphiql/react-dom-18.3.1.production.min.js",
+    ] {
+        assert!(html.contains(asset), "{asset} not linked");
+        let resp = client
+            .get(format!("{}{asset}", api.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 200, "{asset}");
+        let cache = resp.headers().get("cache-control").unwrap().to_str().unwrap();
+        assert!(cache.contains("immutable"), "{asset}: {cache}");
+    }
+    let init = client
+        .get(format!("{}/assets/graphiql-init.js", api.base))
         .send()
         .await
         .unwrap();
-    assert_eq!(js.status().as_u16(), 200);
+    assert_eq!(init.status().as_u16(), 200);
+    let init = init.text().await.unwrap();
+    assert!(init.contains("subscriptionUrl"), "{init}");
+    let missing = client
+        .get(format!("{}/assets/nope.js", api.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status().as_u16(), 404);
+
+    let dash = client.get(format!("{}/", api.base)).send().await.unwrap();
+    assert_eq!(dash.status().as_u16(), 200);
+    let csp = dash
+        .headers()
+        .get("content-security-policy")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(csp.contains("script-src 'self';"), "{csp}");
+    assert!(csp.contains("style-src 'self';"), "{csp}");
+    let html = dash.text().await.unwrap();
+    assert!(html.contains("/assets/app.js"));
+    for asset in ["/assets/app.js", "/assets/gqlws.js", "/assets/style.css"] {
+        let resp = client
+            .get(format!("{}{asset}", api.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 200, "{asset}");
+    }
 }
 
 mod ws {

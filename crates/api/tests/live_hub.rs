@@ -194,7 +194,11 @@ async fn viewers_receive_exactly_what_they_may_see(pool: PgPool) {
 
     let got = drain(&mut plain).await;
     assert_ordered(&got);
-    assert_eq!(ids(&got), [1, 3, 6], "live needs VIEW only (103 has no history)");
+    assert_eq!(
+        ids(&got),
+        [1, 3, 6],
+        "live needs VIEW only (103 has no history)"
+    );
     assert_eq!(ids(&drain(&mut staff).await), [1, 2, 3, 5, 6]);
     assert_eq!(ids(&drain(&mut other_guild).await), [4]);
     assert_eq!(ids(&drain(&mut both).await), [1, 3, 4, 6]);
@@ -286,7 +290,11 @@ async fn resume_replays_missed_visible_events_then_live_without_duplicates(pool:
     };
     let mut sub = hub.subscribe(11, all(), Some(resume_at)).await.unwrap();
     let mut got = Vec::new();
-    while got.last().map(|e: &Arc<LiveEvent>| e.row.message.message_id) != Some(139) {
+    while got
+        .last()
+        .map(|e: &Arc<LiveEvent>| e.row.message.message_id)
+        != Some(139)
+    {
         got.push(next_event(&mut sub).await);
     }
     writer.await.unwrap();
@@ -322,7 +330,10 @@ async fn revocation_stops_delivery_within_a_second_and_regrant_resumes(pool: PgP
     let mut plain = hub.subscribe(11, all(), None).await.unwrap();
     post(&db, &[(102, 1)]).await;
     assert_eq!(next_event(&mut staff).await.row.message.message_id, 1);
-    assert_eq!(next_event(&mut staff_channel).await.row.message.message_id, 1);
+    assert_eq!(
+        next_event(&mut staff_channel).await.row.message.message_id,
+        1
+    );
 
     // Remove the staff role: 102 disappears, and the subscription scoped to
     // it ends with FORBIDDEN.
@@ -338,7 +349,10 @@ async fn revocation_stops_delivery_within_a_second_and_regrant_resumes(pool: PgP
     let ended = tokio::time::timeout(Duration::from_secs(1), staff_channel.next())
         .await
         .unwrap();
-    assert!(matches!(ended, Some(Err(LiveError::Forbidden))), "{ended:?}");
+    assert!(
+        matches!(ended, Some(Err(LiveError::Forbidden))),
+        "{ended:?}"
+    );
     post(&db, &[(102, 2), (101, 3)]).await;
     settle(&pool, &hub).await;
     assert_eq!(ids(&drain(&mut staff).await), [3]);
@@ -391,7 +405,10 @@ async fn revocation_stops_delivery_within_a_second_and_regrant_resumes(pool: PgP
     let ended = tokio::time::timeout(Duration::from_secs(1), guild_one.next())
         .await
         .unwrap();
-    assert!(matches!(ended, Some(Err(LiveError::Forbidden))), "{ended:?}");
+    assert!(
+        matches!(ended, Some(Err(LiveError::Forbidden))),
+        "{ended:?}"
+    );
 
     // Removing the member: nothing of guild 1 for the staff member any more.
     sqlx::query("delete from members where guild_id = 1 and user_id = 12")
@@ -488,6 +505,29 @@ async fn a_killed_listener_reconnects_and_nothing_is_lost(pool: PgPool) {
         .await;
     }
     assert!(hub.metrics().listener_reconnects.get() >= 2);
+
+    // Every other connection of this database dropped at once (what a
+    // server restart does to the API's pool and listener alike).
+    let pid = hub.listener_pid();
+    sqlx::query(
+        "select pg_terminate_backend(pid) from pg_stat_activity \
+         where datname = current_database() and pid <> pg_backend_pid()",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    for id in 100..105 {
+        post(&db, &[(101, id)]).await;
+    }
+    let mut got = Vec::new();
+    while got.len() < 5 {
+        got.push(next_event(&mut sub).await.row.message.message_id);
+    }
+    assert_eq!(got, (100..105).collect::<Vec<_>>());
+    wait_until("the listener to reconnect", Duration::from_secs(10), || {
+        hub.listener_pid() != 0 && hub.listener_pid() != pid
+    })
+    .await;
     hub.shutdown();
 }
 
@@ -567,5 +607,33 @@ async fn invisible_history_is_not_replayed_and_cursors_are_validated(pool: PgPoo
     let set: BTreeSet<i64> = ids(&drain(&mut resumed).await).into_iter().collect();
     assert!(set.is_empty());
     assert!("12.x".parse::<Cursor>().is_err());
+    hub.shutdown();
+}
+
+#[sqlx::test(migrator = "observer_db::MIGRATOR")]
+async fn an_expiring_timeout_widens_access_without_an_access_event(pool: PgPool) {
+    let (db, hub) = setup(&pool, quick()).await;
+    // 104: a private thread of 101. User 16 manages threads (so sees it
+    // without membership) but is timed out, which suspends MANAGE_THREADS.
+    const MANAGE_THREADS: i64 = 1 << 34;
+    sqlx::raw_sql(&format!(
+        "insert into roles (guild_id, role_id, permissions) values (1, 600, {MANAGE_THREADS});
+         insert into channels (guild_id, channel_id, kind, name, parent_id) values (1, 104, 12, 'private', 101);
+         insert into members (guild_id, user_id, role_ids, communication_disabled_until)
+             values (1, 16, '{{600}}', now() + interval '1500 milliseconds');"
+    ))
+    .execute(&pool)
+    .await
+    .unwrap();
+    let mut sub = hub.subscribe(16, all(), None).await.unwrap();
+    assert_eq!(hub.viewer_sees(16, 1, 104), Some(false));
+    assert_eq!(hub.viewer_sees(16, 1, 101), Some(true));
+    // The end of a timeout writes nothing; the hub recomputes at the time it knows.
+    wait_until("the timeout to expire", Duration::from_secs(5), || {
+        hub.viewer_sees(16, 1, 104) == Some(true)
+    })
+    .await;
+    post(&db, &[(104, 1)]).await;
+    assert_eq!(next_event(&mut sub).await.row.message.message_id, 1);
     hub.shutdown();
 }

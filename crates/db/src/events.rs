@@ -211,7 +211,10 @@ pub async fn read_after(
         .last()
         .map(|r| Cursor::new(r.ev_xid, r.ev_seq))
         .unwrap_or(after);
-    Ok((rows.into_iter().filter_map(JoinedRow::into_event).collect(), next))
+    Ok((
+        rows.into_iter().filter_map(JoinedRow::into_event).collect(),
+        next,
+    ))
 }
 
 /// Prior versions of the given messages (`(guild_id, message_id)`), oldest
@@ -280,7 +283,9 @@ pub type Listener = sqlx::postgres::PgListener;
 pub async fn listen(db: &crate::Db) -> Result<(Listener, i32)> {
     let mut listener = Listener::connect_with(db.pool()).await?;
     listener.eager_reconnect(false);
-    listener.listen_all([CHANNEL_EVENTS, CHANNEL_ACCESS]).await?;
+    listener
+        .listen_all([CHANNEL_EVENTS, CHANNEL_ACCESS])
+        .await?;
     let pid: i32 = sqlx::query_scalar("select pg_backend_pid()")
         .fetch_one(&mut listener)
         .await?;
@@ -371,7 +376,17 @@ mod tests {
         let c = Cursor::new(123_456, 7);
         assert_eq!(c.to_string().parse::<Cursor>().ok(), Some(c));
         for bad in [
-            "", ".", "1.", ".1", "1.2.3", "-1.2", "1.-2", "+1.2", " 1.2", "a.b", "1e3.1",
+            "",
+            ".",
+            "1.",
+            ".1",
+            "1.2.3",
+            "-1.2",
+            "1.-2",
+            "+1.2",
+            " 1.2",
+            "a.b",
+            "1e3.1",
             "99999999999999999999.1",
         ] {
             assert!(bad.parse::<Cursor>().is_err(), "{bad:?} accepted");

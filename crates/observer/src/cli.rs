@@ -10,7 +10,11 @@ use clap::{Args, Parser, Subcommand};
 use crate::telemetry::LogFormat;
 
 #[derive(Debug, Parser)]
-#[command(name = "observer", version, about = "Support Observer: a live, read-only, permission-aware view of Discord support servers")]
+#[command(
+    name = "observer",
+    version,
+    about = "Support Observer: a live, read-only, permission-aware view of Discord support servers"
+)]
 pub struct Cli {
     /// Log format: `pretty` (default on a terminal) or `json` (default otherwise). `RUST_LOG` filters.
     #[arg(long, env = "LOG_FORMAT", value_enum, global = true)]
@@ -60,7 +64,11 @@ pub struct MigrateArgs {
 pub struct DiscordArgs {
     /// Discord-compatible server: REST at `{base}/api/v10`, OAuth token at `{base}/api/oauth2/token`,
     /// authorize at `{base}/oauth2/authorize`; the gateway URL comes from `GET {base}/api/v10/gateway`.
-    #[arg(long, env = "DISCORD_API_BASE_URL", default_value = "https://discord.com")]
+    #[arg(
+        long,
+        env = "DISCORD_API_BASE_URL",
+        default_value = "https://discord.com"
+    )]
     pub discord_api_base_url: String,
 }
 
@@ -129,7 +137,12 @@ pub struct SimArgs {
     #[arg(long, env = "SIM_CLIENT_ID", default_value = "1000000000000000001")]
     pub client_id: String,
     /// OAuth client secret the simulator accepts.
-    #[arg(long, env = "SIM_CLIENT_SECRET", default_value = "sim-client-secret", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "SIM_CLIENT_SECRET",
+        default_value = "sim-client-secret",
+        hide_env_values = true
+    )]
     pub client_secret: String,
     /// Seed for the generated scenario and traffic.
     #[arg(long, env = "SIM_SEED", default_value_t = 1)]
@@ -181,8 +194,11 @@ impl WorkerArgs {
                     .map_err(|e| anyhow::anyhow!("--shards/--shard-count: {e}"))?,
             ),
             (None, Some(count)) => Some(
-                observer_worker::ShardRange::parse(&format!("0-{}", count.saturating_sub(1)), count)
-                    .map_err(|e| anyhow::anyhow!("--shard-count: {e}"))?,
+                observer_worker::ShardRange::parse(
+                    &format!("0-{}", count.saturating_sub(1)),
+                    count,
+                )
+                .map_err(|e| anyhow::anyhow!("--shard-count: {e}"))?,
             ),
             (_, None) => None,
         };
@@ -278,7 +294,14 @@ mod tests {
     use super::*;
 
     fn worker(extra: &[&str]) -> anyhow::Result<observer_worker::Config> {
-        let mut argv = vec!["observer", "worker", "--database-url", "postgres://x", "--discord-token", "t"];
+        let mut argv = vec![
+            "observer",
+            "worker",
+            "--database-url",
+            "postgres://x",
+            "--discord-token",
+            "t",
+        ];
         argv.extend_from_slice(extra);
         match Cli::try_parse_from(argv)?.command {
             Command::Worker(w) => w.worker_config(),
@@ -291,12 +314,20 @@ mod tests {
         let c = worker(&["--shards", "0-3", "--shard-count", "8"])?;
         assert_eq!(
             c.shards,
-            Some(observer_worker::ShardRange { first: 0, last: 3, count: 8 })
+            Some(observer_worker::ShardRange {
+                first: 0,
+                last: 3,
+                count: 8
+            })
         );
         let c = worker(&["--shard-count", "2"])?;
         assert_eq!(
             c.shards,
-            Some(observer_worker::ShardRange { first: 0, last: 1, count: 2 })
+            Some(observer_worker::ShardRange {
+                first: 0,
+                last: 1,
+                count: 2
+            })
         );
         assert_eq!(worker(&[])?.shards, None);
         assert!(worker(&["--shards", "3-1", "--shard-count", "8"]).is_err());
@@ -315,7 +346,14 @@ mod tests {
     #[test]
     fn worker_requires_shard_count_with_shards() {
         let r = Cli::try_parse_from([
-            "observer", "worker", "--database-url", "postgres://x", "--discord-token", "t", "--shards", "0-3",
+            "observer",
+            "worker",
+            "--database-url",
+            "postgres://x",
+            "--discord-token",
+            "t",
+            "--shards",
+            "0-3",
         ]);
         assert!(r.is_err());
     }

@@ -49,9 +49,12 @@ async fn run_with_db(
         seed: args.seed,
         ..observer_sim::SimConfig::default()
     };
-    let sim = observer_sim::start_on(SocketAddr::from(([127, 0, 0, 1], args.sim_port)), sim_config)
-        .await
-        .with_context(|| format!("starting the simulator on port {}", args.sim_port))?;
+    let sim = observer_sim::start_on(
+        SocketAddr::from(([127, 0, 0, 1], args.sim_port)),
+        sim_config,
+    )
+    .await
+    .with_context(|| format!("starting the simulator on port {}", args.sim_port))?;
     let scenario = observer_sim::Scenario::generate(args.seed, observer_sim::GenOptions::default());
     sim.load(scenario.clone());
     // Dropping the handle stops the traffic: keep it for the life of the demo.
@@ -151,7 +154,11 @@ fn print_welcome(public_url: &str, sim_url: &str, scenario: &observer_sim::Scena
                 .filter(|r| member.roles.contains(&r.id))
                 .map(|r| r.name.as_str())
                 .collect();
-            let owner = if guild.owner_id == user.id { " owner" } else { "" };
+            let owner = if guild.owner_id == user.id {
+                " owner"
+            } else {
+                ""
+            };
             places.push(format!("{}{owner} [{}]", guild.name, roles.join(", ")));
         }
         if !places.is_empty() {

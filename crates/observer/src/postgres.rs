@@ -10,7 +10,8 @@ use std::process::Stdio;
 use anyhow::{bail, Context};
 use tokio::process::Command;
 
-const INSTALL_HINT: &str = "no PostgreSQL server binaries (initdb, pg_ctl) found. Install them, e.g. \
+const INSTALL_HINT: &str =
+    "no PostgreSQL server binaries (initdb, pg_ctl) found. Install them, e.g. \
 `sudo apt-get install postgresql` (Debian/Ubuntu) or `brew install postgresql@16` (macOS), \
 or set DATABASE_URL to an existing database.";
 
@@ -31,10 +32,18 @@ fn find_bin_dir() -> Option<PathBuf> {
     }
     // Debian/Ubuntu keep server binaries off PATH, one folder per major version.
     let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path().join("bin")).collect())
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.path().join("bin"))
+                .collect()
+        })
         .unwrap_or_default();
     versions.sort();
-    if let Some(p) = versions.into_iter().rev().find(|p| p.join("initdb").exists()) {
+    if let Some(p) = versions
+        .into_iter()
+        .rev()
+        .find(|p| p.join("initdb").exists())
+    {
         return Some(p);
     }
     let path = std::env::var_os("PATH")?;
@@ -74,17 +83,34 @@ impl PrivatePostgres {
             this.chown_for_server().await?;
             tracing::info!(dir = %this.data.display(), "initialising a private PostgreSQL cluster");
             let data = this.data.display().to_string();
-            this.pg("initdb", &["-D", &data, "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-instructions"])
-                .await?;
+            this.pg(
+                "initdb",
+                &[
+                    "-D",
+                    &data,
+                    "-U",
+                    "postgres",
+                    "--auth=trust",
+                    "-E",
+                    "UTF8",
+                    "--no-instructions",
+                ],
+            )
+            .await?;
         }
         let data = this.data.display().to_string();
         let log = this.data.join("server.log").display().to_string();
         let opts = format!("-p {port} -c listen_addresses=127.0.0.1 -k {data}");
         // A stale server from an earlier demo run may still be up; `status` tells.
         if this.pg("pg_ctl", &["-D", &data, "status"]).await.is_err() {
-            this.pg("pg_ctl", &["-D", &data, "-l", &log, "-o", &opts, "-w", "-t", "60", "start"])
-                .await
-                .with_context(|| format!("starting PostgreSQL (log: {log})"))?;
+            this.pg(
+                "pg_ctl",
+                &[
+                    "-D", &data, "-l", &log, "-o", &opts, "-w", "-t", "60", "start",
+                ],
+            )
+            .await
+            .with_context(|| format!("starting PostgreSQL (log: {log})"))?;
         }
         Ok(this)
     }
@@ -97,7 +123,10 @@ impl PrivatePostgres {
                 .await
                 .context("running chown")?;
             if !status.success() {
-                bail!("cannot hand {} to the {user} user (running as root)", self.data.display());
+                bail!(
+                    "cannot hand {} to the {user} user (running as root)",
+                    self.data.display()
+                );
             }
         }
         Ok(())
@@ -132,8 +161,14 @@ impl PrivatePostgres {
     /// Fast shutdown; the data folder stays for the next demo run.
     pub async fn stop(self) {
         let data = self.data.display().to_string();
-        if let Err(err) = self.pg("pg_ctl", &["-D", &data, "-m", "fast", "-w", "stop"]).await {
-            tracing::warn!(error = format!("{err:#}"), "stopping the private PostgreSQL");
+        if let Err(err) = self
+            .pg("pg_ctl", &["-D", &data, "-m", "fast", "-w", "stop"])
+            .await
+        {
+            tracing::warn!(
+                error = format!("{err:#}"),
+                "stopping the private PostgreSQL"
+            );
         }
     }
 }

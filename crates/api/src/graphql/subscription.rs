@@ -1,15 +1,16 @@
 //! `type Subscription`. Authentication comes from the WebSocket connection
-//! ([`ConnectionViewer`]); events come from [`crate::replay`].
+//! ([`ConnectionViewer`]); events come from the process's fan-out hub
+//! ([`crate::live::hub::Hub`], put in the connection data by the upgrade).
 
 use async_graphql::{Context, Subscription as GqlSubscription, ID};
-use futures::Stream;
-use observer_db::Db;
-use tokio::sync::watch;
+use futures::{Stream, StreamExt};
+use observer_db::events::Scope;
 
 use super::types::MessageEvent;
 use super::{parse_id, Viewer};
 use crate::error::{bad_request, internal, unauthenticated};
-use crate::replay;
+use crate::live::gql::{parse_cursor, to_error, to_message_event};
+use crate::live::hub::Hub;
 
 pub struct Subscription;
 
@@ -23,9 +24,14 @@ const MAX_CHANNELS: usize = 500;
 
 #[GqlSubscription]
 impl Subscription {
-    /// Message events of the channels the viewer may read (no scope = all of
-    /// them), in log order. `after` (an event's `cursor`) first replays every
-    /// later event, then continues live, with no gap and no duplicate.
+    /// Message events of the channels the viewer may see (no scope = all of
+    /// them), in log order; live events need VIEW_CHANNEL. `after` (an
+    /// event's `cursor`) first replays every later event the viewer may read
+    /// (history: READ_MESSAGE_HISTORY too), then continues live, with no gap
+    /// and no duplicate. Ends with `FORBIDDEN` when nothing in the scope is
+    /// visible (any more), with `SLOW_CONSUMER` (+ `lastCursor`) when the
+    /// client does not keep up, with `UNAVAILABLE` (+ `lastCursor`) when the
+    /// server cannot serve it.
     async fn message_events(
         &self,
         ctx: &Context<'_>,
@@ -37,21 +43,29 @@ impl Subscription {
             .data_opt::<ConnectionViewer>()
             .and_then(|c| c.0)
             .ok_or_else(unauthenticated)?;
-        let db = ctx
-            .data_opt::<Db>()
+        let hub = ctx
+            .data_opt::<Hub>()
             .cloned()
-            .ok_or_else(|| internal(&std::io::Error::other("Db missing from connection data")))?;
-        let wake = ctx.data_opt::<watch::Receiver<u64>>().cloned();
+            .ok_or_else(|| internal(&std::io::Error::other("Hub missing from connection data")))?;
         if channel_ids.as_ref().is_some_and(|c| c.len() > MAX_CHANNELS) {
             return Err(bad_request("too many channelIds"));
         }
+        let after = match after.as_deref() {
+            Some(a) => Some(parse_cursor(a).ok_or_else(|| bad_request("invalid cursor"))?),
+            None => None,
+        };
         // Impossible ids match nothing, like channels the viewer cannot see.
-        let scope = replay::Scope {
-            viewer_id: viewer.user_id,
+        let scope = Scope {
             guild_id: guild_id.as_ref().map(|g| parse_id(g).unwrap_or(0)),
             channel_ids: channel_ids.map(|c| c.iter().map(|i| parse_id(i).unwrap_or(0)).collect()),
         };
-        let start = replay::start_cursor(&db, viewer.user_id, after.as_deref()).await?;
-        Ok(replay::events(db, scope, start, wake))
+        let sub = hub
+            .subscribe(viewer.user_id, scope, after)
+            .await
+            .map_err(|e| to_error(&e))?;
+        Ok(sub.into_stream().map(|item| match item {
+            Ok(ev) => Ok(to_message_event(&ev)),
+            Err(e) => Err(to_error(&e)),
+        }))
     }
 }

@@ -21,7 +21,7 @@
 //! live delivery starts strictly after `H`; the replay covers `(after, H]`
 //! through RLS as the viewer; live events at or below `after` are dropped.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::Duration;
@@ -156,8 +156,20 @@ impl ViewerState {
 struct Sub {
     viewer: i64,
     scope: Scope,
+    /// `scope.channel_ids` as a set: checked for every event (up to 500 ids).
+    channels: Option<HashSet<i64>>,
     tx: mpsc::Sender<Arc<LiveEvent>>,
     end: Arc<OnceLock<EndReason>>,
+}
+
+impl Sub {
+    fn wants(&self, guild_id: i64, channel_id: i64) -> bool {
+        self.scope.guild_id.is_none_or(|g| g == guild_id)
+            && self
+                .channels
+                .as_ref()
+                .is_none_or(|c| c.contains(&channel_id))
+    }
 }
 
 #[derive(Default)]
@@ -233,6 +245,7 @@ struct Inner {
     ready: watch::Sender<bool>,
     next_id: AtomicU64,
     listener_pid: AtomicI32,
+    started: AtomicBool,
     tasks: Mutex<Vec<AbortHandle>>,
 }
 
@@ -265,8 +278,9 @@ struct LoadedViewer {
 }
 
 impl Hub {
-    /// Starts the listener and reader tasks on the current runtime.
-    pub fn start(db: Db, cfg: HubConfig, metrics: LiveMetrics) -> Self {
+    /// A hub whose tasks start with the first subscription (or [`Hub::run`]),
+    /// so building application state needs no runtime.
+    pub fn new(db: Db, cfg: HubConfig, metrics: LiveMetrics) -> Self {
         let (ready, _) = watch::channel(false);
         let inner = Arc::new(Inner {
             db,
@@ -278,17 +292,32 @@ impl Hub {
             ready,
             next_id: AtomicU64::new(1),
             listener_pid: AtomicI32::new(0),
+            started: AtomicBool::new(false),
             tasks: Mutex::new(Vec::new()),
         });
-        let weak = Arc::downgrade(&inner);
+        Self { inner }
+    }
+
+    /// A hub with its tasks already running on the current runtime.
+    pub fn start(db: Db, cfg: HubConfig, metrics: LiveMetrics) -> Self {
+        let hub = Self::new(db, cfg, metrics);
+        hub.run();
+        hub
+    }
+
+    /// Starts the listener and reader tasks on the current runtime, once.
+    pub fn run(&self) {
+        if self.inner.started.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let weak = Arc::downgrade(&self.inner);
         let listener = tokio::spawn(listen_loop(weak.clone()));
         let reader = tokio::spawn(read_loop(weak));
-        inner
+        self.inner
             .tasks
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .extend([listener.abort_handle(), reader.abort_handle()]);
-        Self { inner }
     }
 
     /// Stops the hub's tasks; open subscriptions then end as unavailable.
@@ -345,6 +374,7 @@ impl Hub {
         scope: Scope,
         after: Option<Cursor>,
     ) -> Result<Subscription, LiveError> {
+        self.run();
         let inner = &self.inner;
         let mut ready = inner.ready.subscribe();
         let unavailable = LiveError::Unavailable { resume_from: after };
@@ -353,79 +383,37 @@ impl Hub {
             _ => return Err(unavailable),
         }
 
-        let known = inner.state().viewers.contains_key(&viewer);
-        let loaded = if known {
-            None
-        } else {
-            match load_viewer(&inner.db, viewer).await {
-                Ok(l) => Some(l),
-                Err(e) => {
-                    tracing::warn!(viewer, error = %e, "loading viewer access failed");
-                    return Err(unavailable);
-                }
-            }
-        };
-        if let Some(l) = &loaded {
-            if let Err(e) = cross_check(&inner.db, viewer, l).await {
-                tracing::warn!(viewer, error = %e, "RLS cross-check of viewer access failed");
-                return Err(unavailable);
-            }
-        }
-
         let (tx, rx) = mpsc::channel(inner.cfg.buffer.max(1));
         let end = Arc::new(OnceLock::new());
         let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let registered_at = {
-            let mut st = inner.state();
-            let Some(cursor) = st.cursor else {
-                return Err(unavailable);
+        let mut attempts = 0;
+        let registered_at = loop {
+            attempts += 1;
+            let known = inner.state().viewers.contains_key(&viewer);
+            let loaded = if known {
+                None
+            } else {
+                match load_viewer(&inner.db, viewer).await {
+                    Ok(l) => Some(l),
+                    Err(e) => {
+                        tracing::warn!(viewer, error = %e, "loading viewer access failed");
+                        return Err(unavailable);
+                    }
+                }
             };
-            let access_cursor = st.access_cursor;
-            let st = &mut *st;
-            let now = Utc::now();
-            if !st.viewers.contains_key(&viewer) {
-                let Some(l) = loaded else {
-                    // Another subscription of this viewer ended meanwhile and
-                    // took the shared state with it; the client retries.
+            if let Some(l) = &loaded {
+                if let Err(e) = cross_check(&inner.db, viewer, l).await {
+                    tracing::warn!(viewer, error = %e, "RLS cross-check of viewer access failed");
                     return Err(unavailable);
-                };
-                for (gid, g) in l.guilds {
-                    st.guilds.entry(gid).or_insert(g);
-                }
-                let mut v = ViewerState {
-                    subs: 0,
-                    members: l.members,
-                    visible: HashMap::new(),
-                    next_expiry: None,
-                };
-                v.recompute(&st.guilds, now);
-                st.viewers.insert(viewer, v);
-                if access_cursor.is_some_and(|a| a > l.loaded_at) {
-                    // The hub applied access changes our load may not reflect.
-                    st.dirty.insert(viewer);
-                    inner.pending.access.store(true, Ordering::SeqCst);
-                    inner.kick.notify_one();
                 }
             }
-            let Some(v) = st.viewers.get_mut(&viewer) else {
-                return Err(unavailable);
-            };
-            v.subs += 1;
-            if !v.scope_visible(&scope) {
-                st.release_viewer(viewer);
-                return Err(LiveError::Forbidden);
+            match self.register(viewer, &scope, loaded, &tx, &end, id)? {
+                Some(cursor) => break cursor,
+                // The viewer's shared state went away between the check and
+                // the registration (its last other subscription ended): load.
+                None if attempts < 3 => continue,
+                None => return Err(unavailable),
             }
-            st.subs.insert(
-                id,
-                Sub {
-                    viewer,
-                    scope: scope.clone(),
-                    tx,
-                    end: end.clone(),
-                },
-            );
-            inner.metrics.subscribers.set(st.subs.len() as i64);
-            cursor
         };
 
         let floor = after.map_or(registered_at, |a| a.max(registered_at));
@@ -447,6 +435,73 @@ impl Hub {
             resume_from: after.unwrap_or(registered_at),
             done: false,
         })
+    }
+}
+
+impl Hub {
+    /// Registers a subscription at the hub's cursor, atomically with
+    /// delivery. `Ok(None)`: the viewer's state must be loaded first.
+    fn register(
+        &self,
+        viewer: i64,
+        scope: &Scope,
+        loaded: Option<LoadedViewer>,
+        tx: &mpsc::Sender<Arc<LiveEvent>>,
+        end: &Arc<OnceLock<EndReason>>,
+        id: u64,
+    ) -> Result<Option<Cursor>, LiveError> {
+        let inner = &self.inner;
+        let mut st = inner.state();
+        let Some(cursor) = st.cursor else {
+            return Err(LiveError::Unavailable { resume_from: None });
+        };
+        let access_cursor = st.access_cursor;
+        let st = &mut *st;
+        if !st.viewers.contains_key(&viewer) {
+            let Some(l) = loaded else {
+                return Ok(None);
+            };
+            for (gid, g) in l.guilds {
+                st.guilds.entry(gid).or_insert(g);
+            }
+            let mut v = ViewerState {
+                subs: 0,
+                members: l.members,
+                visible: HashMap::new(),
+                next_expiry: None,
+            };
+            v.recompute(&st.guilds, Utc::now());
+            st.viewers.insert(viewer, v);
+            if access_cursor.is_some_and(|a| a > l.loaded_at) {
+                // The hub applied access changes our load may not reflect.
+                st.dirty.insert(viewer);
+                inner.pending.access.store(true, Ordering::SeqCst);
+                inner.kick.notify_one();
+            }
+        }
+        let Some(v) = st.viewers.get_mut(&viewer) else {
+            return Ok(None);
+        };
+        v.subs += 1;
+        if !v.scope_visible(scope) {
+            st.release_viewer(viewer);
+            return Err(LiveError::Forbidden);
+        }
+        st.subs.insert(
+            id,
+            Sub {
+                viewer,
+                scope: scope.clone(),
+                channels: scope
+                    .channel_ids
+                    .as_ref()
+                    .map(|c| c.iter().copied().collect()),
+                tx: tx.clone(),
+                end: end.clone(),
+            },
+        );
+        inner.metrics.subscribers.set(st.subs.len() as i64);
+        Ok(Some(cursor))
     }
 }
 
@@ -814,7 +869,12 @@ async fn poll(inner: &Arc<Inner>) -> observer_db::Result<()> {
         }
         let dirty: BTreeSet<i64> = std::mem::take(&mut inner.state().dirty);
         if !changes.is_empty() || !dirty.is_empty() {
-            refresh_access(inner, &mut tx, &changes, &dirty).await?;
+            if let Err(e) = refresh_access(inner, &mut tx, &changes, &dirty).await {
+                // Retried next round: the cursor did not move, and the dirty
+                // viewers must not be forgotten.
+                inner.state().dirty.extend(dirty);
+                return Err(e);
+            }
         }
         tx.commit().await?;
         inner.metrics.reads.inc();
@@ -857,9 +917,7 @@ fn deliver(inner: &Inner, batch: Vec<Arc<LiveEvent>>, next: Cursor) {
     for ev in &batch {
         let (g, c) = (ev.row.guild_id, ev.row.channel_id);
         for (id, sub) in &st.subs {
-            if !sub.scope.matches(g, c)
-                || !st.viewers.get(&sub.viewer).is_some_and(|v| v.sees(g, c))
-            {
+            if !sub.wants(g, c) || !st.viewers.get(&sub.viewer).is_some_and(|v| v.sees(g, c)) {
                 continue;
             }
             match sub.tx.try_send(ev.clone()) {

@@ -1,0 +1,120 @@
+//! The GraphQL face of live fan-out: hub events become `MessageEvent`s,
+//! cursors travel opaque, and the ways a subscription ends become
+//! `extensions.code`s a client can act on.
+
+use async_graphql::ErrorExtensions;
+use observer_db::events::{Cursor, EventKind};
+
+use super::hub::{LiveError, LiveEvent};
+use crate::error::{gql_error, Code};
+use crate::graphql::types::{cursor, Message, MessageEvent, MessageEventKind, Revision};
+
+/// `extensions.code` of a subscription ended because its buffer overflowed;
+/// `extensions.lastCursor` is where to resume (`after`).
+pub const SLOW_CONSUMER: &str = "SLOW_CONSUMER";
+/// `extensions.code` of a subscription the server could not (keep) serving;
+/// resume from `extensions.lastCursor` when present.
+pub const UNAVAILABLE: &str = "UNAVAILABLE";
+
+/// The client form of an event cursor (versioned, base64url: clients treat it
+/// as a token; same form as part 1's).
+pub fn format_cursor(c: Cursor) -> String {
+    cursor::opaque(&format!("e1:{}:{}", c.xid, c.seq))
+}
+
+/// Parses [`format_cursor`]'s output; None for anything else.
+pub fn parse_cursor(s: &str) -> Option<Cursor> {
+    if s.len() > 128 {
+        return None;
+    }
+    let text = cursor::unopaque(s)?;
+    let (xid, seq) = text.strip_prefix("e1:")?.split_once(':')?;
+    let xid: i64 = xid.parse().ok().filter(|x| *x >= 0)?;
+    // -1 is "before everything" (part 1's start-of-log cursor).
+    let seq: i64 = seq.parse().ok().filter(|s| *s >= -1)?;
+    Some(Cursor::new(xid, seq))
+}
+
+pub fn to_message_event(ev: &LiveEvent) -> MessageEvent {
+    let mut message = Message::from(ev.row.message.clone());
+    message.preloaded_revisions = Some(ev.revisions.iter().cloned().map(Revision::from).collect());
+    MessageEvent {
+        kind: match ev.row.kind {
+            EventKind::Created => MessageEventKind::Created,
+            EventKind::Updated => MessageEventKind::Updated,
+            EventKind::Deleted => MessageEventKind::Deleted,
+        },
+        cursor: format_cursor(ev.row.cursor),
+        message,
+    }
+}
+
+/// The error a client sees when its subscription ends or cannot start.
+pub fn to_error(e: &LiveError) -> async_graphql::Error {
+    match e {
+        LiveError::Forbidden => gql_error(
+            Code::Forbidden,
+            "nothing in this subscription's scope is visible",
+        ),
+        LiveError::SlowConsumer { resume_from } => {
+            let last = format_cursor(*resume_from);
+            async_graphql::Error::new(
+                "subscriber too slow: events were dropped; resubscribe with after = lastCursor",
+            )
+            .extend_with(|_, x| {
+                x.set("code", SLOW_CONSUMER);
+                x.set("lastCursor", last.clone());
+            })
+        }
+        LiveError::Unavailable { resume_from } => {
+            let last = resume_from.map(format_cursor);
+            async_graphql::Error::new("live events are unavailable; resubscribe shortly")
+                .extend_with(|_, x| {
+                    x.set("code", UNAVAILABLE);
+                    if let Some(l) = &last {
+                        x.set("lastCursor", l.clone());
+                    }
+                })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip_and_junk_is_refused() {
+        let c = Cursor::new(812, 33);
+        assert_eq!(parse_cursor(&format_cursor(c)), Some(c));
+        assert_eq!(
+            parse_cursor(&format_cursor(Cursor::new(0, -1))),
+            Some(Cursor::new(0, -1))
+        );
+        for bad in [
+            "",
+            "e1:1:2",
+            "!!",
+            &cursor::opaque("e1:-1:2"),
+            &cursor::opaque("h1:5"),
+        ] {
+            assert_eq!(parse_cursor(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn errors_tell_the_client_what_to_do() {
+        let ext = |e: &LiveError| {
+            let err = to_error(e).into_server_error(async_graphql::Pos::default());
+            serde_json::to_value(err.extensions).unwrap_or_default()
+        };
+        let c = Cursor::new(9, 4);
+        let slow = ext(&LiveError::SlowConsumer { resume_from: c });
+        assert_eq!(slow["code"], SLOW_CONSUMER);
+        assert_eq!(slow["lastCursor"], format_cursor(c));
+        assert_eq!(ext(&LiveError::Forbidden)["code"], "FORBIDDEN");
+        let down = ext(&LiveError::Unavailable { resume_from: None });
+        assert_eq!(down["code"], UNAVAILABLE);
+        assert!(down.get("lastCursor").is_none());
+    }
+}

@@ -1,0 +1,300 @@
+//! `subscription messageEvents` end to end: a real server on 127.0.0.1, real
+//! PostgreSQL with RLS, a tokio-tungstenite client speaking both
+//! `graphql-transport-ws` and the legacy `graphql-ws`, API tokens in
+//! `connection_init`.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use futures::{SinkExt, StreamExt};
+use observer_db::access::perms::{READ_MESSAGE_HISTORY, VIEW_CHANNEL};
+use observer_db::Db;
+use serde_json::{json, Value};
+use sqlx::PgPool;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+const G1: i64 = 1_000;
+const U1: i64 = 1;
+const U2: i64 = 2;
+const STAFF: i64 = 11;
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Guild 1: 101 open to everyone, 102 staff only. U1 plain, U2 staff.
+async fn seed(pool: &PgPool, db: &Db) {
+    guild(pool, G1, "Acme Support", 900).await;
+    role(pool, G1, G1, VIEW_CHANNEL | READ_MESSAGE_HISTORY).await;
+    role(pool, G1, STAFF, 0).await;
+    channel(pool, G1, 101, 0, None, "help").await;
+    channel(pool, G1, 102, 0, None, "staff").await;
+    overwrite(pool, G1, 102, G1, 0, 0, VIEW_CHANNEL).await;
+    overwrite(pool, G1, 102, STAFF, 0, VIEW_CHANNEL, 0).await;
+    member(pool, G1, U1, &[]).await;
+    member(pool, G1, U2, &[STAFF]).await;
+    create_user(db, U1, "alice").await;
+    create_user(db, U2, "bob").await;
+}
+
+/// The worker's writes: a message and its `created` event, or an edit (with
+/// the prior version kept as a revision) and its `updated` event.
+async fn post(db: &Db, channel: i64, id: i64, content: &str) {
+    let mut tx = db.worker().await.unwrap();
+    sqlx::query(
+        "insert into messages (guild_id, message_id, channel_id, author_id, author_username, \
+           content, created_at, seen_create) \
+         values ($1, $2, $3, 7, 'author', $4, '2026-01-01T00:00:00Z', true)",
+    )
+    .bind(G1)
+    .bind(id)
+    .bind(channel)
+    .bind(content)
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    event(&mut tx, channel, id, 1).await;
+    tx.commit().await.unwrap();
+}
+
+async fn edit(db: &Db, channel: i64, id: i64, old: &str, new: &str) {
+    let mut tx = db.worker().await.unwrap();
+    sqlx::query(
+        "insert into message_revisions (guild_id, message_id, version_at, content) \
+         values ($1, $2, '2026-01-01T00:00:00Z', $3)",
+    )
+    .bind(G1)
+    .bind(id)
+    .bind(old)
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    sqlx::query(
+        "update messages set content = $3, edited_at = '2026-01-01T00:05:00Z' \
+         where guild_id = $1 and message_id = $2",
+    )
+    .bind(G1)
+    .bind(id)
+    .bind(new)
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    event(&mut tx, channel, id, 2).await;
+    tx.commit().await.unwrap();
+}
+
+async fn event(tx: &mut observer_db::WorkerTx, channel: i64, id: i64, kind: i16) {
+    sqlx::query(
+        "insert into message_events (guild_id, kind, channel_id, message_id) values ($1, $2, $3, $4)",
+    )
+    .bind(G1)
+    .bind(kind)
+    .bind(channel)
+    .bind(id)
+    .execute(&mut **tx)
+    .await
+    .unwrap();
+}
+
+async fn connect(base: &str, protocol: &str, token: &str) -> Ws {
+    let mut req = format!("{}/graphql", base.replace("http://", "ws://"))
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("sec-websocket-protocol", protocol.parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    send(
+        &mut ws,
+        json!({"type": "connection_init", "payload": {"authorization": format!("Bearer {token}")}}),
+    )
+    .await;
+    assert_eq!(next_json(&mut ws).await["type"], "connection_ack");
+    ws
+}
+
+async fn send(ws: &mut Ws, v: Value) {
+    ws.send(WsMessage::Text(v.to_string().into()))
+        .await
+        .unwrap();
+}
+
+/// The next protocol frame that is not a keep-alive.
+async fn next_json(ws: &mut Ws) -> Value {
+    loop {
+        let frame = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("no frame within 10 s")
+            .expect("connection closed")
+            .unwrap();
+        let WsMessage::Text(t) = frame else { continue };
+        let v: Value = serde_json::from_str(&t).unwrap();
+        if v["type"] != "ka" && v["type"] != "ping" {
+            return v;
+        }
+    }
+}
+
+const SUB: &str = "subscription($g: ID, $c: [ID!], $after: String) { \
+    messageEvents(guildId: $g, channelIds: $c, after: $after) { \
+      kind cursor message { id channelId content editedAt revisions { content } author { username } } } }";
+
+/// Starts a subscription; `modern` picks the message type of the protocol.
+async fn subscribe(ws: &mut Ws, modern: bool, id: &str, vars: Value) {
+    let kind = if modern { "subscribe" } else { "start" };
+    send(
+        ws,
+        json!({"id": id, "type": kind, "payload": {"query": SUB, "variables": vars}}),
+    )
+    .await;
+}
+
+/// The next `messageEvents` payload of subscription `id` (errors included).
+async fn next_payload(ws: &mut Ws, id: &str) -> Value {
+    loop {
+        let m = next_json(ws).await;
+        if m["id"] == id && (m["type"] == "next" || m["type"] == "data") {
+            return m["payload"].clone();
+        }
+        assert!(m["type"] != "error", "{m}");
+    }
+}
+
+/// Payloads of several subscriptions on one connection, `n` of each.
+async fn collect(
+    ws: &mut Ws,
+    want: &[(&str, usize)],
+) -> std::collections::HashMap<String, Vec<Value>> {
+    let mut got: std::collections::HashMap<String, Vec<Value>> = Default::default();
+    while want
+        .iter()
+        .any(|(id, n)| got.get(*id).map_or(0, Vec::len) < *n)
+    {
+        let m = next_json(ws).await;
+        assert!(m["type"] != "error", "{m}");
+        if m["type"] == "next" || m["type"] == "data" {
+            let id = m["id"].as_str().unwrap_or_default().to_owned();
+            got.entry(id).or_default().push(m["payload"].clone());
+        }
+    }
+    got
+}
+
+async fn wait_subscribers(api: &TestApi, n: usize) {
+    let start = std::time::Instant::now();
+    while api.state.live.subscriber_count() < n {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "subscriptions never registered"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[sqlx::test(migrator = "observer_db::MIGRATOR")]
+async fn both_protocols_deliver_exactly_what_each_viewer_may_see(pool: PgPool) {
+    let api = start(pool.clone(), config()).await;
+    seed(&pool, &api.db).await;
+    let t1 = token_for(&api.db, U1).await;
+    let t2 = token_for(&api.db, U2).await;
+
+    let mut alice = connect(&api.base, "graphql-transport-ws", &t1).await;
+    let mut bob = connect(&api.base, "graphql-ws", &t2).await;
+    subscribe(&mut alice, true, "a", json!({})).await;
+    subscribe(&mut bob, false, "b", json!({"g": G1.to_string()})).await;
+    subscribe(&mut bob, false, "staff", json!({"c": ["102"]})).await;
+    wait_subscribers(&api, 3).await;
+
+    post(&api.db, 101, 5001, "hello").await;
+    post(&api.db, 102, 5002, "staff only").await;
+    edit(&api.db, 101, 5001, "hello", "hello, edited").await;
+
+    let a1 = next_payload(&mut alice, "a").await;
+    let a2 = next_payload(&mut alice, "a").await;
+    assert_eq!(a1["data"]["messageEvents"]["kind"], "CREATED", "{a1}");
+    assert_eq!(a1["data"]["messageEvents"]["message"]["id"], "5001");
+    assert_eq!(
+        a1["data"]["messageEvents"]["message"]["author"]["username"],
+        "author"
+    );
+    // Alice cannot see 102: her next event is the edit in 101, with its revision.
+    let edited = &a2["data"]["messageEvents"];
+    assert_eq!(edited["kind"], "UPDATED", "{a2}");
+    assert_eq!(edited["message"]["content"], "hello, edited");
+    assert_eq!(
+        edited["message"]["revisions"],
+        json!([{"content": "hello"}])
+    );
+
+    // Both of Bob's subscriptions share one connection: frames interleave.
+    let mut got = collect(&mut bob, &[("b", 3), ("staff", 1)]).await;
+    let ids: Vec<Value> = got["b"]
+        .iter()
+        .map(|p| p["data"]["messageEvents"]["message"]["id"].clone())
+        .collect();
+    assert_eq!(ids, [json!("5001"), json!("5002"), json!("5001")]);
+    let staff = got.remove("staff").unwrap().remove(0);
+    assert_eq!(staff["data"]["messageEvents"]["message"]["id"], "5002");
+
+    // Resume: a new connection replays what came after Alice's first event.
+    let mut again = connect(&api.base, "graphql-transport-ws", &t1).await;
+    let after = a1["data"]["messageEvents"]["cursor"].clone();
+    subscribe(&mut again, true, "r", json!({"after": after})).await;
+    let r = next_payload(&mut again, "r").await;
+    assert_eq!(r["data"]["messageEvents"], a2["data"]["messageEvents"]);
+
+    // Revocation: Bob loses the staff role; the subscription scoped to 102
+    // ends with FORBIDDEN, his guild-wide one continues without 102.
+    sqlx::query("update members set role_ids = '{}' where guild_id = $1 and user_id = $2")
+        .bind(G1)
+        .bind(U2)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let ended = next_payload(&mut bob, "staff").await;
+    assert_eq!(
+        ended["errors"][0]["extensions"]["code"], "FORBIDDEN",
+        "{ended}"
+    );
+    post(&api.db, 102, 5003, "after revocation").await;
+    post(&api.db, 101, 5004, "public again").await;
+    let next = next_payload(&mut bob, "b").await;
+    assert_eq!(
+        next["data"]["messageEvents"]["message"]["id"], "5004",
+        "{next}"
+    );
+
+    // A malformed cursor is the client's error.
+    subscribe(&mut again, true, "bad", json!({"after": "not-a-cursor"})).await;
+    let bad = loop {
+        let m = next_json(&mut again).await;
+        if m["id"] == "bad" {
+            break m;
+        }
+    };
+    let code = if bad["type"] == "error" {
+        bad["payload"][0]["extensions"]["code"].clone()
+    } else {
+        bad["payload"]["errors"][0]["extensions"]["code"].clone()
+    };
+    assert_eq!(code, "BAD_REQUEST", "{bad}");
+
+    // The metrics endpoint shows the fan-out.
+    let metrics = reqwest::get(format!("{}/metrics", api.base))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for name in [
+        "observer_api_live_subscribers",
+        "observer_api_live_deliveries_total",
+        "observer_api_live_fanout_latency_seconds",
+        "observer_api_live_slow_consumers_dropped_total",
+        "observer_api_live_listener_reconnects_total",
+    ] {
+        assert!(metrics.contains(name), "{name} missing from /metrics");
+    }
+}
