@@ -87,9 +87,25 @@ create table members (
     joined_at                    timestamptz,
     communication_disabled_until timestamptz,                          -- timeout
     updated_at                   timestamptz not null default now(),
+    -- When the stored data was observed (gateway event received, REST fetch
+    -- started). Two writers (worker, login refresh) race; a write applies only
+    -- if it was observed later than what is stored, so a stale snapshot can
+    -- never restore a role the gateway already removed.
+    observed_at                  timestamptz not null default '-infinity',
     primary key (guild_id, user_id)
 );
 create index members_user_idx on members (user_id);
+
+-- The latest observed removal of a member (GUILD_MEMBER_REMOVE, a 404 re-read,
+-- a login refresh that no longer finds the guild). A member write observed at
+-- or before it is stale and is not applied, so a late add cannot re-create a
+-- member whose removal was observed later.
+create table member_removals (
+    guild_id     bigint      not null,
+    user_id      bigint      not null,
+    observed_at  timestamptz not null,
+    primary key (guild_id, user_id)
+);
 
 -- Members of threads (private threads need membership or MANAGE_THREADS).
 create table thread_members (
@@ -126,6 +142,12 @@ create table messages (
     -- true once a MESSAGE_CREATE (or a history fetch) has filled the row; a
     -- tombstone created by an early delete has false.
     seen_create          boolean     not null default false,
+    -- Ingestion's bookkeeping (never shown): when the stored content version
+    -- became current (edited_at, else created_at), NULL while no content was
+    -- ever observed (a tombstone from an early delete, content-less updates);
+    -- and whether `attachments` was observed at all ('[]' may mean "unknown").
+    version_at           timestamptz,
+    attachments_known    boolean     not null default false,
     search               tsvector generated always as (to_tsvector('english'::regconfig, content)) stored,
     primary key (guild_id, message_id)
 );

@@ -5,7 +5,7 @@
 -- Only the tables of migrations/0001..0009: tables added by later migrations keep
 -- whatever their own policies file grants.
 revoke all on
-    guilds, channels, permission_overwrites, roles, members, thread_members,
+    guilds, channels, permission_overwrites, roles, members, member_removals, thread_members,
     messages, message_revisions, message_events, access_events,
     users, oauth_tokens, api_tokens
     from public, observer_api, observer_worker, observer_auth, observer_access, observer_fanout;
@@ -20,6 +20,8 @@ grant select, insert, update, delete on
     messages, message_revisions, message_events, access_events
     to observer_worker;
 grant usage, select on sequence message_events_seq_seq, access_events_seq_seq to observer_worker;
+-- member removal tombstones: both member writers read and record them.
+grant select, insert, update, delete on member_removals to observer_worker, observer_auth;
 
 -- access-rule functions' owner: reads what decides access; appends access_events
 -- from the change triggers (40_notify.sql), which run as this role.

@@ -34,7 +34,7 @@ begin
         from pg_catalog.pg_policies
         where schemaname = 'public'
           and policyname like 'observer\_%'
-          and tablename in ('guilds', 'channels', 'permission_overwrites', 'roles', 'members',
+          and tablename in ('guilds', 'channels', 'permission_overwrites', 'roles', 'members', 'member_removals',
                             'thread_members', 'messages', 'message_revisions', 'message_events',
                             'access_events', 'users', 'oauth_tokens', 'api_tokens')
     loop
@@ -49,6 +49,7 @@ create policy observer_worker_all on channels for all to observer_worker using (
 create policy observer_worker_all on permission_overwrites for all to observer_worker using (true) with check (true);
 create policy observer_worker_all on roles for all to observer_worker using (true) with check (true);
 create policy observer_worker_all on members for all to observer_worker using (true) with check (true);
+create policy observer_worker_all on member_removals for all to observer_worker using (true) with check (true);
 create policy observer_worker_all on thread_members for all to observer_worker using (true) with check (true);
 create policy observer_worker_all on messages for all to observer_worker using (true) with check (true);
 create policy observer_worker_all on message_revisions for all to observer_worker using (true) with check (true);
@@ -120,4 +121,5 @@ create policy observer_auth_all on oauth_tokens for all to observer_auth using (
 create policy observer_auth_all on api_tokens for all to observer_auth using (true) with check (true);
 create policy observer_auth_read on guilds for select to observer_auth using (true);
 create policy observer_auth_all on members for all to observer_auth using (true) with check (true);
+create policy observer_auth_all on member_removals for all to observer_auth using (true) with check (true);
 create policy observer_auth_append on access_events for insert to observer_auth with check (true);

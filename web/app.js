@@ -374,6 +374,7 @@ function subscribe() {
   if (!state.guildId) return;
   const token = state.viewToken;
   const scope = state.channelId ? { channelIds: [state.channelId] } : { guildId: state.guildId };
+  let failures = 0;
   const start = () => {
     state.unsubscribe = wsClient.subscribe(
       () => ({
@@ -395,25 +396,96 @@ function subscribe() {
           const ev = payload.data && payload.data.messageEvents;
           if (!ev) return;
           state.lastEventCursor = ev.cursor;
+          failures = 0;
+          if (!state.channels.has(ev.message.channelId)) refreshChannelsSoon(ev.message.channelId);
           const stick = isNearBottom();
           upsertMessage(ev.message);
           if (stick) scrollToBottom();
         },
-        error: (errors) => {
-          if (token !== state.viewToken) return;
-          const msg = Array.isArray(errors) ? errors.map((e) => e.message).join("; ") : String(errors);
-          setLiveStatus("resuming");
-          // The server ends a subscription that fell behind; resume from our cursor.
-          setTimeout(() => {
-            if (token === state.viewToken) start();
-          }, 1000);
-          console.warn("subscription error", msg);
-        },
-        complete: () => {},
+        error: (errors) => resume(errors),
+        // A stream the server completes is resumed too, with the same backoff.
+        complete: () => resume([{ message: "subscription completed by the server" }]),
       },
     );
   };
+  const resume = (errors) => {
+    if (token !== state.viewToken) return;
+    const list = Array.isArray(errors) ? errors : [{ message: String(errors) }];
+    const msg = list.map((e) => e.message).join("; ");
+    if (list.some((e) => e.extensions && e.extensions.code === "UNAUTHENTICATED")) {
+      setLiveStatus("offline");
+      showBanner("Your session has ended: reload the page to log in again.");
+      return;
+    }
+    // The server ends a subscription that fell behind (or hit a
+    // transient error): resume from our cursor, backing off if it repeats.
+    failures += 1;
+    setLiveStatus("resuming");
+    setTimeout(
+      () => {
+        if (token !== state.viewToken) return;
+        start();
+        if (wsClient.acked) setLiveStatus("live");
+      },
+      Math.min(30000, 500 * 2 ** Math.min(failures, 6)),
+    );
+    console.warn("subscription ended, resuming:", msg);
+  };
   start();
+}
+
+// After a reconnect with no event cursor yet (nothing arrived before the drop),
+// the subscription restarts "from now": re-read the newest page so messages
+// created or changed while disconnected are not missed.
+let wasDisconnected = false;
+async function onWsStatus(status) {
+  setLiveStatus(status);
+  if (status === "reconnecting") wasDisconnected = true;
+  if (status !== "live" || !wasDisconnected) return;
+  wasDisconnected = false;
+  const token = state.viewToken;
+  const channelId = state.channelId;
+  if (!channelId || state.lastEventCursor || state.searching) return;
+  try {
+    const data = await gql(
+      `query CatchUp($c: ID!) { messages(channelId: $c, first: ${PAGE}) { edges { node { ${MESSAGE_FIELDS} } } } }`,
+      { c: channelId },
+    );
+    if (token !== state.viewToken) return;
+    const stick = isNearBottom();
+    for (const e of data.messages.edges) upsertMessage(e.node);
+    if (stick) scrollToBottom();
+  } catch (e) {
+    console.warn("catch-up after reconnect failed:", e.message);
+  }
+}
+
+// A message in a channel we do not know yet (a new thread, say): reload the
+// channel list once, shortly, rather than on every such event.
+let refreshTimer = null;
+const refreshedFor = new Set();
+function refreshChannelsSoon(channelId) {
+  if (refreshTimer || refreshedFor.has(channelId)) return;
+  refreshedFor.add(channelId);
+  refreshTimer = setTimeout(async () => {
+    refreshTimer = null;
+    try {
+      await loadGuilds();
+      renderGuilds();
+      renderChannelTree();
+    } catch (e) {
+      console.warn("could not refresh channels:", e.message);
+    }
+  }, 2000);
+}
+
+async function loadGuilds() {
+  const data = await gql(
+    `{ guilds { id name iconUrl channels { id guildId parentId name kind position } } }`,
+  );
+  state.guilds = data.guilds;
+  state.channels.clear();
+  for (const g of state.guilds) for (const c of g.channels) state.channels.set(c.id, c);
 }
 
 // ---------------------------------------------------------------- views
@@ -546,7 +618,7 @@ async function boot() {
   $("app-view").hidden = false;
   $("viewer-name").textContent = viewer.username;
 
-  wsClient = new GraphQLWsClient(wsUrl(), { onStatus: setLiveStatus });
+  wsClient = new GraphQLWsClient(wsUrl(), { onStatus: onWsStatus });
 
   $("logout").addEventListener("click", async () => {
     try {
@@ -573,13 +645,11 @@ async function boot() {
   });
 
   try {
-    const data = await gql(`{ guilds { id name iconUrl channels { id guildId parentId name kind position } } }`);
-    state.guilds = data.guilds;
+    await loadGuilds();
   } catch (e) {
     showBanner(`Could not load guilds: ${e.message}`);
     return;
   }
-  for (const g of state.guilds) for (const c of g.channels) state.channels.set(c.id, c);
   renderGuilds();
 
   const params = new URLSearchParams(window.location.search);

@@ -108,7 +108,11 @@ async function openDashboard(ctx) {
   const page = await ctx.newPage();
   const problems = [];
   page.on("pageerror", (e) => problems.push(`pageerror: ${e.message}`));
+  if (process.env.SHOW_LOGS) {
+    page.on("response", (r) => console.log(`[browser] ${r.status()} ${r.request().method()} ${r.url()}`));
+  }
   page.on("console", (m) => {
+    if (process.env.SHOW_LOGS) console.log(`[browser ${m.type()}] ${m.text()}`);
     if (m.type() === "error") problems.push(`console: ${m.text()}`);
   });
   await page.goto(`${stack.api}/`);
@@ -175,6 +179,11 @@ before(async () => {
     },
     60000,
   );
+  const home = await (await fetch(`${stack.api}/`)).text();
+  assert.ok(
+    home.includes("/assets/app.js"),
+    `${BIN} serves an old dashboard: rebuild it (cargo build -p observer) or set OBSERVER_BIN`,
+  );
   scenario = await sim("GET", "/_sim/scenario");
   browser = await chromium.launch({
     executablePath: CHROMIUM,
@@ -191,6 +200,7 @@ before(async () => {
 });
 
 after(async () => {
+  if (process.env.SHOW_LOGS) console.log(tailLogs());
   if (browser) await browser.close();
   if (stack.proc && stack.proc.exitCode === null) {
     const exited = new Promise((r) => stack.proc.once("exit", r));
@@ -219,9 +229,13 @@ test("staff viewer: guilds, channel tree, history, live create/edit/delete, sear
   const ctx = await loginAs(staffUser);
   // The worker ingests asynchronously: wait until the API has the history.
   await until("history to be ingested", async () => {
-    const r = await gql(ctx, "query($c: ID!) { messages(channelId: $c, first: 10) { edges { node { content } } } }", {
-      c: help.id,
-    });
+    const r = await gql(
+      ctx,
+      "query($c: ID!) { messages(channelId: $c, first: 10) { edges { node { content } } } }",
+      {
+        c: help.id,
+      },
+    );
     return r.data && r.data.messages.edges.some((e) => e.node.content === `history ${tag} number 3`);
   });
 
@@ -339,9 +353,13 @@ test("customer: staff channels and their messages stay invisible, live and in se
 
   // Search: staff find the message, the customer does not.
   await until("the staff message to be searchable", async () => {
-    const r = await gql(staffCtx, "query($q: String!) { searchMessages(query: $q) { edges { node { id } } } }", {
-      q: tag,
-    });
+    const r = await gql(
+      staffCtx,
+      "query($q: String!) { searchMessages(query: $q) { edges { node { id } } } }",
+      {
+        q: tag,
+      },
+    );
     return r.data && r.data.searchMessages.edges.some((e) => e.node.id === secret.id);
   });
   await page.fill("#search-input", `confidential ${tag}`);
@@ -366,9 +384,13 @@ test("history: the newest page first, older pages load on scroll up", async () =
 
   const ctx = await loginAs(staffUser);
   await until("the backlog to be ingested", async () => {
-    const r = await gql(ctx, "query($c: ID!) { messages(channelId: $c, first: 1) { edges { node { content } } } }", {
-      c: bugs.id,
-    });
+    const r = await gql(
+      ctx,
+      "query($c: ID!) { messages(channelId: $c, first: 1) { edges { node { content } } } }",
+      {
+        c: bugs.id,
+      },
+    );
     return r.data && r.data.messages.edges[0].node.content === `page ${tag} item ${total}`;
   });
   const { page, problems } = await openDashboard(ctx);
@@ -398,6 +420,53 @@ test("history: the newest page first, older pages load on scroll up", async () =
     "every message once, in order",
   );
   assert.deepEqual(problems, [], "no page errors");
+  await ctx.close();
+});
+
+test("live view resumes after a dropped WebSocket, from its last cursor", async () => {
+  const guild = scenario.guilds[0];
+  const help = channelNamed(guild, "general-help");
+  const staffUser = memberWithOnly(guild, "Staff");
+  const customer = memberWithOnly(guild, "Customer");
+  const tag = randomWord();
+
+  const ctx = await loginAs(staffUser);
+  const page = await ctx.newPage();
+  // Route the page's WebSockets through the test, so it can cut one.
+  const sockets = [];
+  const subscribes = [];
+  await page.routeWebSocket(/\/graphql$/, (ws) => {
+    const server = ws.connectToServer();
+    ws.onMessage((m) => {
+      try {
+        const msg = JSON.parse(String(m));
+        if (msg.type === "subscribe") subscribes.push(msg.payload.variables || {});
+      } catch {
+        /* not JSON: forward as is */
+      }
+      server.send(m);
+    });
+    sockets.push(ws);
+  });
+  await page.goto(`${stack.api}/?channel=${help.id}`);
+  await page.locator("#live-status", { hasText: "live" }).waitFor();
+  const first = await post(help.id, customer, `before the drop ${tag}`);
+  await page.locator(`#message-list > li[data-id="${first.id}"]`).waitFor({ timeout: 10000 });
+
+  await sockets[sockets.length - 1].close({ code: 1006 });
+  await page.locator("#live-status", { hasText: /reconnecting|connecting/ }).waitFor();
+  const during = await post(help.id, customer, `during the drop ${tag}`);
+  await page.locator("#live-status", { hasText: "live" }).waitFor({ timeout: 15000 });
+  await page.locator(`#message-list > li[data-id="${during.id}"]`).waitFor({ timeout: 10000 });
+  const afterwards = await post(help.id, customer, `after the drop ${tag}`);
+  await page.locator(`#message-list > li[data-id="${afterwards.id}"]`).waitFor({ timeout: 10000 });
+
+  assert.ok(sockets.length >= 2, "the client reconnected");
+  const resumed = subscribes[subscribes.length - 1];
+  assert.ok(resumed.after, `resubscribed with a cursor: ${JSON.stringify(subscribes)}`);
+  for (const m of [first, during, afterwards]) {
+    assert.equal(await page.locator(`#message-list > li[data-id="${m.id}"]`).count(), 1);
+  }
   await ctx.close();
 });
 

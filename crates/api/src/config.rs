@@ -23,6 +23,9 @@ pub struct Config {
     pub membership_refresh_interval: Duration,
 }
 
+/// How much larger the per-address bucket is than the per-viewer one.
+pub const ADDRESS_RATE_FACTOR: u32 = 4;
+
 /// Abuse limits (DESIGN.md §7 "Limits").
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -34,8 +37,19 @@ pub struct Limits {
     pub max_complexity: usize,
     /// Token bucket per viewer (or per client address when anonymous): burst size…
     pub rate_burst: u32,
-    /// …and sustained requests per second.
+    /// …and sustained requests per second. Every request (and WebSocket
+    /// `connection_init`) also takes a token from its client address's bucket
+    /// *before* any credential is looked up, so guessing API tokens is
+    /// limited too; that bucket is [`ADDRESS_RATE_FACTOR`] times larger
+    /// (several viewers may share an address).
     pub rate_per_sec: f64,
+    /// How often a live subscription re-checks that its connection's session
+    /// or API token is still valid (ended with `UNAUTHENTICATED` otherwise).
+    pub auth_recheck: Duration,
+    /// Most `messageEvents` subscriptions open at once on one WebSocket…
+    pub max_subscriptions_per_connection: usize,
+    /// …and for one viewer over all their connections (in this process).
+    pub max_subscriptions_per_viewer: usize,
     /// Longest a GraphQL request may execute before it is abandoned (and its
     /// transaction rolled back).
     pub request_timeout: Duration,
@@ -50,6 +64,9 @@ impl Default for Limits {
             rate_burst: 60,
             rate_per_sec: 20.0,
             request_timeout: Duration::from_secs(15),
+            auth_recheck: Duration::from_secs(5),
+            max_subscriptions_per_connection: 16,
+            max_subscriptions_per_viewer: 64,
         }
     }
 }
@@ -81,7 +98,27 @@ impl Config {
         format!("{}/auth/callback", self.public_url_trimmed())
     }
 
-    pub(crate) fn secure_cookies(&self) -> bool {
-        self.public_url.starts_with("https://")
+    /// Whether cookies get `Secure`: `PUBLIC_URL` is https (the scheme is
+    /// case-insensitive, which the url crate normalises).
+    pub fn secure_cookies(&self) -> bool {
+        url::Url::parse(self.public_url.trim()).is_ok_and(|u| u.scheme() == "https")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secure_cookies_follow_the_public_url_scheme_in_any_case() {
+        let with = |u: &str| Config {
+            public_url: u.into(),
+            ..Config::default()
+        };
+        assert!(with("https://observer.example").secure_cookies());
+        assert!(with("HTTPS://Observer.Example/").secure_cookies());
+        assert!(with("HttpS://observer.example:8443").secure_cookies());
+        assert!(!with("http://localhost:3000").secure_cookies());
+        assert!(!with("not a url").secure_cookies());
     }
 }

@@ -50,6 +50,12 @@ pub fn bad_request(message: impl Into<String>) -> async_graphql::Error {
 /// Logs an internal failure with its whole cause chain and returns the opaque
 /// error the client sees.
 pub fn internal(err: &(dyn std::error::Error + 'static)) -> async_graphql::Error {
+    tracing::error!(error = %error_chain(err), "internal error while serving GraphQL");
+    gql_error(Code::Internal, "internal error")
+}
+
+/// An error and all its sources, `: `-separated, for logs.
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
     let mut chain = err.to_string();
     let mut source = err.source();
     while let Some(s) = source {
@@ -57,8 +63,7 @@ pub fn internal(err: &(dyn std::error::Error + 'static)) -> async_graphql::Error
         chain.push_str(&s.to_string());
         source = s.source();
     }
-    tracing::error!(error = %chain, "internal error while serving GraphQL");
-    gql_error(Code::Internal, "internal error")
+    chain
 }
 
 /// Maps a database error: "not found" stays not found, bad input is the

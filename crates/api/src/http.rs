@@ -2,9 +2,13 @@
 //! WebSocket upgrade, or the query page for a browser).
 //!
 //! Order of checks on POST: content type (a JSON-only endpoint cannot be hit
-//! by a cross-site form), who is asking (bearer token, else session cookie),
-//! the per-viewer rate limit, the body cap, then execution in one
-//! `observer_api` transaction that is committed after the response is built.
+//! by a cross-site form), the per-address rate limit (before any credential
+//! is looked up, so bad tokens count too), who is asking (bearer token, else
+//! session cookie), the per-viewer rate limit, the body cap, then execution
+//! in one `observer_api` transaction that is committed after the response is
+//! built. WebSockets: the per-address limit at the upgrade and at
+//! `connection_init`; frames and messages capped at the body size; the
+//! connection keeps its credential so subscriptions end on logout/revocation.
 
 use std::net::SocketAddr;
 
@@ -18,8 +22,8 @@ use axum::response::{IntoResponse, Response};
 use observer_db::Db;
 
 use crate::error::{ensure_codes, error_response, Code};
-use crate::graphql::subscription::ConnectionViewer;
 use crate::graphql::{RequestDb, Viewer};
+use crate::live::conn::{Connection, ConnectionLimits, Credential};
 use crate::login::AuthSession;
 use crate::ratelimit::RateKey;
 use crate::state::AppState;
@@ -107,6 +111,10 @@ pub async fn graphql_post(
             "content-type must be application/json",
         );
     }
+    let address = client_address(&req);
+    if !state.address_limiter.check(address.clone()) {
+        return rate_limited(&state);
+    }
     let viewer = match who(&state, req.headers(), &auth).await {
         Ok(Who::Viewer(v)) => Some(v),
         Ok(Who::Anonymous) => None,
@@ -122,19 +130,10 @@ pub async fn graphql_post(
     };
     let key = match viewer {
         Some(v) => RateKey::Viewer(v.user_id),
-        None => req
-            .extensions()
-            .get::<ConnectInfo<SocketAddr>>()
-            .map(|c| RateKey::Address(c.0.ip()))
-            .unwrap_or(RateKey::Anonymous),
+        None => address,
     };
     if !state.rate_limiter.check(key) {
-        return reject(
-            &state,
-            StatusCode::TOO_MANY_REQUESTS,
-            Code::RateLimited,
-            "rate limit exceeded; slow down",
-        );
+        return rate_limited(&state);
     }
     let limit = state.config.limits.max_body_bytes;
     let body = match axum::body::to_bytes(req.into_body(), limit).await {
@@ -191,6 +190,23 @@ pub async fn graphql_post(
     gql_json(StatusCode::OK, &resp)
 }
 
+fn rate_limited(state: &AppState) -> Response {
+    reject(
+        state,
+        StatusCode::TOO_MANY_REQUESTS,
+        Code::RateLimited,
+        "rate limit exceeded; slow down",
+    )
+}
+
+/// The rate-limit key of the peer (no address: one shared bucket).
+fn client_address(req: &Request) -> RateKey {
+    req.extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| RateKey::Address(c.0.ip()))
+        .unwrap_or(RateKey::Anonymous)
+}
+
 fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
     headers
         .get(UPGRADE)
@@ -207,6 +223,11 @@ pub async fn graphql_get(
     if !is_websocket_upgrade(req.headers()) {
         return crate::pages::graphiql().await;
     }
+    let address = client_address(&req);
+    if !state.address_limiter.check(address.clone()) {
+        return rate_limited(&state);
+    }
+    let session_id = auth.session.id();
     let (mut parts, _body) = req.into_parts();
     let protocol = match GraphQLProtocol::from_request_parts(&mut parts, &state).await {
         Ok(p) => p,
@@ -223,15 +244,24 @@ pub async fn graphql_get(
         .get(ORIGIN)
         .and_then(|o| o.to_str().ok())
         .is_some_and(|o| o.trim_end_matches('/') == public_origin(&state.config.public_url));
-    let cookie_viewer = match (&auth.user, origin_ok) {
-        (Some(u), true) => Some(Viewer { user_id: u.user_id }),
+    let cookie_viewer = match (&auth.user, origin_ok, session_id) {
+        (Some(u), true, Some(id)) => Some((Viewer { user_id: u.user_id }, Credential::Session(id))),
         _ => None,
     };
     // Scripts may also authenticate the upgrade itself with a bearer header
     // (browsers cannot set one; they use connection_init or the cookie).
     let upgrade_viewer = if parts.headers.contains_key(AUTHORIZATION) {
         match who(&state, &parts.headers, &auth).await {
-            Ok(Who::Viewer(v)) => Some(v),
+            Ok(Who::Viewer(v)) => {
+                let hash = parts
+                    .headers
+                    .get(AUTHORIZATION)
+                    .and_then(|h| h.to_str().ok())
+                    .and_then(tokens::bearer_secret)
+                    .map(tokens::hash_secret)
+                    .unwrap_or_default();
+                Some((v, Credential::Token(hash)))
+            }
             Ok(_) => {
                 return reject(
                     &state,
@@ -247,21 +277,39 @@ pub async fn graphql_get(
     };
     let schema = state.schema.clone();
     let db = state.db.clone();
-    let wake = state.wakeups.subscribe();
     let hub = state.live.clone();
+    let address_limiter = state.address_limiter.clone();
+    let limits = &state.config.limits;
+    let conn_limits = ConnectionLimits {
+        recheck: limits.auth_recheck,
+        max_per_connection: limits.max_subscriptions_per_connection,
+        slots: state.subscription_slots.clone(),
+        limiter: state.rate_limiter.clone(),
+    };
+    let max_size = limits.max_body_bytes;
     upgrade
         .protocols(ALL_WEBSOCKET_PROTOCOLS)
+        .max_message_size(max_size)
+        .max_frame_size(max_size)
         .on_upgrade(move |socket| async move {
             GraphQLWebSocket::new(socket, schema, protocol)
                 .on_connection_init(move |payload| async move {
+                    if !address_limiter.check(address) {
+                        return Err(crate::error::gql_error(
+                            Code::RateLimited,
+                            "rate limit exceeded; slow down",
+                        ));
+                    }
                     let mut data = Data::default();
-                    let viewer = match payload.get("authorization").and_then(|v| v.as_str()) {
+                    let authed = match payload.get("authorization").and_then(|v| v.as_str()) {
                         Some(value) => {
                             let secret = tokens::bearer_secret(value).ok_or_else(|| {
                                 async_graphql::Error::new("invalid authorization")
                             })?;
                             match viewer_from_bearer(&db, secret).await {
-                                Ok(Some(v)) => Some(v),
+                                Ok(Some(v)) => {
+                                    Some((v, Credential::Token(tokens::hash_secret(secret))))
+                                }
                                 Ok(None) => {
                                     return Err(async_graphql::Error::new(
                                         "invalid or revoked API token",
@@ -275,9 +323,17 @@ pub async fn graphql_get(
                         }
                         None => upgrade_viewer,
                     };
-                    data.insert(ConnectionViewer(viewer));
+                    let (viewer, credential) = match authed {
+                        Some((v, c)) => (Some(v), Some(c)),
+                        None => (None, None),
+                    };
+                    data.insert(std::sync::Arc::new(Connection::new(
+                        viewer,
+                        credential,
+                        db.clone(),
+                        conn_limits,
+                    )));
                     data.insert(db.clone());
-                    data.insert(wake);
                     data.insert(hub.clone());
                     Ok(data)
                 })

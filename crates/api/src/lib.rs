@@ -7,7 +7,6 @@
 //! - [`discord`]: OAuth2 and `/users/@me...` REST client (any Discord-compatible base URL).
 //! - [`graphql`]: the schema (queries under RLS, mutations, subscription field).
 //! - [`http`]: `POST /graphql`, `GET /graphql` (WebSocket or query page), auth resolution.
-//! - [`replay`]: part 1's interim per-subscriber reader (superseded by [`live`]; kept for its tests).
 //! - [`live`]: live fan-out: the shared hub behind `messageEvents` (one LISTEN, one read per notification).
 //! - [`tokens`]: API token secrets and their hashes.
 //! - [`ratelimit`]: per-viewer token buckets.
@@ -27,7 +26,6 @@ pub mod metrics;
 pub mod pages;
 pub mod ratelimit;
 pub mod refresh;
-pub mod replay;
 pub mod state;
 pub mod tokens;
 
@@ -110,7 +108,7 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     match tokio::time::timeout(Duration::from_secs(3), probe).await {
         Ok(Ok(())) => (StatusCode::OK, "ready"),
         Ok(Err(e)) => {
-            tracing::warn!(error = %login::error_chain(&e), "readiness probe failed");
+            tracing::warn!(error = %error::error_chain(&e), "readiness probe failed");
             (StatusCode::SERVICE_UNAVAILABLE, "database unavailable")
         }
         Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "database timeout"),

@@ -5,10 +5,10 @@
 //!   bounded per-subscriber buffers, gapless resume through RLS.
 //! - [`metrics`]: its Prometheus metrics (registered into [`crate::metrics::Metrics`]).
 //! - [`gql`]: the GraphQL face: event → `MessageEvent`, cursors, error codes.
-//!
-//! ([`crate::replay`] is part 1's interim per-subscriber reader, no longer
-//! used by the `messageEvents` resolver.)
+//! - [`conn`]: a WebSocket connection's credential (re-checked while its
+//!   subscriptions run) and the caps on how many it may open.
 
+pub mod conn;
 pub mod gql;
 pub mod hub;
 pub mod metrics;

@@ -139,9 +139,12 @@ pub(crate) async fn sync_memberships(
         tx.commit().await?;
         ids
     };
+    // Taken before the fetch: anything the worker observes after this moment
+    // is newer than the snapshot and must win over it.
+    let observed_at = chrono::Utc::now();
     let memberships = discord.memberships(access_token, &bot_guilds).await?;
     let mut tx = db.auth().await?;
-    dbauth::replace_memberships(&mut tx, user_id, &bot_guilds, &memberships).await?;
+    dbauth::replace_memberships(&mut tx, user_id, &bot_guilds, &memberships, observed_at).await?;
     tx.commit().await?;
     Ok(())
 }
@@ -320,16 +323,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(x) = src {
-        s.push_str(": ");
-        s.push_str(&x.to_string());
-        src = x.source();
-    }
-    s
-}
+pub(crate) use crate::error::error_chain;
 
 #[cfg(test)]
 mod tests {

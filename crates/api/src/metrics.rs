@@ -112,7 +112,7 @@ pub async fn track(State(metrics): State<Arc<Metrics>>, req: Request, next: Next
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_owned())
         .unwrap_or_else(|| "unmatched".to_owned());
-    let method = req.method().to_string();
+    let method = method_label(req.method()).to_owned();
     let start = Instant::now();
     let resp = next.run(req).await;
     metrics
@@ -132,6 +132,24 @@ pub async fn track(State(metrics): State<Arc<Metrics>>, req: Request, next: Next
     resp
 }
 
+/// The method as a label: the standard ones, else `OTHER` (clients may send
+/// any token as a method; each would otherwise be a new series).
+fn method_label(m: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *m {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::PATCH => "PATCH",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "OTHER",
+    }
+}
+
 pub async fn handler(State(state): State<AppState>) -> Response {
     (
         [(
@@ -141,4 +159,21 @@ pub async fn handler(State(state): State<AppState>) -> Response {
         state.metrics.encode(),
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::method_label;
+    use axum::http::Method;
+
+    #[test]
+    fn unknown_methods_share_one_label() {
+        assert_eq!(method_label(&Method::GET), "GET");
+        assert_eq!(method_label(&Method::POST), "POST");
+        for m in ["FOO", "BREW", "X-ANYTHING"] {
+            let m = Method::from_bytes(m.as_bytes()).unwrap_or(Method::GET);
+            assert_ne!(m, Method::GET);
+            assert_eq!(method_label(&m), "OTHER");
+        }
+    }
 }

@@ -17,9 +17,12 @@ pub struct AppState {
     pub discord: Arc<Discord>,
     pub schema: ObserverSchema,
     pub metrics: Arc<Metrics>,
+    /// Per viewer (per address when anonymous), after authentication.
     pub rate_limiter: Arc<RateLimiter>,
-    /// Bumped on every database notification (see [`crate::replay`]).
-    pub wakeups: Arc<tokio::sync::watch::Sender<u64>>,
+    /// Per client address, before any credential is looked up.
+    pub address_limiter: Arc<RateLimiter>,
+    /// Open `messageEvents` subscriptions per viewer (the per-viewer cap).
+    pub subscription_slots: Arc<crate::live::conn::Slots>,
     /// Live fan-out (one per process; its tasks start with the first subscription).
     pub live: crate::live::hub::Hub,
 }
@@ -30,6 +33,13 @@ impl AppState {
         let discord = Discord::new(&config)?;
         let schema = crate::graphql::build_schema(&config.limits);
         let rate_limiter = RateLimiter::new(config.limits.rate_burst, config.limits.rate_per_sec);
+        let factor = crate::config::ADDRESS_RATE_FACTOR;
+        let address_limiter = RateLimiter::new(
+            config.limits.rate_burst.saturating_mul(factor),
+            config.limits.rate_per_sec * f64::from(factor),
+        );
+        let subscription_slots =
+            crate::live::conn::Slots::new(config.limits.max_subscriptions_per_viewer);
         let metrics = Metrics::new();
         let live = crate::live::hub::Hub::new(
             db.clone(),
@@ -43,7 +53,8 @@ impl AppState {
             schema,
             metrics: Arc::new(metrics),
             rate_limiter: Arc::new(rate_limiter),
-            wakeups: Arc::new(tokio::sync::watch::channel(0).0),
+            address_limiter: Arc::new(address_limiter),
+            subscription_slots: Arc::new(subscription_slots),
             live,
         })
     }

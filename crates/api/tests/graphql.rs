@@ -605,7 +605,12 @@ async fn health_ready_metrics_and_query_page(pool: PgPool) {
             .await
             .unwrap();
         assert_eq!(resp.status().as_u16(), 200, "{asset}");
-        let cache = resp.headers().get("cache-control").unwrap().to_str().unwrap();
+        let cache = resp
+            .headers()
+            .get("cache-control")
+            .unwrap()
+            .to_str()
+            .unwrap();
         assert!(cache.contains("immutable"), "{asset}: {cache}");
     }
     let init = client
@@ -705,10 +710,6 @@ mod ws {
         let mut ws = connect(&api.base, "graphql-transport-ws").await;
         send(&mut ws, json!({"type": "connection_init", "payload": {"authorization": format!("Bearer {t1}")}})).await;
         assert_eq!(next_json(&mut ws).await.unwrap()["type"], "connection_ack");
-        let listener = tokio::spawn(observer_api::replay::listen_loop(
-            api.db.clone(),
-            api.state.wakeups.clone(),
-        ));
         let sub = "subscription($after: String) { messageEvents(guildId: \"1000\", after: $after) { cursor kind message { id content } } }";
         send(
             &mut ws,
@@ -721,6 +722,16 @@ mod ws {
             pong["type"], "pong",
             "no error for an authenticated subscription: {pong}"
         );
+        // Events written before the subscription registers with the hub are
+        // not live for it: wait for the registration.
+        let start = std::time::Instant::now();
+        while api.state.live.subscriber_count() < 1 {
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(30),
+                "subscription never registered"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
         // The worker appends events (one transaction each); U1 may read 101
         // but not 102.
         for (channel, message, kind) in [(101, 1_061, 1), (102, 1_062, 1), (101, 1_001, 2)] {
@@ -750,7 +761,6 @@ mod ws {
         send(&mut ws2, json!({"id": "r", "type": "subscribe", "payload": {"query": sub, "variables": {"after": got[0]["cursor"]}}})).await;
         let m = next_json(&mut ws2).await.unwrap();
         assert_eq!(m["payload"]["data"]["messageEvents"], got[1]);
-        listener.abort();
 
         // A bearer header on the upgrade itself works too; a bad one is refused
         // before the upgrade.

@@ -298,3 +298,158 @@ async fn both_protocols_deliver_exactly_what_each_viewer_may_see(pool: PgPool) {
         assert!(metrics.contains(name), "{name} missing from /metrics");
     }
 }
+
+/// The `extensions.code` that ends subscription `id` (an `error` message, or
+/// a payload carrying errors), skipping other traffic.
+async fn end_code(ws: &mut Ws, id: &str) -> Value {
+    loop {
+        let m = next_json(ws).await;
+        if m["id"] != id {
+            continue;
+        }
+        if m["type"] == "error" {
+            return m["payload"][0]["extensions"]["code"].clone();
+        }
+        if m["payload"]["errors"].is_array() {
+            return m["payload"]["errors"][0]["extensions"]["code"].clone();
+        }
+    }
+}
+
+#[sqlx::test(migrator = "observer_db::MIGRATOR")]
+async fn revoking_the_api_token_ends_its_subscriptions(pool: PgPool) {
+    let mut cfg = config();
+    cfg.limits.auth_recheck = Duration::from_millis(300);
+    let api = start(pool.clone(), cfg).await;
+    seed(&pool, &api.db).await;
+    let t1 = token_for(&api.db, U1).await;
+    let t1b = token_for(&api.db, U1).await;
+    let mut ws = connect(&api.base, "graphql-transport-ws", &t1).await;
+    let mut other = connect(&api.base, "graphql-transport-ws", &t1b).await;
+    subscribe(&mut ws, true, "a", json!({})).await;
+    subscribe(&mut other, true, "b", json!({})).await;
+    wait_subscribers(&api, 2).await;
+    post(&api.db, 101, 7001, "before").await;
+    let p = next_payload(&mut ws, "a").await;
+    assert_eq!(p["data"]["messageEvents"]["message"]["id"], "7001", "{p}");
+
+    // Revoke the first token only (as the revokeApiToken mutation does).
+    let revoked_at = std::time::Instant::now();
+    sqlx::query("update api_tokens set revoked_at = now() where secret_hash = $1")
+        .bind(observer_api::tokens::hash_secret(&t1))
+        .execute(&pool)
+        .await
+        .unwrap();
+    let code = end_code(&mut ws, "a").await;
+    println!(
+        "revocation ended the subscription in {:?}",
+        revoked_at.elapsed()
+    );
+    assert_eq!(code, "UNAUTHENTICATED");
+    assert!(revoked_at.elapsed() < Duration::from_secs(10));
+    // The hub let go of it; the other token's subscription goes on.
+    let start = std::time::Instant::now();
+    while api.state.live.subscriber_count() != 1 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "not unregistered"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    post(&api.db, 101, 7002, "after").await;
+    let p = next_payload(&mut other, "b").await;
+    assert_eq!(p["data"]["messageEvents"]["message"]["id"], "7001", "{p}");
+    let p = next_payload(&mut other, "b").await;
+    assert_eq!(p["data"]["messageEvents"]["message"]["id"], "7002", "{p}");
+    // A new subscription on the revoked connection fails too (the token is
+    // checked again when the stream starts its first re-check).
+    subscribe(&mut ws, true, "again", json!({})).await;
+    assert_eq!(end_code(&mut ws, "again").await, "UNAUTHENTICATED");
+}
+
+#[sqlx::test(migrator = "observer_db::MIGRATOR")]
+async fn subscriptions_are_capped_per_connection_and_per_viewer(pool: PgPool) {
+    let mut cfg = config();
+    cfg.limits.max_subscriptions_per_connection = 2;
+    cfg.limits.max_subscriptions_per_viewer = 3;
+    let api = start(pool.clone(), cfg).await;
+    seed(&pool, &api.db).await;
+    let t1 = token_for(&api.db, U1).await;
+    let mut a = connect(&api.base, "graphql-transport-ws", &t1).await;
+    subscribe(&mut a, true, "1", json!({})).await;
+    subscribe(&mut a, true, "2", json!({})).await;
+    wait_subscribers(&api, 2).await;
+    subscribe(&mut a, true, "3", json!({})).await;
+    assert_eq!(end_code(&mut a, "3").await, "TOO_MANY_SUBSCRIPTIONS");
+
+    let mut b = connect(&api.base, "graphql-transport-ws", &t1).await;
+    subscribe(&mut b, true, "4", json!({})).await;
+    wait_subscribers(&api, 3).await;
+    subscribe(&mut b, true, "5", json!({})).await;
+    assert_eq!(end_code(&mut b, "5").await, "TOO_MANY_SUBSCRIPTIONS");
+    assert_eq!(api.state.subscription_slots.open(U1), 3);
+
+    // Ending one frees its place.
+    send(&mut a, json!({"id": "1", "type": "complete"})).await;
+    let start = std::time::Instant::now();
+    while api.state.subscription_slots.open(U1) != 2 {
+        assert!(start.elapsed() < Duration::from_secs(10), "slot not freed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    subscribe(&mut b, true, "6", json!({})).await;
+    wait_subscribers(&api, 3).await;
+    post(&api.db, 101, 8001, "hi").await;
+    let p = next_payload(&mut b, "6").await;
+    assert_eq!(p["data"]["messageEvents"]["message"]["id"], "8001", "{p}");
+
+    // A message larger than the body cap closes the connection.
+    let big = json!({"id": "x", "type": "subscribe", "payload": {"query": "x".repeat(70 * 1024)}});
+    let _ = a.send(WsMessage::Text(big.to_string().into())).await;
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match a.next().await {
+                None | Some(Err(_)) | Some(Ok(WsMessage::Close(_))) => return true,
+                Some(Ok(_)) => continue,
+            }
+        }
+    })
+    .await
+    .unwrap_or(false);
+    assert!(closed, "oversized message accepted");
+}
+
+#[sqlx::test(migrator = "observer_db::MIGRATOR")]
+async fn bad_tokens_count_against_the_client_address(pool: PgPool) {
+    let mut cfg = config();
+    cfg.limits.rate_burst = 2;
+    cfg.limits.rate_per_sec = 0.001;
+    let api = start(pool.clone(), cfg).await;
+    seed(&pool, &api.db).await;
+    let t1 = token_for(&api.db, U1).await;
+    // The address bucket is ADDRESS_RATE_FACTOR times the viewer's.
+    let budget = 2 * observer_api::config::ADDRESS_RATE_FACTOR as usize;
+    let mut statuses = Vec::new();
+    for i in 0..budget + 2 {
+        let (s, b) = gql_raw(
+            &api.base,
+            Some(&format!("obs_guess{i}")),
+            "{ viewer { id } }",
+            json!({}),
+        )
+        .await;
+        if s == 429 {
+            assert_eq!(first_code(&b), "RATE_LIMITED");
+        }
+        statuses.push(s);
+    }
+    assert_eq!(statuses[..budget], vec![401; budget], "{statuses:?}");
+    assert_eq!(statuses[budget..], [429, 429], "{statuses:?}");
+    // Spent for that address: a good token is limited too, before lookup,
+    // and so is a WebSocket upgrade.
+    let (s, _) = gql_raw(&api.base, Some(&t1), "{ viewer { id } }", json!({})).await;
+    assert_eq!(s, 429);
+    let req = format!("{}/graphql", api.base.replace("http://", "ws://"))
+        .into_client_request()
+        .unwrap();
+    assert!(tokio_tungstenite::connect_async(req).await.is_err());
+}

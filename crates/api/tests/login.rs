@@ -238,7 +238,16 @@ async fn full_login_flow_rotates_session_syncs_memberships_and_logs_out(pool: Pg
         Some("UNAUTHENTICATED")
     );
 
+    // A live subscription of that session (no replay: it stays quiet)...
+    let mut live = ws_live(&env, &post).await;
+    let start = std::time::Instant::now();
+    while env.api.state.live.subscriber_count() < 1 {
+        assert!(start.elapsed() < std::time::Duration::from_secs(30));
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+
     // Logout destroys the server-side session; the old cookie is worthless.
+    let logged_out = std::time::Instant::now();
     let r = env
         .http
         .post(format!("{}/auth/logout", env.api.base))
@@ -250,6 +259,16 @@ async fn full_login_flow_rotates_session_syncs_memberships_and_logs_out(pool: Pg
     assert_eq!(session_rows(&pool).await, 0);
     let d = gql_cookie(&env, &post, "{ viewer { id } }").await;
     assert_eq!(first_code(&d), "UNAUTHENTICATED");
+    // ...and the open subscription ends with UNAUTHENTICATED (re-checked
+    // every `auth_recheck`, 5 s by default).
+    assert_eq!(
+        ws_end_code(&mut live).await.as_deref(),
+        Some("UNAUTHENTICATED")
+    );
+    println!(
+        "logout ended the subscription after {:?}",
+        logged_out.elapsed()
+    );
     env.sim.shutdown().await;
 }
 
@@ -411,7 +430,7 @@ async fn ws_subscribe(env: &Env, cookie: &str, origin: &str) -> Option<String> {
     // Replays from the very start of the log, so an accepted subscription
     // answers at once.
     let from_start =
-        observer_api::replay::format_cursor(observer_db::viewer::EventCursor { xid: 0, seq: -1 });
+        observer_api::live::gql::format_cursor(observer_db::events::Cursor::new(0, -1));
     ws.send(send(json!({"type": "connection_init"})))
         .await
         .unwrap();
@@ -442,6 +461,66 @@ async fn ws_subscribe(env: &Env, cookie: &str, origin: &str) -> Option<String> {
                     .map(str::to_owned)
             }
             other => panic!("unexpected frame {other}: {v}"),
+        }
+    }
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// A graphql-transport-ws connection authenticated by `cookie` (same
+/// origin) with one live `messageEvents` subscription, id "live".
+async fn ws_live(env: &Env, cookie: &str) -> Ws {
+    use futures::SinkExt;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+    let mut req = format!("{}/graphql", env.api.base.replace("http://", "ws://"))
+        .into_client_request()
+        .unwrap();
+    let h = req.headers_mut();
+    h.insert(
+        "sec-websocket-protocol",
+        "graphql-transport-ws".parse().unwrap(),
+    );
+    h.insert("cookie", cookie.parse().unwrap());
+    h.insert("origin", env.api.base.parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    let send = |v: Value| WsMessage::Text(v.to_string().into());
+    ws.send(send(json!({"type": "connection_init"})))
+        .await
+        .unwrap();
+    ws.send(send(json!({"id": "live", "type": "subscribe", "payload": {
+        "query": "subscription { messageEvents { cursor } }"}})))
+        .await
+        .unwrap();
+    ws
+}
+
+/// The code that ends subscription "live" (None: it delivered an event).
+async fn ws_end_code(ws: &mut Ws) -> Option<String> {
+    use futures::StreamExt;
+    use tokio_tungstenite::tungstenite::Message as WsMessage;
+    loop {
+        let msg = tokio::time::timeout(std::time::Duration::from_secs(20), ws.next())
+            .await
+            .expect("the subscription did not end within 20 s")
+            .unwrap()
+            .unwrap();
+        let WsMessage::Text(t) = msg else { continue };
+        let v: Value = serde_json::from_str(&t).unwrap();
+        match v["type"].as_str().unwrap() {
+            "next" => {
+                return v["payload"]["errors"][0]["extensions"]["code"]
+                    .as_str()
+                    .map(str::to_owned)
+            }
+            "error" => {
+                return v["payload"][0]["extensions"]["code"]
+                    .as_str()
+                    .map(str::to_owned)
+            }
+            _ => continue,
         }
     }
 }

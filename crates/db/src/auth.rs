@@ -8,6 +8,7 @@
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
+use crate::ingest::{self, MemberInfo};
 use crate::viewer::UserRow;
 use crate::{AuthTx, Result};
 
@@ -125,43 +126,46 @@ pub async fn bot_guild_ids(tx: &mut AuthTx) -> Result<Vec<i64>> {
 /// `memberships`: upserts each one and deletes rows of checked guilds the user
 /// is no longer in. Guilds outside `checked` are left alone (the worker owns
 /// what we did not ask Discord about).
+///
+/// `observed_at` is when the fetch from Discord *started* (take it before the
+/// first request). The snapshot goes through the worker's member write
+/// ([`crate::ingest`]): anything the worker observed later (a role removed, the
+/// member leaving) wins over it, in either commit order.
 pub async fn replace_memberships(
     tx: &mut AuthTx,
     user_id: i64,
     checked: &[i64],
     memberships: &[Membership],
+    observed_at: DateTime<Utc>,
 ) -> Result<()> {
-    for m in memberships {
-        sqlx::query(
-            "insert into members (guild_id, user_id, role_ids, nick, joined_at, \
-               communication_disabled_until, updated_at) \
-             values ($1, $2, $3, $4, $5, $6, now()) \
-             on conflict (guild_id, user_id) do update set role_ids = excluded.role_ids, \
-               nick = excluded.nick, joined_at = coalesce(excluded.joined_at, members.joined_at), \
-               communication_disabled_until = excluded.communication_disabled_until, \
-               updated_at = now() \
-             where (members.role_ids, members.nick, members.communication_disabled_until) \
-               is distinct from \
-               (excluded.role_ids, excluded.nick, excluded.communication_disabled_until)",
-        )
-        .bind(m.guild_id)
-        .bind(user_id)
-        .bind(&m.role_ids)
-        .bind(&m.nick)
-        .bind(m.joined_at)
-        .bind(m.communication_disabled_until)
-        .execute(&mut **tx)
-        .await?;
-    }
+    let rows: Vec<MemberInfo> = memberships
+        .iter()
+        .map(|m| MemberInfo {
+            guild_id: m.guild_id,
+            user_id,
+            role_ids: m.role_ids.clone(),
+            nick: m.nick.clone(),
+            joined_at: m.joined_at,
+            communication_disabled_until: m.communication_disabled_until,
+            observed_at,
+        })
+        .collect();
+    ingest::upsert_members(tx, &rows).await?;
     let member_of: Vec<i64> = memberships.iter().map(|m| m.guild_id).collect();
-    sqlx::query(
-        "delete from members where user_id = $1 and guild_id = any($2) and not (guild_id = any($3))",
+    // Only guilds with a stored row get a removal recorded: a tombstone for
+    // every bot guild the user never joined would grow without bound.
+    let gone: Vec<i64> = sqlx::query_scalar(
+        "select guild_id from members \
+         where user_id = $1 and guild_id = any($2) and not (guild_id = any($3))",
     )
     .bind(user_id)
     .bind(checked)
     .bind(&member_of)
-    .execute(&mut **tx)
+    .fetch_all(&mut **tx)
     .await?;
+    for guild_id in gone {
+        ingest::remove_members(tx, guild_id, &[user_id], observed_at, false).await?;
+    }
     sqlx::query("update users set memberships_refreshed_at = now() where user_id = $1")
         .bind(user_id)
         .execute(&mut **tx)

@@ -13,9 +13,6 @@
 //! - Resume ([`replay_for_viewer`]) runs as the viewer: RLS on `message_events`
 //!   and `messages` decides, so replay needs READ_MESSAGE_HISTORY like history.
 
-use std::fmt;
-use std::str::FromStr;
-
 use chrono::{DateTime, Utc};
 
 use crate::viewer::{MessageRow, RevisionRow};
@@ -40,34 +37,6 @@ pub struct Cursor {
 impl Cursor {
     pub const fn new(xid: i64, seq: i64) -> Self {
         Self { xid, seq }
-    }
-}
-
-/// The client-facing form, `"<xid>.<seq>"`. Clients treat it as opaque.
-impl fmt::Display for Cursor {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}.{}", self.xid, self.seq)
-    }
-}
-
-impl FromStr for Cursor {
-    type Err = Error;
-
-    fn from_str(s: &str) -> Result<Self> {
-        let invalid = || Error::Invalid("malformed event cursor".into());
-        if s.len() > 41 {
-            return Err(invalid());
-        }
-        let (xid, seq) = s.split_once('.').ok_or_else(invalid)?;
-        // Digits only: no sign, no whitespace, no leading '+'.
-        let digits = |p: &str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit());
-        if !digits(xid) || !digits(seq) {
-            return Err(invalid());
-        }
-        Ok(Self {
-            xid: xid.parse().map_err(|_| invalid())?,
-            seq: seq.parse().map_err(|_| invalid())?,
-        })
     }
 }
 
@@ -372,25 +341,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn cursor_round_trips_and_rejects_junk() {
-        let c = Cursor::new(123_456, 7);
-        assert_eq!(c.to_string().parse::<Cursor>().ok(), Some(c));
-        for bad in [
-            "",
-            ".",
-            "1.",
-            ".1",
-            "1.2.3",
-            "-1.2",
-            "1.-2",
-            "+1.2",
-            " 1.2",
-            "a.b",
-            "1e3.1",
-            "99999999999999999999.1",
-        ] {
-            assert!(bad.parse::<Cursor>().is_err(), "{bad:?} accepted");
-        }
+    fn cursors_order_by_xid_then_seq() {
         assert!(Cursor::new(1, 5) < Cursor::new(2, 1));
         assert!(Cursor::new(2, 0) < Cursor::new(2, 1));
     }

@@ -130,6 +130,9 @@ pub struct MemberInfo {
     pub nick: Option<String>,
     pub joined_at: Option<DateTime<Utc>>,
     pub communication_disabled_until: Option<DateTime<Utc>>,
+    /// When this was observed (gateway event received, REST fetch started).
+    /// Applied only if newer than the stored row and than any recorded removal.
+    pub observed_at: DateTime<Utc>,
 }
 
 /// Everything a GUILD_CREATE carries that we keep.
@@ -229,9 +232,12 @@ pub enum IngestOp {
     },
     /// GUILD_MEMBER_ADD/UPDATE.
     MemberUpsert(MemberInfo),
+    /// GUILD_MEMBER_REMOVE (or a re-read that found no member).
     MemberRemove {
         guild_id: i64,
         user_id: i64,
+        /// When the removal was observed; a member write observed later wins.
+        observed_at: DateTime<Utc>,
     },
     MessageCreate(Box<NewMessage>),
     MessageUpdate(Box<MessagePatch>),
@@ -288,6 +294,18 @@ pub struct Version {
     pub content: String,
     /// None: this observation did not carry attachments (keep what is known).
     pub attachments: Option<Value>,
+}
+
+impl Version {
+    #[allow(clippy::type_complexity)]
+    fn order_key(&self) -> (DateTime<Utc>, &str, Option<DateTime<Utc>>, Option<String>) {
+        (
+            self.at,
+            &self.content,
+            self.edited_at,
+            self.attachments.as_ref().map(Value::to_string),
+        )
+    }
 }
 
 /// The stored state of a message, as far as ingestion knows it.
@@ -371,7 +389,10 @@ impl MsgState {
         let version = match (&self.version, &other.version) {
             (None, v) | (v, None) => v.clone(),
             (Some(a), Some(b)) => {
-                let (win, lose) = if b.at > a.at || (b.at == a.at && b.content > a.content) {
+                // A total order on versions, so the winner never depends on
+                // which side is `self`: time, then content, edit time and
+                // attachments (unknown < known, then by serialized form).
+                let (win, lose) = if b.order_key() > a.order_key() {
                     (b, a)
                 } else {
                     (a, b)
@@ -416,6 +437,24 @@ impl MsgState {
             && self.content() == other.content()
             && self.edited_at() == other.edited_at()
             && self.attachments() == other.attachments()
+    }
+
+    /// [`Self::visible_eq`] plus the bookkeeping columns: whether the row
+    /// must be written even though readers would see no difference.
+    fn stored_eq(&self, other: &MsgState) -> bool {
+        self.visible_eq(other)
+            && self.version_at() == other.version_at()
+            && self.attachments_known() == other.attachments_known()
+    }
+
+    fn version_at(&self) -> Option<DateTime<Utc>> {
+        self.version.as_ref().map(|v| v.at)
+    }
+
+    fn attachments_known(&self) -> bool {
+        self.version
+            .as_ref()
+            .is_some_and(|v| v.attachments.is_some())
     }
 
     fn content(&self) -> &str {
@@ -563,7 +602,7 @@ async fn apply_access_run(conn: &mut PgConnection, run: &[&IngestOp]) -> Result<
                     _ => None,
                 })
                 .collect();
-            upsert_members(conn, &last_by_key(members, |m| (m.guild_id, m.user_id))).await
+            upsert_members(conn, &newest_members(members)).await
         }
         _ => {
             for op in run {
@@ -572,6 +611,14 @@ async fn apply_access_run(conn: &mut PgConnection, run: &[&IngestOp]) -> Result<
             Ok(())
         }
     }
+}
+
+/// Keeps the newest observation per member (the later one on a tie): one
+/// statement may not touch a row twice.
+fn newest_members(mut members: Vec<MemberInfo>) -> Vec<MemberInfo> {
+    // Stable: equal times keep their order, so the later op stays last.
+    members.sort_by_key(|m| m.observed_at);
+    last_by_key(members, |m| (m.guild_id, m.user_id))
 }
 
 /// Keeps the last item per key (one statement may not touch a row twice).
@@ -592,7 +639,7 @@ fn last_by_key<T, K: std::hash::Hash + Eq>(items: Vec<T>, key: impl Fn(&T) -> K)
 async fn apply_access(conn: &mut PgConnection, op: &IngestOp) -> Result<()> {
     match op {
         IngestOp::GuildCreate(snap) => guild_snapshot(conn, snap).await,
-        IngestOp::GuildUpdate(g) => upsert_guild(conn, g).await,
+        IngestOp::GuildUpdate(g) => upsert_guild(conn, g, false).await,
         IngestOp::GuildRemoved { guild_id } => {
             sqlx::query(
                 "insert into guilds (guild_id, removed_at) values ($1, now())
@@ -671,19 +718,13 @@ async fn apply_access(conn: &mut PgConnection, op: &IngestOp) -> Result<()> {
             Ok(())
         }
         IngestOp::MemberUpsert(m) => upsert_members(conn, std::slice::from_ref(m)).await,
-        IngestOp::MemberRemove { guild_id, user_id } => {
-            sqlx::query("delete from members where guild_id = $1 and user_id = $2")
-                .bind(guild_id)
-                .bind(user_id)
-                .execute(&mut *conn)
-                .await?;
-            sqlx::query("delete from thread_members where guild_id = $1 and user_id = $2")
-                .bind(guild_id)
-                .bind(user_id)
-                .execute(&mut *conn)
-                .await?;
-            Ok(())
-        }
+        IngestOp::MemberRemove {
+            guild_id,
+            user_id,
+            observed_at,
+        } => remove_members(conn, *guild_id, &[*user_id], *observed_at, true)
+            .await
+            .map(|_| ()),
         IngestOp::MessageCreate(_)
         | IngestOp::MessageUpdate(_)
         | IngestOp::MessageDelete { .. }
@@ -691,20 +732,28 @@ async fn apply_access(conn: &mut PgConnection, op: &IngestOp) -> Result<()> {
     }
 }
 
-async fn upsert_guild(conn: &mut PgConnection, g: &GuildInfo) -> Result<()> {
+/// Writes a guild's own fields. Only `rejoined` (GUILD_CREATE: the bot is in
+/// the guild and it is available) clears `removed_at` and `unavailable`:
+/// handlers run concurrently, so a GUILD_UPDATE may be written after a
+/// GUILD_DELETE that Discord sent later, and must not resurrect the guild.
+async fn upsert_guild(conn: &mut PgConnection, g: &GuildInfo, rejoined: bool) -> Result<()> {
     // observer_role_ids and retention are tenant settings: never touched here.
     sqlx::query(
         "insert into guilds (guild_id, name, icon, owner_id) values ($1, $2, $3, $4)
          on conflict (guild_id) do update
            set name = excluded.name, icon = excluded.icon, owner_id = excluded.owner_id,
-               removed_at = null, unavailable = false, updated_at = now()
-           where (guilds.name, guilds.icon, guilds.owner_id, guilds.removed_at, guilds.unavailable)
-                 is distinct from (excluded.name, excluded.icon, excluded.owner_id, null::timestamptz, false)",
+               removed_at = case when $5 then null else guilds.removed_at end,
+               unavailable = case when $5 then false else guilds.unavailable end,
+               updated_at = now()
+           where (guilds.name, guilds.icon, guilds.owner_id) is distinct from
+                 (excluded.name, excluded.icon, excluded.owner_id)
+              or ($5 and (guilds.removed_at is not null or guilds.unavailable))",
     )
     .bind(g.guild_id)
     .bind(sanitize(&g.name, MAX_NAME_BYTES))
     .bind(sanitize_opt(g.icon.as_deref(), MAX_NAME_BYTES))
     .bind(g.owner_id)
+    .bind(rejoined)
     .execute(&mut *conn)
     .await?;
     Ok(())
@@ -712,7 +761,7 @@ async fn upsert_guild(conn: &mut PgConnection, g: &GuildInfo) -> Result<()> {
 
 async fn guild_snapshot(conn: &mut PgConnection, s: &GuildSnapshot) -> Result<()> {
     let gid = s.guild.guild_id;
-    upsert_guild(conn, &s.guild).await?;
+    upsert_guild(conn, &s.guild, true).await?;
 
     sync_roles(conn, gid, &s.roles).await?;
 
@@ -733,7 +782,7 @@ async fn guild_snapshot(conn: &mut PgConnection, s: &GuildSnapshot) -> Result<()
     let mut all = s.channels.clone();
     all.extend(s.threads.iter().cloned());
     upsert_channels(conn, &last_by_key(all, |c| c.channel_id)).await?;
-    upsert_members(conn, &last_by_key(s.members.clone(), |m| m.user_id)).await?;
+    upsert_members(conn, &newest_members(s.members.clone())).await?;
     Ok(())
 }
 
@@ -778,7 +827,17 @@ async fn upsert_roles(conn: &mut PgConnection, roles: &[RoleInfo]) -> Result<()>
     Ok(())
 }
 
-async fn upsert_members(conn: &mut PgConnection, members: &[MemberInfo]) -> Result<()> {
+/// The one member write, shared by the worker and the login path
+/// ([`crate::auth::replace_memberships`]). A row is written only if it was
+/// observed later than the stored row and than the member's last recorded
+/// removal; `observed_at` advances even when nothing else changed, so an older
+/// observation arriving afterwards cannot undo a newer one.
+///
+/// Left open: a removal and an older add committed by two transactions at
+/// the very same moment can still re-add the member (the add read no
+/// tombstone yet). The worker's re-read of the member (scheduled on every
+/// member event) corrects that within its delay.
+pub(crate) async fn upsert_members(conn: &mut PgConnection, members: &[MemberInfo]) -> Result<()> {
     if members.is_empty() {
         return Ok(());
     }
@@ -806,20 +865,29 @@ async fn upsert_members(conn: &mut PgConnection, members: &[MemberInfo]) -> Resu
         .iter()
         .map(|m| m.communication_disabled_until)
         .collect();
+    let observed: Vec<DateTime<Utc>> = members.iter().map(|m| m.observed_at).collect();
     sqlx::query(
-        "insert into members (guild_id, user_id, role_ids, nick, joined_at, communication_disabled_until)
-         select g, u, coalesce(string_to_array(nullif(r, ''), ',')::int8[], '{}'), n, j, t
-         from unnest($1::int8[], $2::int8[], $3::text[], $4::text[], $5::timestamptz[], $6::timestamptz[])
-              as x(g, u, r, n, j, t)
+        "insert into members (guild_id, user_id, role_ids, nick, joined_at,
+                              communication_disabled_until, observed_at)
+         select g, u, coalesce(string_to_array(nullif(r, ''), ',')::int8[], '{}'), n, j, t, o
+         from unnest($1::int8[], $2::int8[], $3::text[], $4::text[], $5::timestamptz[],
+                     $6::timestamptz[], $7::timestamptz[])
+              as x(g, u, r, n, j, t, o)
+         where not exists (select 1 from member_removals d
+                           where d.guild_id = x.g and d.user_id = x.u and d.observed_at >= x.o)
          on conflict (guild_id, user_id) do update
            set role_ids = excluded.role_ids, nick = excluded.nick,
                joined_at = coalesce(excluded.joined_at, members.joined_at),
                communication_disabled_until = excluded.communication_disabled_until,
-               updated_at = now()
-           where (members.role_ids, members.nick, members.joined_at, members.communication_disabled_until)
-                 is distinct from (excluded.role_ids, excluded.nick,
-                                   coalesce(excluded.joined_at, members.joined_at),
-                                   excluded.communication_disabled_until)",
+               observed_at = excluded.observed_at,
+               updated_at = case
+                 when (members.role_ids, members.nick, members.joined_at,
+                       members.communication_disabled_until)
+                      is distinct from (excluded.role_ids, excluded.nick,
+                                        coalesce(excluded.joined_at, members.joined_at),
+                                        excluded.communication_disabled_until)
+                 then now() else members.updated_at end
+           where members.observed_at < excluded.observed_at",
     )
     .bind(&g)
     .bind(&u)
@@ -827,9 +895,65 @@ async fn upsert_members(conn: &mut PgConnection, members: &[MemberInfo]) -> Resu
     .bind(&nick)
     .bind(&joined)
     .bind(&timeout)
+    .bind(&observed)
     .execute(&mut *conn)
     .await?;
     Ok(())
+}
+
+/// Records the removal of `user_ids` from a guild observed at `observed_at`
+/// and deletes their member rows unless those were observed later (a re-join
+/// handled first). With `threads`, their thread memberships go too (the login
+/// path has no access to `thread_members` and leaves them to the worker).
+/// Returns the users whose rows were deleted.
+pub(crate) async fn remove_members(
+    conn: &mut PgConnection,
+    guild_id: i64,
+    user_ids: &[i64],
+    observed_at: DateTime<Utc>,
+    threads: bool,
+) -> Result<Vec<i64>> {
+    if user_ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    sqlx::query(
+        "insert into member_removals (guild_id, user_id, observed_at)
+         select $1, u, $3 from unnest($2::int8[]) as u
+         on conflict (guild_id, user_id) do update
+           set observed_at = excluded.observed_at
+           where member_removals.observed_at < excluded.observed_at",
+    )
+    .bind(guild_id)
+    .bind(user_ids)
+    .bind(observed_at)
+    .execute(&mut *conn)
+    .await?;
+    let gone: Vec<i64> = sqlx::query_scalar(
+        "delete from members
+         where guild_id = $1 and user_id = any($2) and observed_at < $3
+         returning user_id",
+    )
+    .bind(guild_id)
+    .bind(user_ids)
+    .bind(observed_at)
+    .fetch_all(&mut *conn)
+    .await?;
+    if !threads {
+        return Ok(gone);
+    }
+    // Thread memberships go with the guild membership, unless the member row
+    // is newer than this removal (re-joined; those threads are current).
+    sqlx::query(
+        "delete from thread_members t
+         where t.guild_id = $1 and t.user_id = any($2)
+           and not exists (select 1 from members m
+                           where m.guild_id = t.guild_id and m.user_id = t.user_id)",
+    )
+    .bind(guild_id)
+    .bind(user_ids)
+    .execute(&mut *conn)
+    .await?;
+    Ok(gone)
 }
 
 async fn upsert_channels(conn: &mut PgConnection, chans: &[ChannelInfo]) -> Result<()> {
@@ -999,7 +1123,7 @@ async fn add_thread_members(
 
 const MESSAGE_COLUMNS: &str = "guild_id, message_id, channel_id, author_id, author_username, \
      author_display_name, author_avatar, author_bot, content, created_at, edited_at, deleted_at, \
-     attachments, reply_to_id, seen_create";
+     attachments, reply_to_id, seen_create, version_at, attachments_known";
 
 fn row_to_state(row: &sqlx::postgres::PgRow) -> Result<MsgState> {
     let author_id: Option<i64> = row.try_get("author_id")?;
@@ -1020,9 +1144,12 @@ fn row_to_state(row: &sqlx::postgres::PgRow) -> Result<MsgState> {
     let edited_at: Option<DateTime<Utc>> = row.try_get("edited_at")?;
     let content: String = row.try_get("content")?;
     let attachments: Value = row.try_get("attachments")?;
-    // A row carries a content version unless it is a bare tombstone (a delete
-    // seen before any create or update).
-    let has_version = seen_create || edited_at.is_some() || !content.is_empty();
+    // Recorded explicitly by every write from here. A row with its create
+    // seen but no version_at was written by something else (a fixture, a
+    // manual fix): its create is its version.
+    let version_at: Option<DateTime<Utc>> = row.try_get("version_at")?;
+    let version_at = version_at.or_else(|| seen_create.then(|| edited_at.unwrap_or(created_at)));
+    let attachments_known = row.try_get::<bool, _>("attachments_known")? || seen_create;
     Ok(MsgState {
         guild_id: row.try_get("guild_id")?,
         message_id: row.try_get("message_id")?,
@@ -1031,13 +1158,11 @@ fn row_to_state(row: &sqlx::postgres::PgRow) -> Result<MsgState> {
         created_at,
         seen_create,
         reply_to_id: row.try_get("reply_to_id")?,
-        version: has_version.then(|| Version {
-            at: edited_at.unwrap_or(created_at),
+        version: version_at.map(|at| Version {
+            at,
             edited_at,
             content,
-            // '[]' on a row whose create was never seen means "not known yet".
-            attachments: (seen_create || attachments.as_array().is_none_or(|a| !a.is_empty()))
-                .then_some(attachments),
+            attachments: attachments_known.then_some(attachments),
         }),
         deleted_at: row.try_get("deleted_at")?,
     })
@@ -1061,6 +1186,8 @@ struct MsgColumns {
     att: Vec<Value>,
     reply: Vec<Option<i64>>,
     seen: Vec<bool>,
+    vat: Vec<Option<DateTime<Utc>>>,
+    aknown: Vec<bool>,
 }
 
 impl MsgColumns {
@@ -1083,6 +1210,8 @@ impl MsgColumns {
         self.att.push(s.attachments());
         self.reply.push(s.reply_to_id);
         self.seen.push(s.seen_create);
+        self.vat.push(s.version_at());
+        self.aknown.push(s.attachments_known());
     }
 
     fn bind<'q>(
@@ -1104,12 +1233,14 @@ impl MsgColumns {
             .bind(&self.att)
             .bind(&self.reply)
             .bind(&self.seen)
+            .bind(&self.vat)
+            .bind(&self.aknown)
     }
 }
 
 const UNNEST_MESSAGES: &str = "unnest($1::int8[], $2::int8[], $3::int8[], $4::int8[], $5::text[], \
      $6::text[], $7::text[], $8::bool[], $9::text[], $10::timestamptz[], $11::timestamptz[], \
-     $12::timestamptz[], $13::jsonb[], $14::int8[], $15::bool[])";
+     $12::timestamptz[], $13::jsonb[], $14::int8[], $15::bool[], $16::timestamptz[], $17::bool[])";
 
 async fn write_messages(
     conn: &mut PgConnection,
@@ -1152,8 +1283,10 @@ async fn write_messages(
                 }
                 Some(old) => {
                     let new = old.join(incoming);
-                    if !old.visible_eq(&new) {
+                    if !old.stored_eq(&new) {
                         updates.push(&new);
+                    }
+                    if !old.visible_eq(&new) {
                         let kind = if new.deleted_at.is_some() && old.deleted_at.is_none() {
                             3
                         } else {
@@ -1175,7 +1308,8 @@ async fn write_messages(
                        author_avatar = u.author_avatar, author_bot = u.author_bot,
                        content = u.content, created_at = u.created_at, edited_at = u.edited_at,
                        deleted_at = u.deleted_at, attachments = u.attachments,
-                       reply_to_id = u.reply_to_id, seen_create = u.seen_create
+                       reply_to_id = u.reply_to_id, seen_create = u.seen_create,
+                       version_at = u.version_at, attachments_known = u.attachments_known
                      from {UNNEST_MESSAGES} as u({MESSAGE_COLUMNS})
                      where m.guild_id = u.guild_id and m.message_id = u.message_id"
                 )))
@@ -1208,6 +1342,8 @@ async fn write_messages(
             .bind(&inserts.att)
             .bind(&inserts.reply)
             .bind(&inserts.seen)
+            .bind(&inserts.vat)
+            .bind(&inserts.aknown)
             .fetch_all(&mut *conn)
             .await?;
             let done: HashSet<(i64, i64)> = done.into_iter().collect();
@@ -1294,19 +1430,36 @@ async fn write_revisions(
 }
 
 /// Whether a failed batch is worth retrying as is: connection trouble, a
-/// restarting server, serialization failures, deadlocks. Anything else is the
-/// database refusing the data itself.
+/// restarting server, resource exhaustion, serialization failures, deadlocks,
+/// lock timeouts and the lost races [`write_batch`] reports as
+/// [`crate::Error::Conflict`] (concurrent writers; nothing wrong with the data).
+/// Only the database refusing the data itself (bad values, a violated
+/// constraint, a statement it cannot run) is not: the batcher then isolates
+/// and drops the offending op, so misclassifying a race here would lose data.
 pub fn is_transient(err: &crate::Error) -> bool {
     match err {
         crate::Error::Sqlx(sqlx::Error::Database(db)) => db.code().is_some_and(|c| {
-            c.starts_with("08")
-                || c.starts_with("57")
-                || c.starts_with("53")
-                || c == "40001"
-                || c == "40P01"
+            c.starts_with("08") // connection exception
+                || c.starts_with("57") // operator intervention (shutdown, cancel)
+                || c.starts_with("53") // insufficient resources
+                || c.starts_with("40") // serialization failure, deadlock
+                || c == "55P03" // lock not available
         }),
+        // A row that failed to decode or a type the server does not know is a
+        // bug or bad data: retrying the same batch cannot help.
+        crate::Error::Sqlx(
+            sqlx::Error::ColumnDecode { .. }
+            | sqlx::Error::ColumnNotFound(_)
+            | sqlx::Error::ColumnIndexOutOfBounds { .. }
+            | sqlx::Error::Decode(_)
+            | sqlx::Error::Encode(_)
+            | sqlx::Error::TypeNotFound { .. }
+            | sqlx::Error::RowNotFound,
+        ) => false,
+        // I/O, TLS, protocol, pool timeouts and the like.
         crate::Error::Sqlx(_) => true,
-        _ => false,
+        crate::Error::Conflict(_) => true,
+        crate::Error::NotFound | crate::Error::Invalid(_) | crate::Error::Migrate(_) => false,
     }
 }
 
@@ -1368,6 +1521,50 @@ mod tests {
     fn sanitize_strips_controls_and_caps() {
         assert_eq!(sanitize("a\u{0}b\nc\td\u{7}", 100), "ab\nc\td");
         assert_eq!(sanitize("héllo", 2), "h");
+    }
+
+    #[test]
+    fn join_breaks_ties_on_attachments_deterministically() {
+        let id = snowflake_at(t(1_700_000_000_000)) | 7;
+        let patch = |att: Value| {
+            MsgState::from_patch(&MessagePatch {
+                guild_id: 1,
+                channel_id: 2,
+                message_id: id,
+                author: None,
+                content: Some("same".into()),
+                edited_at: Some(t(1_700_000_001_000)),
+                attachments: Some(att),
+            })
+        };
+        let a = patch(serde_json::json!([{"id": "1", "filename": "a.png"}]));
+        let b = patch(serde_json::json!([{"id": "2", "filename": "b.png"}]));
+        let ab = a.join(&b);
+        let ba = b.join(&a);
+        assert_eq!(ab, ba);
+        assert!(ab.visible_eq(&ba) && ab.stored_eq(&ba));
+        // Known attachments beat unknown ones at an equal version.
+        let unknown = MsgState::from_patch(&MessagePatch {
+            guild_id: 1,
+            channel_id: 2,
+            message_id: id,
+            author: None,
+            content: Some("same".into()),
+            edited_at: Some(t(1_700_000_001_000)),
+            attachments: None,
+        });
+        assert_eq!(unknown.join(&a), a.join(&unknown));
+        assert_eq!(unknown.join(&a).attachments(), a.attachments());
+    }
+
+    #[test]
+    fn lost_races_are_retried_and_refusals_are_not() {
+        // write_messages reports concurrent-writer races as Conflict: the
+        // batcher must retry those, not split the batch and drop ops.
+        assert!(is_transient(&crate::Error::Conflict("race".into())));
+        assert!(is_transient(&crate::Error::Sqlx(sqlx::Error::PoolTimedOut)));
+        assert!(!is_transient(&crate::Error::Invalid("bad".into())));
+        assert!(!is_transient(&crate::Error::Sqlx(sqlx::Error::RowNotFound)));
     }
 
     #[test]

@@ -16,6 +16,8 @@
 //! - [`ingest`]: writes from the worker (idempotent upserts, event log, NOTIFY).
 //! - [`viewer`]: reads for the API, always under RLS.
 //! - [`auth`]: users, OAuth tokens, API tokens and memberships for the login path.
+//! - [`server`]: a private PostgreSQL cluster from the installed server binaries
+//!   (the demo without `DATABASE_URL`; tests that restart PostgreSQL). No SQL.
 //!
 //! Errors: functions return [`Error`]; callers branch on the few variants that
 //! matter (not found, conflict) and log the rest with their cause chain.
@@ -27,6 +29,7 @@ pub mod error;
 pub mod events;
 pub mod ingest;
 pub mod migrate;
+pub mod server;
 pub mod tx;
 pub mod viewer;
 

@@ -54,6 +54,7 @@ async fn memberships_replace_only_checked_guilds(pool: PgPool) {
         7,
         &[1, 2],
         &[membership(1, &[10]), membership(2, &[])],
+        chrono::Utc::now(),
     )
     .await
     .unwrap();
@@ -65,9 +66,15 @@ async fn memberships_replace_only_checked_guilds(pool: PgPool) {
         .unwrap();
 
     let mut tx = db.auth().await.unwrap();
-    auth::replace_memberships(&mut tx, 7, &[1, 2], &[membership(1, &[10, 11])])
-        .await
-        .unwrap();
+    auth::replace_memberships(
+        &mut tx,
+        7,
+        &[1, 2],
+        &[membership(1, &[10, 11])],
+        chrono::Utc::now(),
+    )
+    .await
+    .unwrap();
     tx.commit().await.unwrap();
     let rows: Vec<(i64, Vec<i64>)> = sqlx::query_as(
         "select guild_id, role_ids from members where user_id = 7 order by guild_id",

@@ -74,7 +74,7 @@ async fn settle(db: &Db) {
         if head.xid >= target {
             return;
         }
-        assert!(start.elapsed().as_secs() < 10, "watermark never advanced");
+        assert!(start.elapsed().as_secs() < 30, "watermark never advanced");
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
 }
@@ -108,9 +108,6 @@ async fn the_watermark_holds_back_events_behind_an_open_older_transaction(pool: 
     assert!(next > start);
     // Nothing twice.
     assert_eq!(read_all(&db, next).await.0, Vec::<i64>::new());
-
-    // The cursor's text form round-trips.
-    assert_eq!(next.to_string().parse::<Cursor>().unwrap(), next);
 }
 
 #[sqlx::test(migrator = "observer_db::MIGRATOR")]

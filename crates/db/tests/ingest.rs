@@ -410,6 +410,7 @@ fn member(g: i64, u: i64, roles: Vec<i64>) -> MemberInfo {
         nick: None,
         joined_at: None,
         communication_disabled_until: None,
+        observed_at: Utc::now(),
     }
 }
 
@@ -503,6 +504,7 @@ async fn access_data_is_mirrored(pool: PgPool) -> anyhow::Result<()> {
             IngestOp::MemberRemove {
                 guild_id: g,
                 user_id: 2,
+                observed_at: Utc::now(),
             },
         ],
     )
@@ -566,5 +568,219 @@ async fn access_data_is_mirrored(pool: PgPool) -> anyhow::Result<()> {
     let newest = ingest::newest_message_ids(&mut tx, g, &chans, i64::MAX).await?;
     assert!(newest.is_empty());
     tx.commit().await?;
+    Ok(())
+}
+
+async fn member_roles(pool: &PgPool, g: i64, u: i64) -> anyhow::Result<Option<Vec<i64>>> {
+    Ok(
+        sqlx::query_scalar("select role_ids from members where guild_id = $1 and user_id = $2")
+            .bind(g)
+            .bind(u)
+            .fetch_optional(pool)
+            .await?,
+    )
+}
+
+async fn login_snapshot(
+    db: &Db,
+    u: i64,
+    checked: &[i64],
+    memberships: &[(i64, Vec<i64>)],
+    observed_at: DateTime<Utc>,
+) -> anyhow::Result<()> {
+    let ms: Vec<observer_db::auth::Membership> = memberships
+        .iter()
+        .map(|(g, roles)| observer_db::auth::Membership {
+            guild_id: *g,
+            role_ids: roles.clone(),
+            nick: None,
+            joined_at: None,
+            communication_disabled_until: None,
+        })
+        .collect();
+    let mut tx = db.auth().await?;
+    observer_db::auth::replace_memberships(&mut tx, u, checked, &ms, observed_at).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// §3: the login path's REST snapshot and the worker's gateway events both
+/// write `members`; whichever was observed later wins, whatever the commit
+/// order. A stale snapshot must not restore a removed role or a removed member.
+#[sqlx::test(migrator = "observer_db::MIGRATOR")]
+async fn member_writes_apply_only_newer_observations(pool: PgPool) -> anyhow::Result<()> {
+    let db = setup(&pool).await?;
+    let (g, u) = (10, 7);
+    let at = |s: i64| t(1_750_000_000_000 + s * 1000);
+    let obs = |roles: Vec<i64>, s: i64| {
+        let mut m = member(g, u, roles);
+        m.observed_at = at(s);
+        IngestOp::MemberUpsert(m)
+    };
+
+    // Gateway at t=2: role 21 removed. A snapshot fetched at t=1 commits later.
+    write(&db, &[obs(vec![20], 2)]).await?;
+    login_snapshot(&db, u, &[g], &[(g, vec![20, 21])], at(1)).await?;
+    assert_eq!(member_roles(&pool, g, u).await?, Some(vec![20]));
+    // A newer snapshot applies; an older gateway event after it does not.
+    login_snapshot(&db, u, &[g], &[(g, vec![20, 22])], at(3)).await?;
+    write(&db, &[obs(vec![20, 21], 2)]).await?;
+    assert_eq!(member_roles(&pool, g, u).await?, Some(vec![20, 22]));
+    // An identical observation still advances the row's time: a stale write
+    // that differs cannot slip in behind it.
+    write(&db, &[obs(vec![20, 22], 5)]).await?;
+    login_snapshot(&db, u, &[g], &[(g, vec![20, 21, 22])], at(4)).await?;
+    assert_eq!(member_roles(&pool, g, u).await?, Some(vec![20, 22]));
+    // Within one batch the newest observation wins, not the last op.
+    write(&db, &[obs(vec![23], 7), obs(vec![24], 6)]).await?;
+    assert_eq!(member_roles(&pool, g, u).await?, Some(vec![23]));
+
+    // The member leaves at t=10; a snapshot fetched at t=9 must not re-add
+    // them, nor may a gateway add observed before the removal.
+    write(
+        &db,
+        &[IngestOp::MemberRemove {
+            guild_id: g,
+            user_id: u,
+            observed_at: at(10),
+        }],
+    )
+    .await?;
+    login_snapshot(&db, u, &[g], &[(g, vec![20])], at(9)).await?;
+    write(&db, &[obs(vec![20], 8)]).await?;
+    assert_eq!(member_roles(&pool, g, u).await?, None);
+    // A removal observed before a re-join does not delete the re-joined row.
+    write(&db, &[obs(vec![25], 12)]).await?;
+    write(
+        &db,
+        &[IngestOp::MemberRemove {
+            guild_id: g,
+            user_id: u,
+            observed_at: at(11),
+        }],
+    )
+    .await?;
+    assert_eq!(member_roles(&pool, g, u).await?, Some(vec![25]));
+
+    // The login path removes a member it no longer finds, and records it: a
+    // gateway add observed before that fetch cannot re-create the row.
+    login_snapshot(&db, u, &[g], &[], at(14)).await?;
+    assert_eq!(member_roles(&pool, g, u).await?, None);
+    write(&db, &[obs(vec![25], 13)]).await?;
+    assert_eq!(member_roles(&pool, g, u).await?, None);
+    // ...while a later join is applied.
+    write(&db, &[obs(vec![26], 15)]).await?;
+    assert_eq!(member_roles(&pool, g, u).await?, Some(vec![26]));
+    // A snapshot taken before a gateway join does not remove the member.
+    login_snapshot(&db, u, &[g], &[], at(14)).await?;
+    assert_eq!(member_roles(&pool, g, u).await?, Some(vec![26]));
+    Ok(())
+}
+
+/// A row first written by an update without `edited_at` and with empty
+/// content (an attachment-only message) still holds a content version: a
+/// later delete must not mistake it for a bare tombstone and drop its
+/// attachments.
+#[sqlx::test(migrator = "observer_db::MIGRATOR")]
+async fn versions_are_stored_not_guessed(pool: PgPool) -> anyhow::Result<()> {
+    let db = setup(&pool).await?;
+    let (g, c) = (10, 30);
+    let id = snowflake_at(t(1_750_000_000_000)) | 3;
+    let att = json!([{"id": "99", "filename": "shot.png", "url": "https://cdn/x", "size": 5,
+                      "content_type": "image/png"}]);
+    write(
+        &db,
+        &[IngestOp::MessageUpdate(Box::new(MessagePatch {
+            guild_id: g,
+            channel_id: c,
+            message_id: id,
+            author: None,
+            content: Some(String::new()),
+            edited_at: None,
+            attachments: Some(att.clone()),
+        }))],
+    )
+    .await?;
+    write(
+        &db,
+        &[IngestOp::MessageDelete {
+            guild_id: g,
+            channel_id: c,
+            message_id: id,
+        }],
+    )
+    .await?;
+    let (stored, deleted): (serde_json::Value, bool) = sqlx::query_as(
+        "select attachments, deleted_at is not null from messages where message_id = $1",
+    )
+    .bind(id)
+    .fetch_one(&pool)
+    .await?;
+    assert!(deleted);
+    assert_eq!(stored, att);
+
+    // The create arriving last fills in the author but keeps the same version
+    // (same time, same content): the attachments stay.
+    write(
+        &db,
+        &[IngestOp::MessageCreate(Box::new(NewMessage {
+            guild_id: g,
+            channel_id: c,
+            message_id: id,
+            author: author(5),
+            content: String::new(),
+            created_at: snowflake_time(id),
+            edited_at: None,
+            attachments: att.clone(),
+            reply_to_id: None,
+        }))],
+    )
+    .await?;
+    let (stored, author_id): (serde_json::Value, Option<i64>) =
+        sqlx::query_as("select attachments, author_id from messages where message_id = $1")
+            .bind(id)
+            .fetch_one(&pool)
+            .await?;
+    assert_eq!((stored, author_id), (att, Some(5)));
+    Ok(())
+}
+
+/// Only GUILD_CREATE (the bot is back) clears a removal or an outage; a
+/// GUILD_UPDATE written after a GUILD_DELETE (concurrent handlers) must not
+/// resurrect the guild.
+#[sqlx::test(migrator = "observer_db::MIGRATOR")]
+async fn guild_update_does_not_resurrect_a_removed_guild(pool: PgPool) -> anyhow::Result<()> {
+    let db = setup(&pool).await?;
+    let info = |name: &str| GuildInfo {
+        guild_id: 10,
+        name: name.into(),
+        icon: None,
+        owner_id: 1,
+    };
+    let state = || async {
+        sqlx::query_as::<_, (String, bool, bool)>(
+            "select name, removed_at is not null, unavailable from guilds where guild_id = 10",
+        )
+        .fetch_one(&pool)
+        .await
+    };
+    write(&db, &[IngestOp::GuildUpdate(info("a"))]).await?;
+    write(&db, &[IngestOp::GuildRemoved { guild_id: 10 }]).await?;
+    write(&db, &[IngestOp::GuildUpdate(info("b"))]).await?;
+    assert_eq!(state().await?, ("b".to_owned(), true, false));
+
+    write(&db, &[IngestOp::GuildUnavailable { guild_id: 10 }]).await?;
+    write(&db, &[IngestOp::GuildUpdate(info("c"))]).await?;
+    assert_eq!(state().await?, ("c".to_owned(), true, true));
+
+    let snap = GuildSnapshot {
+        guild: info("d"),
+        roles: vec![],
+        channels: vec![],
+        threads: vec![],
+        members: vec![],
+    };
+    write(&db, &[IngestOp::GuildCreate(Box::new(snap))]).await?;
+    assert_eq!(state().await?, ("d".to_owned(), false, false));
     Ok(())
 }

@@ -12,7 +12,7 @@ use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::DemoArgs;
-use crate::postgres::PrivatePostgres;
+use observer_db::server::PrivatePostgres;
 
 /// Port of the demo's private PostgreSQL (off the default 5432 so it never
 /// collides with a system server).
@@ -22,8 +22,10 @@ pub async fn run(args: DemoArgs, shutdown: impl Future<Output = ()>) -> anyhow::
     let (url, private) = match &args.database_url {
         Some(url) => (url.clone(), None),
         None => {
-            let pg = PrivatePostgres::start(&args.data_dir, DEMO_PG_PORT).await?;
-            (pg.url.clone(), Some(pg))
+            let pg = PrivatePostgres::start(&args.data_dir, DEMO_PG_PORT)
+                .await
+                .context("starting the demo's private PostgreSQL")?;
+            (pg.url(), Some(pg))
         }
     };
     let result = run_with_db(&args, &url, shutdown).await;
@@ -40,7 +42,7 @@ async fn run_with_db(
 ) -> anyhow::Result<()> {
     let db = observer_db::Db::connect(url, 24)
         .await
-        .with_context(|| format!("connecting to {url}"))?;
+        .with_context(|| format!("connecting to {}", redact_password(url)))?;
     observer_db::migrate::run(db.pool())
         .await
         .context("applying migrations and policies")?;
@@ -167,4 +169,33 @@ fn print_welcome(public_url: &str, sim_url: &str, scenario: &observer_sim::Scena
     }
     println!();
     println!("Press Ctrl-C to stop.");
+}
+
+/// `postgres://user:secret@host/db` → `postgres://user:***@host/db`, for messages.
+fn redact_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let Some((userinfo, host)) = rest.rsplit_once('@') else {
+        return url.to_string();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_password;
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact_password("postgres://u:p%40ss@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
+        assert_eq!(redact_password("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(redact_password("not a url"), "not a url");
+    }
 }

@@ -4,7 +4,6 @@
 
 mod cli;
 mod demo;
-mod postgres;
 mod telemetry;
 
 use anyhow::Context;

@@ -63,6 +63,8 @@ struct Handler {
 #[serenity::async_trait]
 impl RawEventHandler for Handler {
     async fn raw_event(&self, _ctx: Context, ev: Event) {
+        // As early as possible: member writes are ordered by this time.
+        let received = Utc::now();
         if self.stopping.load(Ordering::Relaxed) {
             return;
         }
@@ -93,7 +95,7 @@ impl RawEventHandler for Handler {
         if let Some(name) = ev.name() {
             self.metrics.event(&name);
         }
-        let mapped = map::event(&ev);
+        let mapped = map::event(&ev, received);
         for op in mapped.ops {
             if let (Some(tx), Some(key)) = (&self.reread, reread::key_for(&op)) {
                 let _ = tx.send(key);
@@ -174,7 +176,7 @@ pub async fn run_with_metrics(
         metrics: Arc::clone(&metrics),
     };
     let (bf_tx, bf_rx) = mpsc::unbounded_channel();
-    let backfill_task = config.backfill.then(|| {
+    let mut backfill_task = config.backfill.then(|| {
         let bf = backfill::Backfiller {
             rest: api.clone(),
             db: db.clone(),
@@ -188,11 +190,12 @@ pub async fn run_with_metrics(
     });
 
     let (rr_tx, rr_rx) = mpsc::unbounded_channel();
-    let reread_task = config.access_reread.map(|delay| {
+    let mut reread_task = config.access_reread.map(|delay| {
         let rr = reread::Rereader {
             rest: api.clone(),
             ops: ops_tx.clone(),
             delay,
+            metrics: Arc::clone(&metrics),
         };
         tokio::spawn(rr.run(rr_rx))
     });
@@ -237,15 +240,21 @@ pub async fn run_with_metrics(
         config.log_interval,
     ));
 
+    // Backfill and re-reads run for the worker's whole life: if either ends
+    // (a panic, most likely), the worker stops with an error instead of
+    // running on without them; its supervisor restarts it, and a restart
+    // backfills again.
     let outcome = tokio::select! {
-        res = &mut gateway => Some(res),
-        () = shutdown => None,
+        res = &mut gateway => Outcome::Gateway(res),
+        () = shutdown => Outcome::Shutdown(None),
+        err = task_ended("backfill", &mut backfill_task, &metrics) => Outcome::Shutdown(Some(err)),
+        err = task_ended("reread", &mut reread_task, &metrics) => Outcome::Shutdown(Some(err)),
     };
     health.abort();
     stopping.store(true, Ordering::Relaxed);
 
     let result = match outcome {
-        None => {
+        Outcome::Shutdown(failure) => {
             tracing::info!("shutting down: closing the gateway resumably and flushing");
             let ids: Vec<_> = manager.runners.lock().await.keys().copied().collect();
             for id in ids {
@@ -253,11 +262,11 @@ pub async fn run_with_metrics(
                 manager.shutdown(id, 4000).await;
             }
             gateway.abort();
-            Ok(())
+            failure.map_or(Ok(()), Err)
         }
-        Some(Ok(Ok(()))) => Ok(()),
-        Some(Ok(Err(err))) => Err(gateway_error(err)),
-        Some(Err(join)) => Err(anyhow::anyhow!("gateway task failed: {join}")),
+        Outcome::Gateway(Ok(Ok(()))) => Ok(()),
+        Outcome::Gateway(Ok(Err(err))) => Err(gateway_error(err)),
+        Outcome::Gateway(Err(join)) => Err(anyhow::anyhow!("gateway task failed: {join}")),
     };
     for t in [backfill_task, reread_task].into_iter().flatten() {
         t.abort();
@@ -267,6 +276,42 @@ pub async fn run_with_metrics(
         tracing::error!(error = %err, "batcher task failed");
     }
     result
+}
+
+enum Outcome {
+    Gateway(Result<Result<(), serenity::Error>, tokio::task::JoinError>),
+    /// Asked to stop (`None`) or a background task failed.
+    Shutdown(Option<anyhow::Error>),
+}
+
+/// Resolves (logged and counted) when the background task `name` ends; never
+/// if there is none. These tasks only end on their own by failing.
+async fn task_ended(
+    name: &'static str,
+    task: &mut Option<tokio::task::JoinHandle<()>>,
+    metrics: &Metrics,
+) -> anyhow::Error {
+    let Some(handle) = task.as_mut() else {
+        return std::future::pending().await;
+    };
+    let res = handle.await;
+    *task = None;
+    metrics.task_failed(name);
+    let err = match res {
+        Err(join) if join.is_panic() => {
+            let payload = join.into_panic();
+            let msg = payload
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "non-string panic".to_owned());
+            anyhow::anyhow!("the {name} task panicked: {msg}")
+        }
+        Err(join) => anyhow::anyhow!("the {name} task was cancelled: {join}"),
+        Ok(()) => anyhow::anyhow!("the {name} task stopped unexpectedly"),
+    };
+    tracing::error!(task = name, error = %err, "background task failed; stopping the worker");
+    err
 }
 
 fn gateway_error(err: serenity::Error) -> anyhow::Error {
@@ -356,5 +401,34 @@ async fn health_loop(
         );
         last_ops = ops;
         last_batches = batches;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panicking_background_task_is_reported_and_counted() {
+        let metrics = Metrics::new();
+        let mut task = Some(tokio::spawn(async { panic!("boom") }));
+        let err = task_ended("backfill", &mut task, &metrics).await;
+        assert!(
+            err.to_string().contains("backfill task panicked: boom"),
+            "{err}"
+        );
+        assert!(task.is_none());
+        assert!(metrics
+            .render()
+            .contains("observer_worker_task_failures_total{task=\"backfill\"} 1"));
+
+        let mut none = None;
+        let pending = tokio::time::timeout(
+            Duration::from_millis(20),
+            task_ended("reread", &mut none, &metrics),
+        )
+        .await;
+        assert!(pending.is_err(), "no task: never resolves");
     }
 }

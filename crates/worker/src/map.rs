@@ -25,8 +25,15 @@ pub struct Mapped {
 }
 
 fn id(v: u64) -> i64 {
-    // Snowflakes use 63 bits at most.
+    // Snowflakes use 63 bits at most. Ids only: never use this for bitsets.
     i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// A permission bitset as stored (`bigint`): the same 64 bits, reinterpreted.
+/// A saturating conversion would turn any value above `i64::MAX` into "every
+/// bit set" (ADMINISTRATOR included), failing open.
+pub(crate) fn perms(v: u64) -> i64 {
+    v as i64
 }
 
 pub fn ts(t: &Timestamp) -> Option<DateTime<Utc>> {
@@ -60,8 +67,8 @@ pub(crate) fn channel(c: &GuildChannel) -> ChannelInfo {
                 Some(Overwrite {
                     target_id: id(target),
                     kind,
-                    allow: id(o.allow.bits()),
-                    deny: id(o.deny.bits()),
+                    allow: perms(o.allow.bits()),
+                    deny: perms(o.deny.bits()),
                 })
             })
             .collect(),
@@ -73,12 +80,12 @@ fn role(r: &Role) -> RoleInfo {
         guild_id: id(r.guild_id.get()),
         role_id: id(r.id.get()),
         name: r.name.clone(),
-        permissions: id(r.permissions.bits()),
+        permissions: perms(r.permissions.bits()),
         position: i32::from(r.position),
     }
 }
 
-fn member(m: &Member) -> MemberInfo {
+fn member(m: &Member, observed_at: DateTime<Utc>) -> MemberInfo {
     MemberInfo {
         guild_id: id(m.guild_id.get()),
         user_id: id(m.user.id.get()),
@@ -86,6 +93,7 @@ fn member(m: &Member) -> MemberInfo {
         nick: m.nick.clone(),
         joined_at: m.joined_at.as_ref().and_then(ts),
         communication_disabled_until: m.communication_disabled_until.as_ref().and_then(ts),
+        observed_at,
     }
 }
 
@@ -142,8 +150,9 @@ pub fn message(m: &Message, guild_id: Option<i64>) -> Option<NewMessage> {
     })
 }
 
-/// Maps one gateway event. DMs and events the worker does not mirror map to nothing.
-pub fn event(ev: &Event) -> Mapped {
+/// Maps one gateway event received at `received`. DMs and events the worker
+/// does not mirror map to nothing.
+pub fn event(ev: &Event, received: DateTime<Utc>) -> Mapped {
     let mut out = Mapped::default();
     match ev {
         Event::GuildCreate(e) => {
@@ -169,7 +178,7 @@ pub fn event(ev: &Event) -> Mapped {
                 roles: g.roles.values().map(role).collect(),
                 channels,
                 threads,
-                members: g.members.values().map(member).collect(),
+                members: g.members.values().map(|m| member(m, received)).collect(),
             })));
             out.backfill = Some((gid, backfill));
         }
@@ -231,7 +240,9 @@ pub fn event(ev: &Event) -> Mapped {
             guild_id: id(e.guild_id.get()),
             role_id: id(e.role_id.get()),
         }),
-        Event::GuildMemberAdd(e) => out.ops.push(IngestOp::MemberUpsert(member(&e.member))),
+        Event::GuildMemberAdd(e) => out
+            .ops
+            .push(IngestOp::MemberUpsert(member(&e.member, received))),
         Event::GuildMemberUpdate(e) => out.ops.push(IngestOp::MemberUpsert(MemberInfo {
             guild_id: id(e.guild_id.get()),
             user_id: id(e.user.id.get()),
@@ -239,10 +250,12 @@ pub fn event(ev: &Event) -> Mapped {
             nick: e.nick.clone(),
             joined_at: ts(&e.joined_at),
             communication_disabled_until: e.communication_disabled_until.as_ref().and_then(ts),
+            observed_at: received,
         })),
         Event::GuildMemberRemove(e) => out.ops.push(IngestOp::MemberRemove {
             guild_id: id(e.guild_id.get()),
             user_id: id(e.user.id.get()),
+            observed_at: received,
         }),
         Event::MessageCreate(e) => {
             if let Some(m) = message(&e.message, None) {
@@ -288,4 +301,49 @@ pub fn event(ev: &Event) -> Mapped {
         _ => {}
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use serenity::all::Permissions;
+
+    const ADMINISTRATOR: i64 = 1 << 3;
+    const VIEW_CHANNEL: u64 = 1 << 10;
+
+    #[test]
+    fn permission_bits_above_i64_max_are_preserved_not_saturated() {
+        let high = (1u64 << 63) | VIEW_CHANNEL;
+        let mut r: Role = serde_json::from_value(json!({
+            "id": "20", "guild_id": "1", "name": "r", "color": 0, "hoist": false,
+            "managed": false, "mentionable": false, "permissions": "0", "position": 1,
+            "colors": {"primary_color": 0, "secondary_color": null, "tertiary_color": null},
+        }))
+        .unwrap();
+        r.permissions = Permissions::from_bits_retain(high);
+        let info = role(&r);
+        assert_eq!(info.permissions, high as i64);
+        assert_eq!(
+            info.permissions & ADMINISTRATOR,
+            0,
+            "must not grant ADMINISTRATOR"
+        );
+
+        let mut c: GuildChannel = serde_json::from_value(json!({
+            "id": "5", "guild_id": "1", "type": 0, "name": "c", "position": 0,
+            "permission_overwrites": [
+                {"id": "1", "type": 0, "allow": "0", "deny": "0"}
+            ],
+        }))
+        .unwrap();
+        c.permission_overwrites[0].allow = Permissions::from_bits_retain(high);
+        c.permission_overwrites[0].deny = Permissions::from_bits_retain(u64::MAX);
+        let info = channel(&c);
+        assert_eq!(info.overwrites[0].allow, high as i64);
+        assert_eq!(info.overwrites[0].allow & ADMINISTRATOR, 0);
+        assert_eq!(info.overwrites[0].deny, -1);
+        // Ids keep the snowflake conversion.
+        assert_eq!(info.channel_id, 5);
+    }
 }

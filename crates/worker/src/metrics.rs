@@ -43,6 +43,12 @@ pub struct Metrics {
     pub backfill_pages: Counter,
     pub backfill_rate_limited: Counter,
     pub backfill_errors: Counter,
+    /// REST requests abandoned after too many 429 answers.
+    pub rest_rate_limit_give_ups: Counter,
+    /// Background tasks (backfill, re-read) that panicked or ended early, by task.
+    pub task_failures: Family<Labels, Counter>,
+    /// Access re-reads not scheduled because too many were pending.
+    pub reread_dropped: Counter,
     pub last_lag_ms: Gauge<f64, AtomicU64>,
 }
 
@@ -70,6 +76,9 @@ impl Metrics {
             backfill_pages: Counter::default(),
             backfill_rate_limited: Counter::default(),
             backfill_errors: Counter::default(),
+            rest_rate_limit_give_ups: Counter::default(),
+            task_failures: Family::default(),
+            reread_dropped: Counter::default(),
             last_lag_ms: Gauge::default(),
             registry: Registry::default(),
         };
@@ -170,6 +179,21 @@ impl Metrics {
             m.backfill_errors.clone(),
         );
         r.register(
+            "rest_rate_limit_give_ups",
+            "REST requests abandoned after too many 429 answers",
+            m.rest_rate_limit_give_ups.clone(),
+        );
+        r.register(
+            "task_failures",
+            "Background tasks that panicked or ended early, by task",
+            m.task_failures.clone(),
+        );
+        r.register(
+            "reread_dropped",
+            "Access re-reads skipped because too many were pending",
+            m.reread_dropped.clone(),
+        );
+        r.register(
             "last_lag_milliseconds",
             "Queue-to-commit lag of the last batch's oldest op",
             m.last_lag_ms.clone(),
@@ -180,6 +204,12 @@ impl Metrics {
     pub fn event(&self, name: &str) {
         self.events
             .get_or_create(&vec![("event".to_owned(), name.to_owned())])
+            .inc();
+    }
+
+    pub fn task_failed(&self, task: &str) {
+        self.task_failures
+            .get_or_create(&vec![("task".to_owned(), task.to_owned())])
             .inc();
     }
 

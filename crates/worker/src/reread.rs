@@ -6,6 +6,7 @@
 //! database holds Discord's current state whatever order the events came in.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use observer_db::ingest::{IngestOp, MemberInfo, RoleInfo};
@@ -15,6 +16,7 @@ use tokio::time::Instant;
 
 use crate::batcher::Queued;
 use crate::map;
+use crate::metrics::Metrics;
 use crate::rest::Rest;
 
 /// Most entities waiting for a re-read; beyond this, new keys are skipped
@@ -32,6 +34,7 @@ pub struct Rereader {
     pub rest: Rest,
     pub ops: mpsc::Sender<Queued>,
     pub delay: Duration,
+    pub metrics: Arc<Metrics>,
 }
 
 impl Rereader {
@@ -41,11 +44,7 @@ impl Rereader {
             let next = pending.values().min().copied();
             tokio::select! {
                 key = rx.recv() => match key {
-                    Some(k) => {
-                        if pending.len() < MAX_PENDING {
-                            pending.entry(k).or_insert_with(|| Instant::now() + self.delay);
-                        }
-                    }
+                    Some(k) => self.schedule(&mut pending, k, MAX_PENDING),
                     None => break,
                 },
                 () = tokio::time::sleep_until(next.unwrap_or_else(Instant::now)), if next.is_some() => {
@@ -73,19 +72,49 @@ impl Rereader {
         }
     }
 
+    /// Schedules a re-read of `k` unless one is pending; beyond `max` pending
+    /// keys the new one is skipped, counted and logged (the live event was
+    /// written already; only its correction is lost).
+    fn schedule(&self, pending: &mut HashMap<Key, Instant>, k: Key, max: usize) {
+        if pending.contains_key(&k) {
+            return;
+        }
+        if pending.len() >= max {
+            self.metrics.reread_dropped.inc();
+            let dropped = self.metrics.reread_dropped.get();
+            // First drop, then one line per thousand: a flood must not flood the log too.
+            if dropped % 1000 == 1 {
+                tracing::warn!(
+                    ?k,
+                    pending = pending.len(),
+                    dropped,
+                    "too many access re-reads pending; skipping"
+                );
+            }
+            return;
+        }
+        pending.insert(k, Instant::now() + self.delay);
+    }
+
     async fn reread(&self, key: Key) -> Result<Vec<IngestOp>, crate::rest::RestError> {
         Ok(match key {
             Key::Member { guild_id, user_id } => {
+                // Before the request: the answer is at least this new.
+                let observed_at = chrono::Utc::now();
                 match self
                     .rest
                     .get(&format!("/guilds/{guild_id}/members/{user_id}"))
                     .await?
                 {
-                    Some(v) => member(guild_id, &v)
+                    Some(v) => member(guild_id, &v, observed_at)
                         .map(IngestOp::MemberUpsert)
                         .into_iter()
                         .collect(),
-                    None => vec![IngestOp::MemberRemove { guild_id, user_id }],
+                    None => vec![IngestOp::MemberRemove {
+                        guild_id,
+                        user_id,
+                        observed_at,
+                    }],
                 }
             }
             Key::Roles { guild_id } => {
@@ -131,7 +160,11 @@ fn time(v: &Value) -> Option<chrono::DateTime<chrono::Utc>> {
         .map(|d| d.with_timezone(&chrono::Utc))
 }
 
-fn member(guild_id: i64, v: &Value) -> Option<MemberInfo> {
+fn member(
+    guild_id: i64,
+    v: &Value,
+    observed_at: chrono::DateTime<chrono::Utc>,
+) -> Option<MemberInfo> {
     Some(MemberInfo {
         guild_id,
         user_id: snowflake(&v["user"]["id"])?,
@@ -143,6 +176,7 @@ fn member(guild_id: i64, v: &Value) -> Option<MemberInfo> {
         nick: v["nick"].as_str().map(str::to_owned),
         joined_at: time(&v["joined_at"]),
         communication_disabled_until: time(&v["communication_disabled_until"]),
+        observed_at,
     })
 }
 
@@ -151,7 +185,12 @@ fn role(guild_id: i64, v: &Value) -> Option<RoleInfo> {
         guild_id,
         role_id: snowflake(&v["id"])?,
         name: v["name"].as_str().unwrap_or_default().to_owned(),
-        permissions: snowflake(&v["permissions"]).unwrap_or(0),
+        // A bitset, not an id: all 64 bits kept (see `map::perms`); unparseable
+        // means no permissions (fail closed).
+        permissions: v["permissions"]
+            .as_str()
+            .and_then(|s| s.parse::<u64>().ok())
+            .map_or(0, map::perms),
         position: v["position"]
             .as_i64()
             .and_then(|p| i32::try_from(p).ok())
@@ -166,7 +205,9 @@ pub fn key_for(op: &IngestOp) -> Option<Key> {
             guild_id: m.guild_id,
             user_id: m.user_id,
         }),
-        IngestOp::MemberRemove { guild_id, user_id } => Some(Key::Member {
+        IngestOp::MemberRemove {
+            guild_id, user_id, ..
+        } => Some(Key::Member {
             guild_id: *guild_id,
             user_id: *user_id,
         }),
@@ -188,5 +229,47 @@ pub fn key_for(op: &IngestOp) -> Option<Key> {
             channel_id: *channel_id,
         }),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_beyond_the_cap_are_counted_not_silently_dropped() {
+        let metrics = Metrics::new();
+        let (ops, _rx) = mpsc::channel(1);
+        let rr = Rereader {
+            rest: Rest {
+                http: reqwest::Client::new(),
+                api: "http://127.0.0.1:9".into(),
+                token: "t".into(),
+                metrics: Arc::clone(&metrics),
+            },
+            ops,
+            delay: Duration::from_secs(1),
+            metrics: Arc::clone(&metrics),
+        };
+        let mut pending = HashMap::new();
+        let key = |u| Key::Member {
+            guild_id: 1,
+            user_id: u,
+        };
+        rr.schedule(&mut pending, key(1), 2);
+        rr.schedule(&mut pending, key(2), 2);
+        rr.schedule(&mut pending, key(1), 2);
+        assert_eq!(
+            metrics.reread_dropped.get(),
+            0,
+            "a pending key is not a drop"
+        );
+        rr.schedule(&mut pending, key(3), 2);
+        rr.schedule(&mut pending, key(4), 2);
+        assert_eq!(pending.len(), 2);
+        assert_eq!(metrics.reread_dropped.get(), 2);
+        assert!(metrics
+            .render()
+            .contains("observer_worker_reread_dropped_total 2"));
     }
 }

@@ -1,23 +1,22 @@
 //! `type Subscription`. Authentication comes from the WebSocket connection
-//! ([`ConnectionViewer`]); events come from the process's fan-out hub
+//! ([`Connection`], which also re-checks it while a subscription runs and
+//! caps how many run); events come from the process's fan-out hub
 //! ([`crate::live::hub::Hub`], put in the connection data by the upgrade).
+
+use std::sync::Arc;
 
 use async_graphql::{Context, Subscription as GqlSubscription, ID};
 use futures::{Stream, StreamExt};
 use observer_db::events::Scope;
 
+use super::parse_id;
 use super::types::MessageEvent;
-use super::{parse_id, Viewer};
 use crate::error::{bad_request, internal, unauthenticated};
+use crate::live::conn::Connection;
 use crate::live::gql::{parse_cursor, to_error, to_message_event};
 use crate::live::hub::Hub;
 
 pub struct Subscription;
-
-/// The viewer a WebSocket connection authenticated as (cookie at upgrade, or
-/// the bearer token of `connection_init`).
-#[derive(Debug, Clone, Copy)]
-pub struct ConnectionViewer(pub Option<Viewer>);
 
 /// Most channels one subscription may name.
 const MAX_CHANNELS: usize = 500;
@@ -39,10 +38,11 @@ impl Subscription {
         channel_ids: Option<Vec<ID>>,
         after: Option<String>,
     ) -> async_graphql::Result<impl Stream<Item = async_graphql::Result<MessageEvent>>> {
-        let viewer = ctx
-            .data_opt::<ConnectionViewer>()
-            .and_then(|c| c.0)
+        let conn = ctx
+            .data_opt::<Arc<Connection>>()
+            .cloned()
             .ok_or_else(unauthenticated)?;
+        let viewer = conn.viewer.ok_or_else(unauthenticated)?;
         let hub = ctx
             .data_opt::<Hub>()
             .cloned()
@@ -59,13 +59,16 @@ impl Subscription {
             guild_id: guild_id.as_ref().map(|g| parse_id(g).unwrap_or(0)),
             channel_ids: channel_ids.map(|c| c.iter().map(|i| parse_id(i).unwrap_or(0)).collect()),
         };
+        // Counted from here: the hub's load and replay are the costly part.
+        let permit = conn.admit(viewer.user_id).await?;
         let sub = hub
             .subscribe(viewer.user_id, scope, after)
             .await
             .map_err(|e| to_error(&e))?;
-        Ok(sub.into_stream().map(|item| match item {
+        let events = sub.into_stream().map(|item| match item {
             Ok(ev) => Ok(to_message_event(&ev)),
             Err(e) => Err(to_error(&e)),
-        }))
+        });
+        Ok(conn.guard(events, permit))
     }
 }

@@ -11,6 +11,15 @@ use crate::error::{from_db, GqlResult};
 
 const CDN: &str = "https://cdn.discordapp.com";
 
+/// Whether an avatar/icon hash (data from Discord, stored as is) may go into
+/// a CDN URL: `^[A-Za-z0-9_]+$` only (Discord's hashes, `a_` for animated),
+/// so a crafted value cannot change the URL's path, query or host.
+pub(crate) fn cdn_hash_ok(hash: &str) -> bool {
+    !hash.is_empty()
+        && hash.len() <= 128
+        && hash.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
 fn id(v: i64) -> ID {
     ID(v.to_string())
 }
@@ -28,6 +37,7 @@ impl From<UserRow> for Viewer {
             id: id(u.user_id),
             avatar_url: u
                 .avatar
+                .filter(|a| cdn_hash_ok(a))
                 .map(|a| format!("{CDN}/avatars/{}/{a}.png", u.user_id)),
             username: u.username,
         }
@@ -54,6 +64,7 @@ impl From<GuildRow> for Guild {
             id: id(g.guild_id),
             icon_url: g
                 .icon
+                .filter(|i| cdn_hash_ok(i))
                 .map(|i| format!("{CDN}/icons/{}/{i}.png", g.guild_id)),
             name: g.name,
             observer_role_ids: g.observer_role_ids.into_iter().map(id).collect(),
@@ -228,7 +239,9 @@ impl From<MessageRow> for Message {
             username: m.author_username.unwrap_or_default(),
             display_name: m.author_display_name,
             avatar_url: match (m.author_id, m.author_avatar) {
-                (Some(uid), Some(a)) => Some(format!("{CDN}/avatars/{uid}/{a}.png")),
+                (Some(uid), Some(a)) if cdn_hash_ok(&a) => {
+                    Some(format!("{CDN}/avatars/{uid}/{a}.png"))
+                }
                 _ => None,
             },
             bot: m.author_bot,
@@ -412,6 +425,35 @@ pub mod cursor {
             assert_eq!(parse_search(&search(0.0607927, 7)), Some((0.0607927, 7)));
             assert_eq!(parse_history("garbage!"), None);
             assert_eq!(parse_search(&history(1)), None);
+        }
+    }
+}
+
+#[cfg(test)]
+mod cdn_tests {
+    use super::cdn_hash_ok;
+
+    #[test]
+    fn only_plain_hashes_become_cdn_urls() {
+        for ok in [
+            "a_1269e74af4df7417b13759eae50c83dc",
+            "8342729096ea3675442027381ff50dfe",
+            "x",
+        ] {
+            assert!(cdn_hash_ok(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "../../evil",
+            "a/b",
+            "abc?x=1",
+            "abc#f",
+            "a.b",
+            "a b",
+            "é",
+            "a%2F",
+        ] {
+            assert!(!cdn_hash_ok(bad), "{bad}");
         }
     }
 }

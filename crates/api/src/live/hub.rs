@@ -133,9 +133,15 @@ impl ViewerState {
     }
 
     fn sees(&self, guild_id: i64, channel_id: i64) -> bool {
+        self.access(guild_id, channel_id).is_some()
+    }
+
+    /// The viewer's live access to a channel, when it may see it at all.
+    fn access(&self, guild_id: i64, channel_id: i64) -> Option<ChannelAccess> {
         self.visible
             .get(&channel_id)
-            .is_some_and(|(g, a)| *g == guild_id && a.view)
+            .filter(|(g, a)| *g == guild_id && a.view)
+            .map(|(_, a)| *a)
     }
 
     /// Whether anything in `scope` is visible; the unscoped subscription
@@ -805,7 +811,7 @@ async fn read_loop(weak: Weak<Inner>) {
             inner.pending.access.store(true, Ordering::SeqCst);
         }
         let reads_before = inner.metrics.reads.get();
-        let result = poll(&inner).await;
+        let result = poll(&inner, ticked).await;
         if ticked {
             inner
                 .metrics
@@ -830,7 +836,7 @@ async fn read_loop(weak: Weak<Inner>) {
 
 /// One round: initialise cursors, apply access changes, expire timeouts,
 /// deliver new message events.
-async fn poll(inner: &Arc<Inner>) -> observer_db::Result<()> {
+async fn poll(inner: &Arc<Inner>, ticked: bool) -> observer_db::Result<()> {
     let (cursor, access_cursor) = {
         let st = inner.state();
         (st.cursor, st.access_cursor)
@@ -867,16 +873,21 @@ async fn poll(inner: &Arc<Inner>) -> observer_db::Result<()> {
                 break;
             }
         }
+        // The dirty set leaves the shared state only for the refresh: on any
+        // failure it goes back, or a revocation for those viewers would
+        // never apply (the cursor does not move, so the changes are re-read).
         let dirty: BTreeSet<i64> = std::mem::take(&mut inner.state().dirty);
-        if !changes.is_empty() || !dirty.is_empty() {
-            if let Err(e) = refresh_access(inner, &mut tx, &changes, &dirty).await {
-                // Retried next round: the cursor did not move, and the dirty
-                // viewers must not be forgotten.
-                inner.state().dirty.extend(dirty);
-                return Err(e);
+        let applied = async {
+            if !changes.is_empty() || !dirty.is_empty() {
+                refresh_access(inner, &mut tx, &changes, &dirty).await?;
             }
+            tx.commit().await
         }
-        tx.commit().await?;
+        .await;
+        if let Err(e) = applied {
+            restore_dirty(inner, dirty);
+            return Err(e);
+        }
         inner.metrics.reads.inc();
         inner.state().access_cursor = Some(access_cursor);
     }
@@ -901,8 +912,20 @@ async fn poll(inner: &Arc<Inner>) -> observer_db::Result<()> {
         }
         tx.commit().await?;
         inner.metrics.reads.inc();
+        if !ticked {
+            inner.metrics.notified_event_reads.inc();
+        }
     }
     Ok(())
+}
+
+/// Puts back viewers taken out of `dirty` for a refresh that failed (those
+/// still subscribed; a viewer that left since has nothing to refresh).
+fn restore_dirty(inner: &Inner, dirty: BTreeSet<i64>) {
+    let mut st = inner.state();
+    let st = &mut *st;
+    st.dirty
+        .extend(dirty.into_iter().filter(|v| st.viewers.contains_key(v)));
 }
 
 /// Hands each event to every subscriber whose scope and viewer allow it, and
@@ -916,11 +939,30 @@ fn deliver(inner: &Inner, batch: Vec<Arc<LiveEvent>>, next: Cursor) {
     let mut deliveries: u64 = 0;
     for ev in &batch {
         let (g, c) = (ev.row.guild_id, ev.row.channel_id);
+        // Prior versions are history: a viewer with VIEW_CHANNEL but not
+        // READ_MESSAGE_HISTORY gets the event without them (built once per
+        // event, shared by all such subscribers).
+        let mut without_history: Option<Arc<LiveEvent>> = None;
         for (id, sub) in &st.subs {
-            if !sub.wants(g, c) || !st.viewers.get(&sub.viewer).is_some_and(|v| v.sees(g, c)) {
+            if !sub.wants(g, c) {
                 continue;
             }
-            match sub.tx.try_send(ev.clone()) {
+            let Some(access) = st.viewers.get(&sub.viewer).and_then(|v| v.access(g, c)) else {
+                continue;
+            };
+            let item = if access.history || ev.revisions.is_empty() {
+                ev.clone()
+            } else {
+                without_history
+                    .get_or_insert_with(|| {
+                        Arc::new(LiveEvent {
+                            row: ev.row.clone(),
+                            revisions: Vec::new(),
+                        })
+                    })
+                    .clone()
+            };
+            match sub.tx.try_send(item) {
                 Ok(()) => deliveries += 1,
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     let _ = sub.end.set(EndReason::SlowConsumer);

@@ -19,6 +19,9 @@ pub struct LiveMetrics {
     pub listener_reconnects: Counter,
     pub reads: Counter,
     pub tick_reads: Counter,
+    /// Reads of the message event log made for a notification (the tick's
+    /// excluded): at most one per notification, whatever the subscribers.
+    pub notified_event_reads: Counter,
     pub read_errors: Counter,
     pub access_refreshes: Counter,
 }
@@ -36,6 +39,7 @@ impl Default for LiveMetrics {
             listener_reconnects: Counter::default(),
             reads: Counter::default(),
             tick_reads: Counter::default(),
+            notified_event_reads: Counter::default(),
             read_errors: Counter::default(),
             access_refreshes: Counter::default(),
         }
@@ -90,6 +94,11 @@ impl LiveMetrics {
             "db_tick_reads",
             "Fan-out read transactions made by the safety-net tick",
             self.tick_reads.clone(),
+        );
+        r.register(
+            "db_notified_event_reads",
+            "Event-log read transactions made for a notification (not the tick)",
+            self.notified_event_reads.clone(),
         );
         r.register(
             "db_read_errors",
