@@ -719,3 +719,43 @@ async fn prior_versions_go_live_only_to_viewers_with_history(pool: PgPool) {
     }
     hub.shutdown();
 }
+
+#[sqlx::test(migrator = "observer_db::MIGRATOR")]
+async fn a_failed_access_refresh_is_retried_until_the_revocation_applies(pool: PgPool) {
+    let (db, hub) = setup(&pool, quick()).await;
+    let mut staff = hub.subscribe(12, all(), None).await.unwrap();
+    assert_eq!(hub.viewer_sees(12, 1, 102), Some(true));
+    // The refresh's member read fails (privilege withdrawn in this test
+    // database only), while the access log itself stays readable.
+    sqlx::query("revoke select on members from observer_fanout")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let errors_before = hub.metrics().read_errors.get();
+    sqlx::query("update members set role_ids = '{}' where guild_id = 1 and user_id = 12")
+        .execute(&pool)
+        .await
+        .unwrap();
+    wait_until("a failed refresh", REVOKE_DEADLINE, || {
+        hub.metrics().read_errors.get() > errors_before
+    })
+    .await;
+    assert_eq!(
+        hub.viewer_sees(12, 1, 102),
+        Some(true),
+        "nothing applied yet"
+    );
+    sqlx::query("grant select on members to observer_fanout")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let took = wait_until("the revocation after recovery", REVOKE_DEADLINE, || {
+        hub.viewer_sees(12, 1, 102) == Some(false)
+    })
+    .await;
+    println!("revocation applied {took:?} after the database recovered");
+    post(&db, &[(102, 1), (101, 2)]).await;
+    settle(&pool, &hub).await;
+    assert_eq!(ids(&drain(&mut staff).await), [2]);
+    hub.shutdown();
+}

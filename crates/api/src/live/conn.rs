@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -108,6 +108,11 @@ pub struct Connection {
     max_open: usize,
     slots: Arc<Slots>,
     limiter: Arc<RateLimiter>,
+    /// When the credential last checked out: the subscriptions of one
+    /// connection share one check per interval.
+    checked_at: Mutex<Option<tokio::time::Instant>>,
+    /// The credential failed once: it never comes back.
+    revoked: AtomicBool,
 }
 
 impl std::fmt::Debug for Connection {
@@ -155,6 +160,8 @@ impl Connection {
             max_open: limits.max_per_connection,
             slots: limits.slots,
             limiter: limits.limiter,
+            checked_at: Mutex::new(None),
+            revoked: AtomicBool::new(false),
         }
     }
 
@@ -257,8 +264,27 @@ impl Connection {
         let (Some(viewer), Some(credential)) = (self.viewer, &self.credential) else {
             return false;
         };
+        if self.revoked.load(Ordering::SeqCst) {
+            return false;
+        }
+        let fresh = self
+            .checked_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|t| t.elapsed() < self.recheck / 2);
+        if fresh {
+            return true;
+        }
         match credential.still_valid(&self.db, viewer.user_id).await {
-            Ok(valid) => valid,
+            Ok(true) => {
+                *self.checked_at.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some(tokio::time::Instant::now());
+                true
+            }
+            Ok(false) => {
+                self.revoked.store(true, Ordering::SeqCst);
+                false
+            }
             Err(e) => {
                 tracing::warn!(
                     viewer = viewer.user_id,
