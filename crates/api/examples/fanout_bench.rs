@@ -164,6 +164,18 @@ fn vm_rss_kib() -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// CPU seconds (user + system) a process has used so far, from /proc/<pid>/stat
+/// (assumes the usual 100 clock ticks per second).
+fn cpu_secs(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which may itself hold spaces.
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = f.get(11)?.parse().ok()?;
+    let stime: f64 = f.get(12)?.parse().ok()?;
+    Some((utime + stime) / 100.0)
+}
+
 fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
@@ -674,6 +686,8 @@ async fn bench(url: &str, a: &Args) -> anyhow::Result<()> {
 
     let m0 = scrape(&http, &base).await?;
     let s0 = db_stats(worker_db.pool()).await?;
+    let child_pid = child.proc.id().map(|p| p.to_string()).unwrap_or_default();
+    let cpu0 = (cpu_secs("self"), cpu_secs(&child_pid));
     let total = (a.rate * a.seconds).round() as usize;
     let first_post = unix_nanos();
     let poster = tokio::task::spawn_blocking({
@@ -720,6 +734,8 @@ async fn bench(url: &str, a: &Args) -> anyhow::Result<()> {
         .expect("result", Duration::from_secs(a.drain_secs + 60))
         .await?;
     let report: Value = serde_json::from_str(&report).context("client result")?;
+    // The child has exited but is not yet reaped: its counters are still there.
+    let cpu1 = (cpu_secs("self"), cpu_secs(&child_pid));
     let m1 = scrape(&http, &base).await?;
     let s1 = db_stats(worker_db.pool()).await?;
 
@@ -778,6 +794,13 @@ async fn bench(url: &str, a: &Args) -> anyhow::Result<()> {
         (s1.tup_returned - s0.tup_returned) as f64 / msgs,
         (s1.tup_fetched - s0.tup_fetched) as f64 / msgs,
     );
+    if let ((Some(s0), Some(c0)), (Some(s1), Some(c1))) = (cpu0, cpu1) {
+        println!(
+            "cpu during posting+drain: server process (sim+worker+api) {:.1} s, client process {:.1} s, over {span:.1} s wall",
+            s1 - s0,
+            c1 - c0
+        );
+    }
     println!("load average at end: {}", load_average());
 
     let _ = child.proc.wait().await;
@@ -889,8 +912,12 @@ mod client {
             match v["type"].as_str() {
                 Some("next") => {
                     let payload = &v["payload"];
-                    if payload.get("errors").is_some() {
-                        t.errors.push(payload["errors"].to_string());
+                    if let Some(errors) = payload.get("errors") {
+                        // Grouped by code in the report (SLOW_CONSUMER, FORBIDDEN, ...).
+                        let code = errors[0]["extensions"]["code"]
+                            .as_str()
+                            .unwrap_or("error without code");
+                        t.errors.push(format!("next with error {code}"));
                         continue;
                     }
                     let msg = &payload["data"]["messageEvents"]["message"];
