@@ -87,6 +87,9 @@ pub struct WorkerArgs {
     /// Total number of shards across all worker processes.
     #[arg(long, env = "WORKER_SHARD_COUNT")]
     pub shard_count: Option<u32>,
+    /// Seconds between retention purges (messages older than their guild's retention); 0 disables.
+    #[arg(long, env = "WORKER_PURGE_INTERVAL_SECS", default_value_t = 600)]
+    pub purge_interval_secs: u64,
     /// Where the worker serves Prometheus `/metrics` (empty to disable).
     #[arg(long, env = "WORKER_METRICS_ADDR", default_value = "127.0.0.1:9091")]
     pub metrics_addr: String,
@@ -188,6 +191,8 @@ impl WorkerArgs {
         let mut config = observer_worker::Config::new(self.discord_token.clone());
         config.api_base_url = self.discord.discord_api_base_url.clone();
         config.metrics_addr = parse_addr(&self.metrics_addr)?;
+        config.purge_interval = (self.purge_interval_secs > 0)
+            .then(|| std::time::Duration::from_secs(self.purge_interval_secs));
         config.shards = match (&self.shards, self.shard_count) {
             (Some(range), Some(count)) => Some(
                 observer_worker::ShardRange::parse(range, count)

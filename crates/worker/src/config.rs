@@ -68,6 +68,9 @@ pub struct Config {
     /// event touched it, so out-of-order handling cannot leave access data
     /// stale. None disables it.
     pub access_reread: Option<Duration>,
+    /// How often messages older than their guild's retention period are
+    /// purged. None disables purging (retention is then not enforced).
+    pub purge_interval: Option<Duration>,
 }
 
 impl Config {
@@ -85,6 +88,7 @@ impl Config {
             backfill_max_pages: 0,
             backfill_overlap: Duration::from_secs(30),
             access_reread: Some(Duration::from_secs(2)),
+            purge_interval: Some(Duration::from_secs(600)),
         }
     }
 

@@ -200,6 +200,10 @@ pub async fn run_with_metrics(
         tokio::spawn(rr.run(rr_rx))
     });
 
+    let mut purge_task = config
+        .purge_interval
+        .map(|every| tokio::spawn(purge_loop(db.clone(), every)));
+
     let stopping = Arc::new(AtomicBool::new(false));
     let handler = Handler {
         ops: ops_tx.clone(),
@@ -249,6 +253,7 @@ pub async fn run_with_metrics(
         () = shutdown => Outcome::Shutdown(None),
         err = task_ended("backfill", &mut backfill_task, &metrics) => Outcome::Shutdown(Some(err)),
         err = task_ended("reread", &mut reread_task, &metrics) => Outcome::Shutdown(Some(err)),
+        err = task_ended("purge", &mut purge_task, &metrics) => Outcome::Shutdown(Some(err)),
     };
     health.abort();
     stopping.store(true, Ordering::Relaxed);
@@ -268,7 +273,10 @@ pub async fn run_with_metrics(
         Outcome::Gateway(Ok(Err(err))) => Err(gateway_error(err)),
         Outcome::Gateway(Err(join)) => Err(anyhow::anyhow!("gateway task failed: {join}")),
     };
-    for t in [backfill_task, reread_task].into_iter().flatten() {
+    for t in [backfill_task, reread_task, purge_task]
+        .into_iter()
+        .flatten()
+    {
         t.abort();
     }
     stop.cancel();
@@ -276,6 +284,45 @@ pub async fn run_with_metrics(
         tracing::error!(error = %err, "batcher task failed");
     }
     result
+}
+
+/// Rows deleted per purge transaction.
+const PURGE_BATCH: i64 = 5_000;
+
+/// Enforces per-guild retention (DESIGN.md §4) every `every`, in small
+/// transactions. Database errors are logged and retried at the next interval:
+/// retention is a bound on how long data stays, not a deadline to the second.
+async fn purge_loop(db: Db, every: Duration) {
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let mut total = 0u64;
+        loop {
+            let purged = async {
+                let mut tx = db.worker().await?;
+                let n = observer_db::ingest::purge_expired(&mut tx, PURGE_BATCH).await?;
+                tx.commit().await?;
+                Ok::<_, observer_db::Error>(n)
+            }
+            .await;
+            match purged {
+                Ok(n) => {
+                    total += n;
+                    if n < PURGE_BATCH.unsigned_abs() {
+                        break;
+                    }
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "retention purge failed; retrying at the next interval");
+                    break;
+                }
+            }
+        }
+        if total > 0 {
+            tracing::info!(messages = total, "retention purge removed expired messages");
+        }
+    }
 }
 
 enum Outcome {
