@@ -214,6 +214,11 @@ fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
         .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
 }
 
+/// Initial WebSocket read buffer (tungstenite's default is 128 KiB).
+const WS_READ_BUFFER: usize = 4 * 1024;
+/// Frames queued before tungstenite writes them out (we flush per batch anyway).
+const WS_WRITE_BUFFER: usize = 16 * 1024;
+
 /// `GET /graphql`: WebSocket subscriptions, or the query page for a browser.
 pub async fn graphql_get(
     State(state): State<AppState>,
@@ -291,6 +296,12 @@ pub async fn graphql_get(
         .protocols(ALL_WEBSOCKET_PROTOCOLS)
         .max_message_size(max_size)
         .max_frame_size(max_size)
+        // tungstenite zero-fills its whole read buffer before every read, and
+        // the GraphQL layer polls the socket each time it sends a frame: a
+        // small buffer keeps that cheap (clients send little; longer messages
+        // still grow it). Also most of an idle connection's memory.
+        .read_buffer_size(WS_READ_BUFFER)
+        .write_buffer_size(WS_WRITE_BUFFER)
         .on_upgrade(move |socket| async move {
             GraphQLWebSocket::new(socket, schema, protocol)
                 .on_connection_init(move |payload| async move {

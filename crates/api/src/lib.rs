@@ -38,6 +38,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
+use axum::serve::ListenerExt as _;
 use axum::Router;
 use axum_login::AuthManagerLayerBuilder;
 use observer_db::Db;
@@ -140,6 +141,13 @@ pub async fn run(
     let state_live = state.live.clone();
     let addr = listener.local_addr().ok();
     tracing::info!(?addr, "api listening");
+    // Subscription frames are small writes: without TCP_NODELAY, Nagle holds
+    // each one until the client ACKs the previous (up to its 40 ms delayed ACK).
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY not set");
+        }
+    });
     let served = axum::serve(
         listener,
         app(state).into_make_service_with_connect_info::<SocketAddr>(),

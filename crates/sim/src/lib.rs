@@ -40,6 +40,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use axum::serve::ListenerExt as _;
 use chrono::{DateTime, Utc};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -211,6 +212,13 @@ impl Simulator {
         let app = router(Arc::clone(&shared));
         let token = shared.shutdown.clone();
         let server = tokio::spawn(async move {
+            // Gateway dispatches are small writes: without TCP_NODELAY, Nagle
+            // holds each until the client ACKs the previous (up to 40 ms).
+            let listener = listener.tap_io(|tcp| {
+                if let Err(e) = tcp.set_nodelay(true) {
+                    tracing::debug!(error = %e, "TCP_NODELAY not set");
+                }
+            });
             let res = axum::serve(listener, app)
                 .with_graceful_shutdown(async move { token.cancelled().await })
                 .await;
