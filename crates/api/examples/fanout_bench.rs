@@ -857,7 +857,12 @@ mod client {
         let mut req = url.into_client_request()?;
         req.headers_mut()
             .insert("sec-websocket-protocol", "graphql-transport-ws".parse()?);
-        let (mut ws, _) = tokio_tungstenite::connect_async(req).await?;
+        // A small read buffer (tungstenite zero-fills it before every read)
+        // and TCP_NODELAY, so the client measures the server, not itself.
+        let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+            .read_buffer_size(4096);
+        let (mut ws, _) =
+            tokio_tungstenite::connect_async_with_config(req, Some(config), true).await?;
         let init = json!({"type": "connection_init", "payload": {"authorization": format!("Bearer {token}")}});
         ws.send(WsMessage::Text(init.to_string().into())).await?;
         loop {
@@ -877,6 +882,42 @@ mod client {
                 }
             }
         }
+    }
+
+    #[derive(serde::Deserialize)]
+    struct Frame<'a> {
+        #[serde(rename = "type", borrow)]
+        kind: std::borrow::Cow<'a, str>,
+        #[serde(borrow, default)]
+        payload: Option<Payload<'a>>,
+    }
+
+    #[derive(serde::Deserialize, Default)]
+    struct Payload<'a> {
+        #[serde(borrow, default)]
+        data: Option<Data<'a>>,
+        #[serde(default)]
+        errors: Option<Vec<Value>>,
+    }
+
+    #[derive(serde::Deserialize)]
+    struct Data<'a> {
+        #[serde(rename = "messageEvents", borrow)]
+        message_events: Event<'a>,
+    }
+
+    #[derive(serde::Deserialize)]
+    struct Event<'a> {
+        #[serde(borrow)]
+        message: Msg<'a>,
+    }
+
+    #[derive(serde::Deserialize)]
+    struct Msg<'a> {
+        #[serde(rename = "channelId", borrow)]
+        channel_id: std::borrow::Cow<'a, str>,
+        #[serde(borrow)]
+        content: std::borrow::Cow<'a, str>,
     }
 
     async fn read(
@@ -905,28 +946,33 @@ mod client {
                 }
             };
             let now = unix_nanos();
-            let Ok(v) = serde_json::from_str::<Value>(&text) else {
+            // Typed and borrowed: the client's parsing must cost far less
+            // than the server's work or the bench measures the client.
+            let Ok(f) = serde_json::from_str::<Frame<'_>>(&text) else {
                 t.errors.push("unparsable frame".into());
                 continue;
             };
-            match v["type"].as_str() {
-                Some("next") => {
-                    let payload = &v["payload"];
-                    if let Some(errors) = payload.get("errors") {
+            match f.kind.as_ref() {
+                "next" => {
+                    let payload = f.payload.unwrap_or_default();
+                    if let Some(errors) = payload.errors {
                         // Grouped by code in the report (SLOW_CONSUMER, FORBIDDEN, ...).
-                        let code = errors[0]["extensions"]["code"]
-                            .as_str()
-                            .unwrap_or("error without code");
+                        let code = errors
+                            .first()
+                            .and_then(|e| e["extensions"]["code"].as_str())
+                            .unwrap_or("error without code")
+                            .to_owned();
                         t.errors.push(format!("next with error {code}"));
                         continue;
                     }
-                    let msg = &payload["data"]["messageEvents"]["message"];
-                    let channel = msg["channelId"].as_str().unwrap_or_default();
-                    if !visible.contains(channel) {
+                    let Some(msg) = payload.data.map(|d| d.message_events.message) else {
+                        t.errors.push("next without data".into());
+                        continue;
+                    };
+                    if !visible.contains(msg.channel_id.as_ref()) {
                         t.violations += 1;
                     }
-                    let sent = msg["content"]
-                        .as_str()
+                    let sent = Some(msg.content.as_ref())
                         .filter(|c| c.starts_with(CONTENT_PREFIX))
                         .and_then(|c| c.rsplit(' ').next())
                         .and_then(|n| n.parse::<u64>().ok());
@@ -938,16 +984,15 @@ mod client {
                     received.fetch_add(1, Ordering::Relaxed);
                     last_frame.fetch_max(now, Ordering::Relaxed);
                 }
-                Some("ping") => {
+                "ping" => {
                     let pong = json!({"type": "pong"}).to_string();
                     if ws.send(WsMessage::Text(pong.into())).await.is_err() {
                         t.errors.push("pong failed".into());
                         break;
                     }
                 }
-                Some("pong") | Some("ka") => {}
-                Some(other) => t.errors.push(format!("{other}: {}", v["payload"])),
-                None => t.errors.push(format!("frame without type: {v}")),
+                "pong" | "ka" => {}
+                other => t.errors.push(format!("{other}: {text}")),
             }
         }
         t

@@ -50,6 +50,9 @@ pub struct Limits {
     pub max_subscriptions_per_connection: usize,
     /// …and for one viewer over all their connections (in this process).
     pub max_subscriptions_per_viewer: usize,
+    /// How often a GraphQL WebSocket is pinged (a WebSocket ping, plus `ka`
+    /// on the legacy protocol) so proxies keep quiet connections open.
+    pub ws_keepalive: Duration,
     /// Longest a GraphQL request may execute before it is abandoned (and its
     /// transaction rolled back).
     pub request_timeout: Duration,
@@ -65,6 +68,7 @@ impl Default for Limits {
             rate_per_sec: 20.0,
             request_timeout: Duration::from_secs(15),
             auth_recheck: Duration::from_secs(5),
+            ws_keepalive: Duration::from_secs(20),
             max_subscriptions_per_connection: 16,
             max_subscriptions_per_viewer: 64,
         }

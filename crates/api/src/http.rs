@@ -11,12 +11,13 @@
 //! connection keeps its credential so subscriptions end on logout/revocation.
 
 use std::net::SocketAddr;
+use std::str::FromStr as _;
+use std::time::Duration;
 
-use async_graphql::http::ALL_WEBSOCKET_PROTOCOLS;
+use async_graphql::http::{WebSocketProtocols, ALL_WEBSOCKET_PROTOCOLS};
 use async_graphql::Data;
-use async_graphql_axum::{GraphQLProtocol, GraphQLWebSocket};
 use axum::extract::{ConnectInfo, FromRequestParts, Request, State, WebSocketUpgrade};
-use axum::http::header::{AUTHORIZATION, CONTENT_TYPE, ORIGIN, UPGRADE};
+use axum::http::header::{AUTHORIZATION, CONTENT_TYPE, ORIGIN, SEC_WEBSOCKET_PROTOCOL, UPGRADE};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use observer_db::Db;
@@ -234,9 +235,18 @@ pub async fn graphql_get(
     }
     let session_id = auth.session.id();
     let (mut parts, _body) = req.into_parts();
-    let protocol = match GraphQLProtocol::from_request_parts(&mut parts, &state).await {
-        Ok(p) => p,
-        Err(e) => return e.into_response(),
+    // The first protocol offered that we speak (as async-graphql-axum picks it).
+    let protocol = parts
+        .headers
+        .get(SEC_WEBSOCKET_PROTOCOL)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|offered| {
+            offered
+                .split(',')
+                .find_map(|p| WebSocketProtocols::from_str(p.trim()).ok())
+        });
+    let Some(protocol) = protocol else {
+        return StatusCode::BAD_REQUEST.into_response();
     };
     let upgrade = match WebSocketUpgrade::from_request_parts(&mut parts, &state).await {
         Ok(u) => u,
@@ -292,6 +302,7 @@ pub async fn graphql_get(
         limiter: state.rate_limiter.clone(),
     };
     let max_size = limits.max_body_bytes;
+    let keepalive = limits.ws_keepalive.max(Duration::from_secs(1));
     upgrade
         .protocols(ALL_WEBSOCKET_PROTOCOLS)
         .max_message_size(max_size)
@@ -303,8 +314,11 @@ pub async fn graphql_get(
         .read_buffer_size(WS_READ_BUFFER)
         .write_buffer_size(WS_WRITE_BUFFER)
         .on_upgrade(move |socket| async move {
-            GraphQLWebSocket::new(socket, schema, protocol)
-                .on_connection_init(move |payload| async move {
+            crate::live::ws::serve(
+                socket,
+                schema,
+                protocol,
+                move |payload| async move {
                     if !address_limiter.check(address) {
                         return Err(crate::error::gql_error(
                             Code::RateLimited,
@@ -347,9 +361,10 @@ pub async fn graphql_get(
                     data.insert(db.clone());
                     data.insert(hub.clone());
                     Ok(data)
-                })
-                .serve()
-                .await
+                },
+                keepalive,
+            )
+            .await
         })
 }
 

@@ -7,8 +7,10 @@
 //! - [`gql`]: the GraphQL face: event → `MessageEvent`, cursors, error codes.
 //! - [`conn`]: a WebSocket connection's credential (re-checked while its
 //!   subscriptions run) and the caps on how many it may open.
+//! - [`ws`]: the WebSocket send loop (bursts written with one flush, keepalive).
 
 pub mod conn;
 pub mod gql;
 pub mod hub;
 pub mod metrics;
+pub mod ws;

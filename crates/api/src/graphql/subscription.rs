@@ -10,10 +10,9 @@ use futures::{Stream, StreamExt};
 use observer_db::events::Scope;
 
 use super::parse_id;
-use super::types::MessageEvent;
 use crate::error::{bad_request, internal, unauthenticated};
 use crate::live::conn::Connection;
-use crate::live::gql::{parse_cursor, to_error, to_message_event};
+use crate::live::gql::{parse_cursor, to_error, LiveMessageEvent, SelectionKey};
 use crate::live::hub::Hub;
 
 pub struct Subscription;
@@ -37,7 +36,7 @@ impl Subscription {
         guild_id: Option<ID>,
         channel_ids: Option<Vec<ID>>,
         after: Option<String>,
-    ) -> async_graphql::Result<impl Stream<Item = async_graphql::Result<MessageEvent>>> {
+    ) -> async_graphql::Result<impl Stream<Item = async_graphql::Result<LiveMessageEvent>>> {
         let conn = ctx
             .data_opt::<Arc<Connection>>()
             .cloned()
@@ -65,8 +64,9 @@ impl Subscription {
             .subscribe(viewer.user_id, scope, after)
             .await
             .map_err(|e| to_error(&e))?;
-        let events = sub.into_stream().map(|item| match item {
-            Ok(ev) => Ok(to_message_event(&ev)),
+        let key = SelectionKey::of(ctx);
+        let events = sub.into_stream().map(move |item| match item {
+            Ok(event) => Ok(LiveMessageEvent { event, key }),
             Err(e) => Err(to_error(&e)),
         });
         Ok(conn.guard(events, permit))

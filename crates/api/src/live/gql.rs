@@ -1,9 +1,24 @@
 //! The GraphQL face of live fan-out: hub events become `MessageEvent`s,
 //! cursors travel opaque, and the ways a subscription ends become
 //! `extensions.code`s a client can act on.
+//!
+//! Rendering is shared: an event's `MessageEvent` value depends only on the
+//! event (the hub gives viewers without READ_MESSAGE_HISTORY their own copy
+//! without revisions) and on the subscription's query document and
+//! variables — no field under `MessageEvent` reads the viewer or the
+//! database. So the first subscriber with a given [`SelectionKey`] resolves
+//! it and every other one reuses that value ([`Renders`]): the per-delivery
+//! cost stops growing with the size of the selection.
 
-use async_graphql::ErrorExtensions;
+use std::borrow::Cow;
+use std::fmt::Write as _;
+use std::sync::{Arc, Mutex};
+
+use async_graphql::parser::types::Field;
+use async_graphql::registry::Registry;
+use async_graphql::{ContextSelectionSet, ErrorExtensions, OutputType, Positioned, ServerResult};
 use observer_db::events::{Cursor, EventKind};
+use sha2::{Digest, Sha256};
 
 use super::hub::{LiveError, LiveEvent};
 use crate::error::{gql_error, Code};
@@ -46,6 +61,94 @@ pub fn to_message_event(ev: &LiveEvent) -> MessageEvent {
         },
         cursor: format_cursor(ev.row.cursor),
         message,
+    }
+}
+
+/// What a subscription's events are rendered with: a digest of its whole
+/// operation (fragments included), its variables and the subscribed field's
+/// position. Equal keys render any event identically.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SelectionKey([u8; 32]);
+
+impl SelectionKey {
+    /// The key of the field being resolved in `ctx`. Uses the executor's
+    /// parsed document (`query_env`, public but undocumented): the parsed
+    /// form rather than the text, so it covers exactly what execution sees.
+    pub fn of(ctx: &async_graphql::Context<'_>) -> Self {
+        struct Hashing(Sha256);
+        impl std::fmt::Write for Hashing {
+            fn write_str(&mut self, s: &str) -> std::fmt::Result {
+                self.0.update(s.as_bytes());
+                Ok(())
+            }
+        }
+        let env = &ctx.query_env;
+        let mut fragments: Vec<_> = env.fragments.iter().collect();
+        fragments.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
+        let mut h = Hashing(Sha256::new());
+        // Writing into a hasher cannot fail.
+        let _ = write!(
+            h,
+            "{:?}\u{0}{:?}\u{0}{:?}\u{0}{:?}\u{0}{:?}",
+            env.operation_name, env.operation, fragments, env.variables, ctx.item.pos
+        );
+        Self(h.0.finalize().into())
+    }
+}
+
+/// Renderings of one event, by selection. Bounded: past [`MAX_RENDERS`]
+/// distinct selections (many different queries subscribed at once) further
+/// ones are resolved per subscriber, uncached.
+#[derive(Debug, Default)]
+pub struct Renders(Mutex<Vec<(SelectionKey, async_graphql::Value)>>);
+
+/// Distinct selections cached per event.
+pub const MAX_RENDERS: usize = 8;
+
+impl Renders {
+    fn get(&self, key: &SelectionKey) -> Option<async_graphql::Value> {
+        let cached = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        cached
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.clone())
+    }
+
+    fn put(&self, key: SelectionKey, value: &async_graphql::Value) {
+        let mut cached = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if cached.len() < MAX_RENDERS && !cached.iter().any(|(k, _)| *k == key) {
+            cached.push((key, value.clone()));
+        }
+    }
+}
+
+/// A hub event on its way to one subscriber: a `MessageEvent` to GraphQL,
+/// resolved once per [`SelectionKey`].
+pub struct LiveMessageEvent {
+    pub event: Arc<LiveEvent>,
+    pub key: SelectionKey,
+}
+
+impl OutputType for LiveMessageEvent {
+    fn type_name() -> Cow<'static, str> {
+        <MessageEvent as OutputType>::type_name()
+    }
+
+    fn create_type_info(registry: &mut Registry) -> String {
+        <MessageEvent as OutputType>::create_type_info(registry)
+    }
+
+    async fn resolve(
+        &self,
+        ctx: &ContextSelectionSet<'_>,
+        field: &Positioned<Field>,
+    ) -> ServerResult<async_graphql::Value> {
+        if let Some(v) = self.event.renders.get(&self.key) {
+            return Ok(v);
+        }
+        let v = OutputType::resolve(&to_message_event(&self.event), ctx, field).await?;
+        self.event.renders.put(self.key, &v);
+        Ok(v)
     }
 }
 

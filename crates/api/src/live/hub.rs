@@ -74,9 +74,20 @@ pub struct LiveEvent {
     pub row: EventRow,
     /// Prior versions of the message's content, oldest first.
     pub revisions: Vec<RevisionRow>,
+    /// Its GraphQL renderings, shared by the subscribers that asked for the
+    /// same selection (see [`super::gql::Renders`]).
+    pub renders: super::gql::Renders,
 }
 
 impl LiveEvent {
+    pub fn new(row: EventRow, revisions: Vec<RevisionRow>) -> Self {
+        Self {
+            row,
+            revisions,
+            renders: Default::default(),
+        }
+    }
+
     pub fn cursor(&self) -> Cursor {
         self.row.cursor
     }
@@ -716,7 +727,7 @@ fn attach(rows: Vec<EventRow>, revisions: Vec<RevisionRow>) -> Vec<Arc<LiveEvent
                 .get(&(row.guild_id, row.message.message_id))
                 .cloned()
                 .unwrap_or_default();
-            Arc::new(LiveEvent { row, revisions })
+            Arc::new(LiveEvent::new(row, revisions))
         })
         .collect()
 }
@@ -954,12 +965,7 @@ fn deliver(inner: &Inner, batch: Vec<Arc<LiveEvent>>, next: Cursor) {
                 ev.clone()
             } else {
                 without_history
-                    .get_or_insert_with(|| {
-                        Arc::new(LiveEvent {
-                            row: ev.row.clone(),
-                            revisions: Vec::new(),
-                        })
-                    })
+                    .get_or_insert_with(|| Arc::new(LiveEvent::new(ev.row.clone(), Vec::new())))
                     .clone()
             };
             match sub.tx.try_send(item) {
