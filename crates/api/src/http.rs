@@ -300,6 +300,7 @@ pub async fn graphql_get(
         max_per_connection: limits.max_subscriptions_per_connection,
         slots: state.subscription_slots.clone(),
         limiter: state.rate_limiter.clone(),
+        rechecker: state.credentials.clone(),
     };
     let max_size = limits.max_body_bytes;
     let keepalive = limits.ws_keepalive.max(Duration::from_secs(1));

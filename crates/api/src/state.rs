@@ -23,6 +23,8 @@ pub struct AppState {
     pub address_limiter: Arc<RateLimiter>,
     /// Open `messageEvents` subscriptions per viewer (the per-viewer cap).
     pub subscription_slots: Arc<crate::live::conn::Slots>,
+    /// Re-checks the credentials of connections with live subscriptions.
+    pub credentials: crate::live::conn::Rechecker,
     /// Live fan-out (one per process; its tasks start with the first subscription).
     pub live: crate::live::hub::Hub,
 }
@@ -46,6 +48,8 @@ impl AppState {
             crate::live::hub::HubConfig::default(),
             metrics.live.clone(),
         );
+        let credentials =
+            crate::live::conn::Rechecker::new(db.clone(), config.limits.auth_recheck);
         Ok(Self {
             config: Arc::new(config),
             db,
@@ -55,6 +59,7 @@ impl AppState {
             rate_limiter: Arc::new(rate_limiter),
             address_limiter: Arc::new(address_limiter),
             subscription_slots: Arc::new(subscription_slots),
+            credentials,
             live,
         })
     }

@@ -194,6 +194,30 @@ pub async fn users_due_for_refresh(
 
 /// Resolves a bearer secret's SHA-256 to its owner, if the token is live, and
 /// records its use.
+/// Of the token hashes given, those of live (unrevoked) tokens, with the
+/// user each acts as: one query for every connection a recheck covers.
+pub async fn live_api_tokens(tx: &mut AuthTx, hashes: &[Vec<u8>]) -> Result<Vec<(Vec<u8>, i64)>> {
+    Ok(sqlx::query_as(
+        "select secret_hash, user_id from api_tokens \
+         where secret_hash = any($1) and revoked_at is null",
+    )
+    .bind(hashes)
+    .fetch_all(&mut **tx)
+    .await?)
+}
+
+/// Of the login session ids given, those that still exist and have not
+/// expired, in tower-sessions' table (the store reads it through the pool's
+/// own role, and so does this).
+pub async fn live_sessions(pool: &sqlx::PgPool, ids: &[String]) -> Result<Vec<String>> {
+    Ok(sqlx::query_scalar(
+        "select id from tower_sessions.session where id = any($1) and expiry_date > now()",
+    )
+    .bind(ids)
+    .fetch_all(pool)
+    .await?)
+}
+
 pub async fn api_token_owner(tx: &mut AuthTx, secret_hash: &[u8]) -> Result<Option<TokenOwner>> {
     let row: Option<(Uuid, i64)> = sqlx::query_as(
         "select token_id, user_id from api_tokens where secret_hash = $1 and revoked_at is null",

@@ -1,15 +1,24 @@
 //! A WebSocket connection's side of live subscriptions: who it authenticated
 //! as and with what (so logout and API-token revocation end its
 //! subscriptions), the rate limit and caps on starting subscriptions, and the
-//! stream wrapper that re-checks the credential while a subscription runs.
+//! stream wrapper that ends a subscription once its credential is gone.
+//!
+//! Credentials are re-checked by one [`Rechecker`] per process: every
+//! `auth_recheck` it checks the credentials of all connections with open
+//! subscriptions in two queries (sessions, API tokens), whatever their number,
+//! and wakes the subscriptions of those that failed. A subscription itself
+//! only reads a flag per event.
 
 use std::collections::HashMap;
+use std::collections::{HashMap as Map, HashSet};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures::{Stream, StreamExt};
+use futures::task::AtomicWaker;
+use futures::Stream;
 use observer_db::Db;
 use tower_sessions::session::Id;
 use tower_sessions::SessionStore;
@@ -108,11 +117,14 @@ pub struct Connection {
     max_open: usize,
     slots: Arc<Slots>,
     limiter: Arc<RateLimiter>,
-    /// When the credential last checked out: the subscriptions of one
-    /// connection share one check per interval.
+    /// When the credential last checked out (a new subscription within half
+    /// an interval of it needs no query of its own).
     checked_at: Mutex<Option<tokio::time::Instant>>,
     /// The credential failed once: it never comes back.
     revoked: AtomicBool,
+    /// The running subscriptions' wakers, woken when the credential fails.
+    wakers: Mutex<Vec<Weak<AtomicWaker>>>,
+    rechecker: Rechecker,
 }
 
 impl std::fmt::Debug for Connection {
@@ -129,6 +141,7 @@ pub struct ConnectionLimits {
     pub max_per_connection: usize,
     pub slots: Arc<Slots>,
     pub limiter: Arc<RateLimiter>,
+    pub rechecker: Rechecker,
 }
 
 /// Holds a subscription's place in both caps; released on drop.
@@ -162,7 +175,27 @@ impl Connection {
             limiter: limits.limiter,
             checked_at: Mutex::new(None),
             revoked: AtomicBool::new(false),
+            wakers: Mutex::new(Vec::new()),
+            rechecker: limits.rechecker,
         }
+    }
+
+    /// Marks the credential failed and wakes every running subscription so
+    /// each ends with `UNAUTHENTICATED`.
+    fn revoke(&self) {
+        self.revoked.store(true, Ordering::SeqCst);
+        let wakers = std::mem::take(&mut *self.wakers.lock().unwrap_or_else(|p| p.into_inner()));
+        for w in wakers.iter().filter_map(Weak::upgrade) {
+            w.wake();
+        }
+    }
+
+    fn revoked(&self) -> bool {
+        self.revoked.load(Ordering::SeqCst)
+    }
+
+    fn has_subscriptions(&self) -> bool {
+        self.open.load(Ordering::SeqCst) > 0
     }
 
     /// Admits one more subscription for `viewer`: rate limit, the
@@ -193,6 +226,7 @@ impl Connection {
             conn: self.clone(),
             viewer,
         };
+        self.rechecker.track(self);
         if !self.still_authenticated().await {
             return Err(gql_error(
                 Code::Unauthenticated,
@@ -202,10 +236,9 @@ impl Connection {
         Ok(permit)
     }
 
-    /// `stream`, ended with `UNAUTHENTICATED` once the connection's
-    /// credential no longer authenticates its viewer (checked every
-    /// `recheck`). A failed check (database trouble) is logged and retried:
-    /// the hub ends subscriptions itself when the database is unavailable.
+    /// `stream`, ended with `UNAUTHENTICATED` as soon as the connection's
+    /// credential is found to no longer authenticate its viewer (by the
+    /// process's [`Rechecker`]): no event is handed out after that.
     pub fn guard<T, S>(
         self: &Arc<Self>,
         stream: S,
@@ -215,56 +248,26 @@ impl Connection {
         T: Send + 'static,
         S: Stream<Item = async_graphql::Result<T>> + Send + 'static,
     {
-        struct St<S> {
-            inner: Pin<Box<S>>,
-            every: tokio::time::Interval,
-            conn: Arc<Connection>,
-            _permit: Permit,
-            done: bool,
+        let waker = Arc::new(AtomicWaker::new());
+        {
+            let mut wakers = self.wakers.lock().unwrap_or_else(|p| p.into_inner());
+            wakers.retain(|w| w.strong_count() > 0);
+            wakers.push(Arc::downgrade(&waker));
         }
-        let start = tokio::time::Instant::now() + self.recheck;
-        let mut every = tokio::time::interval_at(start, self.recheck);
-        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let st = St {
+        Guarded {
             inner: Box::pin(stream),
-            every,
             conn: self.clone(),
+            waker,
             _permit: permit,
             done: false,
-        };
-        futures::stream::unfold(st, |mut st| async move {
-            if st.done {
-                return None;
-            }
-            loop {
-                tokio::select! {
-                    item = st.inner.next() => {
-                        let item = item?;
-                        if item.is_err() {
-                            st.done = true;
-                        }
-                        return Some((item, st));
-                    }
-                    _ = st.every.tick() => {
-                        if !st.conn.still_authenticated().await {
-                            st.done = true;
-                            let err = gql_error(
-                                Code::Unauthenticated,
-                                "the session ended or the API token was revoked",
-                            );
-                            return Some((Err(err), st));
-                        }
-                    }
-                }
-            }
-        })
+        }
     }
 
     async fn still_authenticated(&self) -> bool {
         let (Some(viewer), Some(credential)) = (self.viewer, &self.credential) else {
             return false;
         };
-        if self.revoked.load(Ordering::SeqCst) {
+        if self.revoked() {
             return false;
         }
         let fresh = self
@@ -282,7 +285,7 @@ impl Connection {
                 true
             }
             Ok(false) => {
-                self.revoked.store(true, Ordering::SeqCst);
+                self.revoke();
                 false
             }
             Err(e) => {
@@ -294,5 +297,185 @@ impl Connection {
                 true
             }
         }
+    }
+}
+
+fn credential_gone() -> async_graphql::Error {
+    gql_error(
+        Code::Unauthenticated,
+        "the session ended or the API token was revoked",
+    )
+}
+
+/// A subscription's stream behind its connection's credential.
+struct Guarded<S> {
+    inner: Pin<Box<S>>,
+    conn: Arc<Connection>,
+    waker: Arc<AtomicWaker>,
+    _permit: Permit,
+    done: bool,
+}
+
+impl<T, S> Stream for Guarded<S>
+where
+    S: Stream<Item = async_graphql::Result<T>>,
+{
+    type Item = async_graphql::Result<T>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        if this.done {
+            return Poll::Ready(None);
+        }
+        if this.conn.revoked() {
+            this.done = true;
+            return Poll::Ready(Some(Err(credential_gone())));
+        }
+        match this.inner.as_mut().poll_next(cx) {
+            Poll::Ready(Some(item)) => {
+                this.done = item.is_err();
+                Poll::Ready(Some(item))
+            }
+            Poll::Ready(None) => {
+                this.done = true;
+                Poll::Ready(None)
+            }
+            Poll::Pending => {
+                this.waker.register(cx.waker());
+                // A revocation between the check above and the registration
+                // woke nobody: look again.
+                if this.conn.revoked() {
+                    this.done = true;
+                    return Poll::Ready(Some(Err(credential_gone())));
+                }
+                Poll::Pending
+            }
+        }
+    }
+}
+
+/// Re-checks the credentials of every connection with open subscriptions,
+/// in two queries per interval. Cheap to clone; its task starts with the
+/// first subscription and stops when the application state is dropped.
+#[derive(Clone)]
+pub struct Rechecker {
+    inner: Arc<RecheckInner>,
+}
+
+struct RecheckInner {
+    db: Db,
+    every: Duration,
+    conns: Mutex<Vec<Weak<Connection>>>,
+    started: AtomicBool,
+}
+
+impl std::fmt::Debug for Rechecker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Rechecker")
+    }
+}
+
+impl Rechecker {
+    pub fn new(db: Db, every: Duration) -> Self {
+        Self {
+            inner: Arc::new(RecheckInner {
+                db,
+                every: every.max(Duration::from_millis(100)),
+                conns: Mutex::new(Vec::new()),
+                started: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// Includes `conn` in the checks (once; it leaves when dropped).
+    fn track(&self, conn: &Arc<Connection>) {
+        {
+            let mut conns = self.inner.conns.lock().unwrap_or_else(|p| p.into_inner());
+            if !conns.iter().any(|c| std::ptr::eq(c.as_ptr(), Arc::as_ptr(conn))) {
+                conns.retain(|c| c.strong_count() > 0);
+                conns.push(Arc::downgrade(conn));
+            }
+        }
+        if !self.inner.started.swap(true, Ordering::SeqCst) {
+            tokio::spawn(recheck_loop(Arc::downgrade(&self.inner)));
+        }
+    }
+}
+
+async fn recheck_loop(weak: Weak<RecheckInner>) {
+    let every = match weak.upgrade() {
+        Some(inner) => inner.every,
+        None => return,
+    };
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(inner) = weak.upgrade() else { return };
+        if let Err(e) = inner.check_all().await {
+            // Database trouble is not a revoked credential: keep serving and
+            // try again next interval (the hub ends subscriptions itself when
+            // the database is gone for good).
+            tracing::warn!(
+                error = %crate::error::error_chain(e.as_ref()),
+                "re-checking subscription credentials failed; retrying"
+            );
+        }
+    }
+}
+
+impl RecheckInner {
+    async fn check_all(&self) -> anyhow::Result<()> {
+        let conns: Vec<Arc<Connection>> = {
+            let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+            conns.retain(|c| c.strong_count() > 0);
+            conns.iter().filter_map(Weak::upgrade).collect()
+        };
+        let conns: Vec<Arc<Connection>> = conns
+            .into_iter()
+            .filter(|c| c.has_subscriptions() && !c.revoked())
+            .collect();
+        if conns.is_empty() {
+            return Ok(());
+        }
+        let mut sessions: Vec<String> = Vec::new();
+        let mut hashes: Vec<Vec<u8>> = Vec::new();
+        for c in &conns {
+            match &c.credential {
+                Some(Credential::Session(id)) => sessions.push(id.to_string()),
+                Some(Credential::Token(h)) => hashes.push(h.clone()),
+                None => {}
+            }
+        }
+        let live_sessions: HashSet<String> = if sessions.is_empty() {
+            HashSet::new()
+        } else {
+            observer_db::auth::live_sessions(self.db.pool(), &sessions)
+                .await?
+                .into_iter()
+                .collect()
+        };
+        let live_tokens: Map<Vec<u8>, i64> = if hashes.is_empty() {
+            Map::new()
+        } else {
+            let mut tx = self.db.auth().await?;
+            let rows = observer_db::auth::live_api_tokens(&mut tx, &hashes).await?;
+            tx.commit().await?;
+            rows.into_iter().collect()
+        };
+        let now = tokio::time::Instant::now();
+        for c in conns {
+            let valid = match (&c.credential, c.viewer) {
+                (Some(Credential::Session(id)), Some(_)) => live_sessions.contains(&id.to_string()),
+                (Some(Credential::Token(h)), Some(v)) => live_tokens.get(h) == Some(&v.user_id),
+                _ => false,
+            };
+            if valid {
+                *c.checked_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(now);
+            } else {
+                c.revoke();
+            }
+        }
+        Ok(())
     }
 }

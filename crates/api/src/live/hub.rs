@@ -706,7 +706,8 @@ impl Subscription {
 
     /// The subscription as a stream (ends after its first error).
     pub fn into_stream(self) -> impl futures::Stream<Item = Result<Arc<LiveEvent>, LiveError>> {
-        futures::stream::unfold(self, |mut s| async move {
+        // Boxed: `unfold` moves its state in and out on every item.
+        futures::stream::unfold(Box::new(self), |mut s| async move {
             let item = s.next().await?;
             Some((item, s))
         })
