@@ -48,8 +48,7 @@ impl AppState {
             crate::live::hub::HubConfig::default(),
             metrics.live.clone(),
         );
-        let credentials =
-            crate::live::conn::Rechecker::new(db.clone(), config.limits.auth_recheck);
+        let credentials = crate::live::conn::Rechecker::new(db.clone(), config.limits.auth_recheck);
         Ok(Self {
             config: Arc::new(config),
             db,

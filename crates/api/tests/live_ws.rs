@@ -453,3 +453,104 @@ async fn bad_tokens_count_against_the_client_address(pool: PgPool) {
         .unwrap();
     assert!(tokio_tungstenite::connect_async(req).await.is_err());
 }
+
+/// Renderings are shared between subscribers of one event, keyed by the whole
+/// query document and its variables: each subscription still gets exactly
+/// its own selection (fragments, aliases, directives with variables).
+#[sqlx::test(migrator = "observer_db::MIGRATOR")]
+async fn shared_renderings_follow_each_subscriptions_own_selection(pool: PgPool) {
+    let api = start(pool.clone(), config()).await;
+    seed(&pool, &api.db).await;
+    let t1 = token_for(&api.db, U1).await;
+    let t2 = token_for(&api.db, U2).await;
+    let mut alice = connect(&api.base, "graphql-transport-ws", &t1).await;
+    let mut bob = connect(&api.base, "graphql-transport-ws", &t2).await;
+
+    let plain = "subscription { messageEvents { cursor message { content } } }";
+    let fragment = "subscription { messageEvents { ...F } } \
+                    fragment F on MessageEvent { c: cursor kind }";
+    // Same text as `fragment` but F selects something else.
+    let other_fragment = "subscription { messageEvents { ...F } } \
+                          fragment F on MessageEvent { c: kind }";
+    let directive = "subscription($x: Boolean!) { messageEvents { \
+                     message { id content @include(if: $x) } } }";
+    // (on Alice's connection?, id, query, variables)
+    let subs = [
+        (true, "plain", plain, json!({})),
+        (false, "plain", plain, json!({})),
+        (false, "fragment", fragment, json!({})),
+        (false, "other_fragment", other_fragment, json!({})),
+        (true, "with", directive, json!({"x": true})),
+        (false, "without", directive, json!({"x": false})),
+    ];
+    let n = subs.len();
+    for (on_alice, id, query, vars) in subs {
+        let ws = if on_alice { &mut alice } else { &mut bob };
+        send(
+            ws,
+            json!({"id": id, "type": "subscribe", "payload": {"query": query, "variables": vars}}),
+        )
+        .await;
+    }
+    wait_subscribers(&api, n).await;
+    post(&api.db, 101, 6001, "shared").await;
+
+    let a = collect(&mut alice, &[("plain", 1), ("with", 1)]).await;
+    let b = collect(
+        &mut bob,
+        &[
+            ("plain", 1),
+            ("fragment", 1),
+            ("other_fragment", 1),
+            ("without", 1),
+        ],
+    )
+    .await;
+    let ev = |p: &Value| p["data"]["messageEvents"].clone();
+    let cursor = ev(&a["plain"][0])["cursor"].clone();
+    assert!(cursor.is_string());
+    assert_eq!(
+        ev(&a["plain"][0]),
+        json!({"cursor": cursor, "message": {"content": "shared"}})
+    );
+    assert_eq!(ev(&b["plain"][0]), ev(&a["plain"][0]));
+    assert_eq!(
+        ev(&b["fragment"][0]),
+        json!({"c": cursor, "kind": "CREATED"})
+    );
+    assert_eq!(ev(&b["other_fragment"][0]), json!({"c": "CREATED"}));
+    assert_eq!(
+        ev(&a["with"][0]),
+        json!({"message": {"id": "6001", "content": "shared"}})
+    );
+    assert_eq!(ev(&b["without"][0]), json!({"message": {"id": "6001"}}));
+}
+
+/// Quiet connections are kept alive: WebSocket pings on both protocols and
+/// the legacy protocol's own `ka` message.
+#[sqlx::test(migrator = "observer_db::MIGRATOR")]
+async fn quiet_connections_get_keepalives(pool: PgPool) {
+    let mut cfg = config();
+    cfg.limits.ws_keepalive = Duration::from_secs(1);
+    let api = start(pool.clone(), cfg).await;
+    seed(&pool, &api.db).await;
+    let t1 = token_for(&api.db, U1).await;
+    for (protocol, wants_ka) in [("graphql-transport-ws", false), ("graphql-ws", true)] {
+        let mut ws = connect(&api.base, protocol, &t1).await;
+        let (mut pings, mut kas) = (0, 0);
+        let until = tokio::time::Instant::now() + Duration::from_millis(2600);
+        while let Ok(frame) = tokio::time::timeout_at(until, ws.next()).await {
+            match frame.expect("connection closed").unwrap() {
+                WsMessage::Ping(_) => pings += 1,
+                WsMessage::Text(t) => {
+                    let v: Value = serde_json::from_str(&t).unwrap();
+                    assert_eq!(v["type"], "ka", "{v}");
+                    kas += 1;
+                }
+                other => panic!("unexpected frame {other:?}"),
+            }
+        }
+        assert!(pings >= 2, "{protocol}: {pings} pings in 2.6 s");
+        assert_eq!(kas > 0, wants_ka, "{protocol}: {kas} ka messages");
+    }
+}

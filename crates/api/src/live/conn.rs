@@ -391,7 +391,10 @@ impl Rechecker {
     fn track(&self, conn: &Arc<Connection>) {
         {
             let mut conns = self.inner.conns.lock().unwrap_or_else(|p| p.into_inner());
-            if !conns.iter().any(|c| std::ptr::eq(c.as_ptr(), Arc::as_ptr(conn))) {
+            if !conns
+                .iter()
+                .any(|c| std::ptr::eq(c.as_ptr(), Arc::as_ptr(conn)))
+            {
                 conns.retain(|c| c.strong_count() > 0);
                 conns.push(Arc::downgrade(conn));
             }
