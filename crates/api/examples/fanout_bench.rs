@@ -441,11 +441,20 @@ async fn bench(url: &str, a: &Args) -> anyhow::Result<()> {
     let worker_db = observer_db::Db::connect(url, 8).await?;
     observer_db::migrate::run(worker_db.pool()).await?;
 
-    let sim = Simulator::start(SimConfig {
-        rate_limit_per_route: 0,
-        ..SimConfig::default()
-    })
-    .await?;
+    // The simulator and the worker get their own runtime (threads), as they
+    // would be their own processes in production: sharing the API's runtime
+    // would queue Discord's side behind a thousand WebSocket tasks.
+    let side = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("sim+worker")
+        .enable_all()
+        .build()?;
+    let sim = side
+        .spawn(Simulator::start(SimConfig {
+            rate_limit_per_route: 0,
+            ..SimConfig::default()
+        }))
+        .await??;
     let mut sc = Scenario::generate(
         a.seed,
         GenOptions {
@@ -461,7 +470,7 @@ async fn bench(url: &str, a: &Args) -> anyhow::Result<()> {
     wconf.backfill = false;
     wconf.log_interval = Duration::from_secs(3600);
     let (wstop_tx, wstop_rx) = tokio::sync::oneshot::channel::<()>();
-    let worker = tokio::spawn(observer_worker::run(wconf, worker_db.clone(), async move {
+    let worker = side.spawn(observer_worker::run(wconf, worker_db.clone(), async move {
         let _ = wstop_rx.await;
     }));
 
@@ -808,7 +817,8 @@ async fn bench(url: &str, a: &Args) -> anyhow::Result<()> {
     let _ = tokio::time::timeout(Duration::from_secs(5), api).await;
     let _ = wstop_tx.send(());
     let _ = tokio::time::timeout(Duration::from_secs(10), worker).await;
-    sim.shutdown().await;
+    side.spawn(async move { sim.shutdown().await }).await?;
+    side.shutdown_background();
     if violations > 0 {
         bail!("{violations} frames reached a viewer who may not see their channel");
     }

@@ -198,11 +198,43 @@ struct State {
     viewers: HashMap<i64, ViewerState>,
     /// Access data of every guild some active viewer belongs to.
     guilds: HashMap<i64, GuildAccessData>,
+    /// channel id → subscriptions that may want its events: narrows the
+    /// subscribers [`deliver`] looks at to those of viewers who see the
+    /// channel. Candidates only — each is checked against `subs` and
+    /// `viewers` as before — so a stale entry can cost time, never leak.
+    /// Dropped (None) by every change to `subs` or to a viewer's access;
+    /// rebuilt on the next delivery. A change that did not drop it would
+    /// leave a subscriber out: every such site calls [`State::reindex`].
+    index: Option<HashMap<i64, Vec<u64>>>,
     /// Viewers whose data may predate access changes the hub already applied.
     dirty: BTreeSet<i64>,
 }
 
 impl State {
+    /// Marks the delivery index stale (see `index`).
+    fn reindex(&mut self) {
+        self.index = None;
+    }
+
+    /// The delivery index, rebuilt if stale.
+    fn take_index(&mut self) -> HashMap<i64, Vec<u64>> {
+        if let Some(idx) = self.index.take() {
+            return idx;
+        }
+        let mut idx: HashMap<i64, Vec<u64>> = HashMap::new();
+        for (id, sub) in &self.subs {
+            let Some(v) = self.viewers.get(&sub.viewer) else {
+                continue;
+            };
+            for (c, (g, a)) in &v.visible {
+                if a.view && sub.wants(*g, *c) {
+                    idx.entry(*c).or_default().push(*id);
+                }
+            }
+        }
+        idx
+    }
+
     /// Ends every subscription of `viewer` whose whole scope became invisible.
     fn enforce_scopes(&mut self, viewer: i64, metrics: &LiveMetrics) {
         let Some(v) = self.viewers.get(&viewer) else {
@@ -216,6 +248,7 @@ impl State {
             .collect();
         for id in ended {
             if let Some(s) = self.subs.remove(&id) {
+                self.index = None;
                 let _ = s.end.set(EndReason::Forbidden);
                 metrics.forbidden.inc();
                 self.release_viewer(s.viewer);
@@ -233,6 +266,7 @@ impl State {
             None => false,
         };
         if gone {
+            self.index = None;
             if let Some(v) = self.viewers.remove(&viewer) {
                 // Drop cached guilds nobody watches any more.
                 for gid in v.members.keys() {
@@ -351,6 +385,7 @@ impl Hub {
         let mut st = self.inner.state();
         st.subs.clear();
         st.viewers.clear();
+        st.reindex();
         self.inner.metrics.subscribers.set(0);
     }
 
@@ -489,6 +524,7 @@ impl Hub {
             };
             v.recompute(&st.guilds, Utc::now());
             st.viewers.insert(viewer, v);
+            st.reindex();
             if access_cursor.is_some_and(|a| a > l.loaded_at) {
                 // The hub applied access changes our load may not reflect.
                 st.dirty.insert(viewer);
@@ -504,6 +540,7 @@ impl Hub {
             st.release_viewer(viewer);
             return Err(LiveError::Forbidden);
         }
+        st.reindex();
         st.subs.insert(
             id,
             Sub {
@@ -596,6 +633,7 @@ impl Drop for SubGuard {
         if let Some(inner) = self.inner.upgrade() {
             let mut st = inner.state();
             if let Some(s) = st.subs.remove(&self.id) {
+                st.reindex();
                 st.release_viewer(s.viewer);
             }
             inner.metrics.subscribers.set(st.subs.len() as i64);
@@ -949,13 +987,18 @@ fn deliver(inner: &Inner, batch: Vec<Arc<LiveEvent>>, next: Cursor) {
     let st = &mut *st;
     let mut ended: Vec<u64> = Vec::new();
     let mut deliveries: u64 = 0;
+    let index = st.take_index();
+    let mut ended_any = false;
     for ev in &batch {
         let (g, c) = (ev.row.guild_id, ev.row.channel_id);
         // Prior versions are history: a viewer with VIEW_CHANNEL but not
         // READ_MESSAGE_HISTORY gets the event without them (built once per
         // event, shared by all such subscribers).
         let mut without_history: Option<Arc<LiveEvent>> = None;
-        for (id, sub) in &st.subs {
+        for id in index.get(&c).into_iter().flatten() {
+            let Some(sub) = st.subs.get(id) else {
+                continue;
+            };
             if !sub.wants(g, c) {
                 continue;
             }
@@ -982,6 +1025,7 @@ fn deliver(inner: &Inner, batch: Vec<Arc<LiveEvent>>, next: Cursor) {
         // The end of those subscriptions must not see later events: remove
         // them before the next event of the batch.
         for id in ended.drain(..) {
+            ended_any = true;
             if let Some(s) = st.subs.remove(&id) {
                 inner.metrics.slow_consumers.inc();
                 st.release_viewer(s.viewer);
@@ -989,6 +1033,10 @@ fn deliver(inner: &Inner, batch: Vec<Arc<LiveEvent>>, next: Cursor) {
         }
         let lag = (now - ev.row.at).num_microseconds().unwrap_or(0).max(0) as f64 / 1e6;
         inner.metrics.fanout_latency.observe(lag);
+    }
+    // Still exact unless subscriptions ended above; then rebuilt next time.
+    if !ended_any {
+        st.index = Some(index);
     }
     inner.metrics.deliveries.inc_by(deliveries);
     inner.metrics.events.inc_by(batch.len() as u64);
@@ -1097,6 +1145,9 @@ async fn refresh_access(
             v.recompute(guilds, now);
         }
     }
+    if !changed.is_empty() {
+        st.reindex();
+    }
     for vid in changed {
         st.enforce_scopes(vid, &inner.metrics);
     }
@@ -1120,6 +1171,7 @@ fn expire_timeouts(inner: &Inner) {
         if let Some(v) = st.viewers.get_mut(&vid) {
             v.recompute(guilds, now);
         }
+        st.reindex();
         st.enforce_scopes(vid, &inner.metrics);
     }
 }
