@@ -127,12 +127,23 @@ fn parse_args(raw: &[String]) -> anyhow::Result<Args> {
     Ok(a)
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let raw: Vec<String> = std::env::args().skip(1).collect();
     if raw.first().map(String::as_str) == Some("--client") {
-        return client::run().await;
+        // One thread for all the clients: no cross-thread wake-ups, and at
+        // most one core taken from the server being measured.
+        return tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(client::run());
     }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(server_main(raw))
+}
+
+async fn server_main(raw: Vec<String>) -> anyhow::Result<()> {
     let args = parse_args(&raw)?;
     let url = std::env::var("DATABASE_URL").context("DATABASE_URL")?;
     let name = format!("observer_fanout_{}", std::process::id());
