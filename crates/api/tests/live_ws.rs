@@ -554,3 +554,47 @@ async fn quiet_connections_get_keepalives(pool: PgPool) {
         assert_eq!(kas > 0, wants_ka, "{protocol}: {kas} ka messages");
     }
 }
+
+/// Prior versions are history: a viewer without READ_MESSAGE_HISTORY gets an
+/// edit without them even when a viewer with it subscribed with the very
+/// same query (renderings are shared only between equal events).
+#[sqlx::test(migrator = "observer_db::MIGRATOR")]
+async fn shared_renderings_never_carry_history_to_viewers_without_it(pool: PgPool) {
+    const U3: i64 = 3;
+    const NO_HISTORY: i64 = 12;
+    let api = start(pool.clone(), config()).await;
+    seed(&pool, &api.db).await;
+    role(&pool, G1, NO_HISTORY, 0).await;
+    overwrite(&pool, G1, 101, NO_HISTORY, 0, 0, READ_MESSAGE_HISTORY).await;
+    member(&pool, G1, U3, &[NO_HISTORY]).await;
+    create_user(&api.db, U3, "carol").await;
+    let t1 = token_for(&api.db, U1).await;
+    let t3 = token_for(&api.db, U3).await;
+    let mut alice = connect(&api.base, "graphql-transport-ws", &t1).await;
+    let mut carol = connect(&api.base, "graphql-transport-ws", &t3).await;
+    subscribe(&mut alice, true, "s", json!({"c": ["101"]})).await;
+    subscribe(&mut carol, true, "s", json!({"c": ["101"]})).await;
+    wait_subscribers(&api, 2).await;
+
+    // Twice: which of the two renders an event first is up to the scheduler.
+    for id in [7001, 7002] {
+        post(&api.db, 101, id, "first").await;
+        edit(&api.db, 101, id, "first", "second").await;
+        let _created = next_payload(&mut alice, "s").await;
+        let _created = next_payload(&mut carol, "s").await;
+        let a = next_payload(&mut alice, "s").await;
+        let c = next_payload(&mut carol, "s").await;
+        assert_eq!(a["data"]["messageEvents"]["message"]["content"], "second");
+        assert_eq!(
+            a["data"]["messageEvents"]["message"]["revisions"],
+            json!([{"content": "first"}]),
+            "{a}"
+        );
+        assert_eq!(c["data"]["messageEvents"]["message"]["content"], "second");
+        assert_eq!(
+            c["data"]["messageEvents"]["message"]["revisions"],
+            json!([]),
+            "{c}"
+        );
+    }
+}
