@@ -240,48 +240,107 @@ impl Metrics {
     }
 }
 
-/// Serves `GET /metrics` until the listener task is dropped.
+/// Serves `GET /metrics` until the listener task is dropped. Deliberately
+/// tiny (the worker has no HTTP stack): one request per connection, a head
+/// of at most 4 KiB, [`SCRAPE_TIMEOUT`] for the whole exchange and at most
+/// [`MAX_SCRAPES`] at once, so a slow or hostile client cannot pile up tasks.
 pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_SCRAPES));
     tokio::spawn(async move {
         loop {
-            let Ok((mut sock, _)) = listener.accept().await else {
+            let (sock, _) = match listener.accept().await {
+                Ok(s) => s,
+                Err(err) => {
+                    // E.g. out of file descriptors: do not spin.
+                    tracing::warn!(%err, "metrics accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
+                // Too many scrapes in flight: drop this one.
                 continue;
             };
             let metrics = Arc::clone(&metrics);
             tokio::spawn(async move {
-                let mut buf = vec![0u8; 4096];
-                let mut n = 0;
-                // Read the request head (bounded); the body, if any, is ignored.
-                while n < buf.len() {
-                    match sock.read(&mut buf[n..]).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(k) => n += k,
-                    }
-                    if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-                        break;
-                    }
-                }
-                let head = String::from_utf8_lossy(&buf[..n]);
-                let path = head.split_whitespace().nth(1).unwrap_or("");
-                let (status, ctype, body) = if path == "/metrics" {
-                    (
-                        "200 OK",
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        metrics.render(),
-                    )
-                } else {
-                    ("404 Not Found", "text/plain", "not found\n".to_owned())
-                };
-                let resp = format!(
-                    "HTTP/1.1 {status}\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = sock.write_all(resp.as_bytes()).await;
-                let _ = sock.shutdown().await;
+                let _permit = permit;
+                let _ = tokio::time::timeout(SCRAPE_TIMEOUT, answer(sock, &metrics)).await;
             });
         }
     });
     Ok(local)
+}
+
+/// Longest a scrape may take, request and response together.
+const SCRAPE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// Scrapes served at once.
+const MAX_SCRAPES: usize = 16;
+
+async fn answer(mut sock: tokio::net::TcpStream, metrics: &Metrics) {
+    let mut buf = vec![0u8; 4096];
+    let mut n = 0;
+    // Read the request head (bounded); the body, if any, is ignored.
+    while n < buf.len() {
+        match sock.read(&mut buf[n..]).await {
+            Ok(0) | Err(_) => break,
+            Ok(k) => n += k,
+        }
+        if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+            break;
+        }
+    }
+    let head = String::from_utf8_lossy(&buf[..n]);
+    let path = head.split_whitespace().nth(1).unwrap_or("");
+    let (status, ctype, body) = if path == "/metrics" {
+        (
+            "200 OK",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            metrics.render(),
+        )
+    } else {
+        ("404 Not Found", "text/plain", "not found\n".to_owned())
+    };
+    let resp = format!(
+        "HTTP/1.1 {status}\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = sock.write_all(resp.as_bytes()).await;
+    let _ = sock.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn scrape(addr: SocketAddr) -> String {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
+    /// A client that connects and says nothing neither blocks scrapes nor
+    /// keeps its connection: it is closed after the scrape timeout.
+    #[tokio::test]
+    async fn silent_clients_are_dropped_and_do_not_block_scrapes() {
+        let addr = serve("127.0.0.1:0".parse().unwrap(), Metrics::new())
+            .await
+            .unwrap();
+        let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let resp = scrape(addr).await;
+        assert!(resp.starts_with("HTTP/1.1 200 OK"), "{resp}");
+        assert!(resp.contains("observer_worker_batches_total"));
+        let mut buf = [0u8; 16];
+        let n = tokio::time::timeout(SCRAPE_TIMEOUT * 2, silent.read(&mut buf))
+            .await
+            .expect("silent connection still open after the scrape timeout")
+            .unwrap_or(0);
+        assert_eq!(n, 0, "closed without an answer");
+    }
 }
