@@ -422,6 +422,74 @@ async fn set_observer_roles_needs_manage_rights_and_gates_viewers(pool: PgPool) 
 }
 
 #[sqlx::test(migrator = "observer_db::MIGRATOR")]
+async fn set_retention_days_needs_manage_rights_and_the_purge_applies_it(pool: PgPool) {
+    let api = start(pool.clone(), config()).await;
+    seed(&pool, &api.db).await;
+    let t1 = token_for(&api.db, U1).await;
+    let t2 = token_for(&api.db, U2).await;
+    let m = "mutation($g: ID!, $d: Int) { setRetentionDays(guildId: $g, days: $d) { id retentionDays } }";
+    // One message from January 2026, one from now.
+    message(&pool, G1, 101, 9_001, U1, "old").await;
+    sqlx::query(
+        "insert into messages (guild_id, message_id, channel_id, author_id, author_username, \
+           content, created_at, seen_create) values ($1, 9002, 101, $2, 'u', 'new', now(), true)",
+    )
+    .bind(G1)
+    .bind(U1)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let purge = || async {
+        let mut tx = api.db.worker().await.unwrap();
+        observer_db::ingest::purge_expired(&mut tx, 1000)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        let left: Vec<i64> = sqlx::query_scalar(
+            "select message_id from messages where message_id in (9001, 9002) order by 1",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        left
+    };
+
+    // A plain member: NOT_FOUND, exactly like another tenant's guild.
+    let denied = gql_raw(&api.base, Some(&t1), m, json!({"g": "1000", "d": 30})).await;
+    let other = gql_raw(&api.base, Some(&t1), m, json!({"g": "2000", "d": 30})).await;
+    assert_eq!(first_code(&denied.1), "NOT_FOUND");
+    assert_eq!(denied, other);
+    for bad in [0, -1, 36_501] {
+        let r = gql_raw(&api.base, Some(&t2), m, json!({"g": "1000", "d": bad})).await;
+        assert_eq!(first_code(&r.1), "BAD_REQUEST", "{bad}");
+    }
+    assert_eq!(purge().await, [9_001, 9_002], "no retention: keep forever");
+
+    // MANAGE_GUILD may; the worker's purge follows the setting.
+    let d = gql(&api.base, &t2, m, json!({"g": "1000", "d": 3650})).await;
+    assert_eq!(
+        d["setRetentionDays"],
+        json!({"id": "1000", "retentionDays": 3650})
+    );
+    assert_eq!(purge().await, [9_001, 9_002]);
+    let d = gql(&api.base, &t2, m, json!({"g": "1000", "d": 30})).await;
+    assert_eq!(d["setRetentionDays"]["retentionDays"], 30);
+    let d = gql(
+        &api.base,
+        &t1,
+        "{ guild(id: \"1000\") { retentionDays } }",
+        json!({}),
+    )
+    .await;
+    assert_eq!(d["guild"]["retentionDays"], 30, "members see the setting");
+    assert_eq!(purge().await, [9_002], "older than 30 days: purged");
+
+    // null: forever again.
+    let d = gql(&api.base, &t2, m, json!({"g": "1000", "d": null})).await;
+    assert_eq!(d["setRetentionDays"]["retentionDays"], Value::Null);
+}
+
+#[sqlx::test(migrator = "observer_db::MIGRATOR")]
 async fn limits_answer_documented_errors_never_500(pool: PgPool) {
     let mut cfg = config();
     cfg.limits.rate_burst = 30;

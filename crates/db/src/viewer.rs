@@ -32,6 +32,8 @@ pub struct GuildRow {
     pub name: String,
     pub icon: Option<String>,
     pub observer_role_ids: Vec<i64>,
+    /// Messages older than this many days are purged (None: kept forever).
+    pub retention_days: Option<i32>,
 }
 
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -105,7 +107,9 @@ pub async fn viewer_user(tx: &mut ViewerTx, viewer_id: i64) -> Result<Option<Use
 /// Guilds in which the viewer sees at least one channel (the policy's definition).
 pub async fn guilds(tx: &mut ViewerTx) -> Result<Vec<GuildRow>> {
     let rows = sqlx::query_as::<_, GuildRow>(
-        "select guild_id, name, icon, observer_role_ids from guilds order by lower(name), guild_id",
+        "select guild_id, name, icon, observer_role_ids, \
+           (extract(epoch from retention) / 86400)::int as retention_days from guilds \
+         order by lower(name), guild_id",
     )
     .fetch_all(&mut **tx)
     .await?;
@@ -114,7 +118,9 @@ pub async fn guilds(tx: &mut ViewerTx) -> Result<Vec<GuildRow>> {
 
 pub async fn guild(tx: &mut ViewerTx, guild_id: i64) -> Result<Option<GuildRow>> {
     let row = sqlx::query_as::<_, GuildRow>(
-        "select guild_id, name, icon, observer_role_ids from guilds where guild_id = $1",
+        "select guild_id, name, icon, observer_role_ids, \
+           (extract(epoch from retention) / 86400)::int as retention_days from guilds \
+         where guild_id = $1",
     )
     .bind(guild_id)
     .fetch_optional(&mut **tx)
@@ -263,6 +269,28 @@ pub async fn existing_role_ids(
             .fetch_all(&mut **tx)
             .await?;
     Ok(rows.into_iter().map(|r| r.0).collect())
+}
+
+/// Sets a guild's retention period in days (None: keep forever); the
+/// worker's purge applies it. Same permission rule and answers as
+/// [`set_observer_roles`].
+pub async fn set_retention_days(tx: &mut ViewerTx, guild_id: i64, days: Option<i32>) -> Result<()> {
+    let done =
+        sqlx::query("update guilds set retention = make_interval(days => $2) where guild_id = $1")
+            .bind(guild_id)
+            .bind(days)
+            .execute(&mut **tx)
+            .await;
+    match done {
+        Ok(r) if r.rows_affected() == 1 => Ok(()),
+        Ok(_) => Err(Error::NotFound),
+        Err(sqlx::Error::Database(e))
+            if e.code().as_deref() == Some("42501") || e.code().as_deref() == Some("42P17") =>
+        {
+            Err(Error::NotFound)
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Sets a guild's observer roles. The policy lets the update through only for

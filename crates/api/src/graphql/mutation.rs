@@ -15,6 +15,8 @@ pub struct Mutation;
 const MAX_TOKEN_NAME: usize = 100;
 /// Most observer roles a guild may configure (Discord allows 250 roles).
 const MAX_OBSERVER_ROLES: usize = 250;
+/// Longest retention period accepted (100 years).
+const MAX_RETENTION_DAYS: i32 = 36_500;
 
 #[Object]
 impl Mutation {
@@ -67,6 +69,33 @@ impl Mutation {
                 ))
             }
         }
+    }
+
+    /// Sets how many days messages are kept in a guild (null: forever); the
+    /// worker purges older ones and stops backfilling past the horizon.
+    /// Allowed for the owner, ADMINISTRATOR or MANAGE_GUILD; anyone else
+    /// gets NOT_FOUND, like for a guild that does not exist.
+    async fn set_retention_days(
+        &self,
+        ctx: &Context<'_>,
+        guild_id: ID,
+        days: Option<i32>,
+    ) -> GqlResult<Guild> {
+        let rdb = request_db(ctx)?;
+        rdb.viewer()?;
+        let guild_id = parse_id(&guild_id).ok_or_else(not_found)?;
+        if days.is_some_and(|d| !(1..=MAX_RETENTION_DAYS).contains(&d)) {
+            return Err(bad_request("days must be between 1 and 36500, or null"));
+        }
+        let mut tx = rdb.tx().await?;
+        db::set_retention_days(&mut tx, guild_id, days)
+            .await
+            .map_err(from_db)?;
+        db::guild(&mut tx, guild_id)
+            .await
+            .map_err(from_db)?
+            .map(Guild::from)
+            .ok_or_else(not_found)
     }
 
     /// Creates an API token acting as the viewer. The secret is returned once.

@@ -51,6 +51,8 @@ pub struct Guild {
     pub name: String,
     pub icon_url: Option<String>,
     pub observer_role_ids: Vec<ID>,
+    /// Messages older than this many days are purged (null: kept forever).
+    pub retention_days: Option<i32>,
     #[graphql(skip)]
     pub guild_id: i64,
     /// Filled when the parent resolver loaded channels for many guilds at once.
@@ -68,6 +70,7 @@ impl From<GuildRow> for Guild {
                 .map(|i| format!("{CDN}/icons/{}/{i}.png", g.guild_id)),
             name: g.name,
             observer_role_ids: g.observer_role_ids.into_iter().map(id).collect(),
+            retention_days: g.retention_days,
             guild_id: g.guild_id,
             preloaded_channels: None,
         }
