@@ -1502,6 +1502,23 @@ pub async fn newest_message_ids(
         .collect())
 }
 
+/// How long a member-removal tombstone is kept. It only has to outlive any
+/// member observation that was taken before the removal and is still in
+/// flight (a REST snapshot, a delayed dispatch): minutes in practice.
+pub const MEMBER_REMOVAL_TTL: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+/// Forgets member-removal tombstones older than `keep`; returns how many.
+/// Without this the table grows with every member who ever left.
+pub async fn purge_member_removals(tx: &mut WorkerTx, keep: std::time::Duration) -> Result<u64> {
+    let done = sqlx::query(
+        "delete from member_removals where observed_at < now() - make_interval(secs => $1)",
+    )
+    .bind(keep.as_secs_f64())
+    .execute(&mut **tx)
+    .await?;
+    Ok(done.rows_affected())
+}
+
 /// Deletes up to `limit` messages that are older than their guild's retention
 /// period (`guilds.retention`; NULL keeps forever), with their revisions and
 /// events, and returns how many messages went. Callers repeat until it

@@ -83,3 +83,30 @@ async fn backfill_never_reaches_behind_the_retention_horizon(pool: PgPool) {
     assert_eq!(newest.get(&201), Some(&22));
     tx.commit().await.unwrap();
 }
+
+/// Member-removal tombstones are forgotten once older than the TTL; recent
+/// ones stay (they still guard against late, stale member writes).
+#[sqlx::test(migrator = "observer_db::MIGRATOR")]
+async fn old_member_removal_tombstones_are_forgotten(pool: PgPool) {
+    migrate::apply_policies(&pool).await.unwrap();
+    sqlx::raw_sql(
+        "insert into guilds (guild_id, name, owner_id) values (1, 'g', 9);
+         insert into member_removals (guild_id, user_id, observed_at) values
+             (1, 5, now() - interval '2 days'), (1, 6, now() - interval '1 hour');",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let db = Db::new(pool.clone());
+    let mut tx = db.worker().await.unwrap();
+    let n = ingest::purge_member_removals(&mut tx, ingest::MEMBER_REMOVAL_TTL)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(n, 1);
+    let left: Vec<i64> = sqlx::query_scalar("select user_id from member_removals")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(left, vec![6]);
+}

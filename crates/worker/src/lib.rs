@@ -322,6 +322,24 @@ async fn purge_loop(db: Db, every: Duration) {
         if total > 0 {
             tracing::info!(messages = total, "retention purge removed expired messages");
         }
+        let tombstones = async {
+            let mut tx = db.worker().await?;
+            let n = observer_db::ingest::purge_member_removals(
+                &mut tx,
+                observer_db::ingest::MEMBER_REMOVAL_TTL,
+            )
+            .await?;
+            tx.commit().await?;
+            Ok::<_, observer_db::Error>(n)
+        }
+        .await;
+        match tombstones {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(n, "old member-removal tombstones forgotten"),
+            Err(err) => {
+                tracing::warn!(error = %err, "tombstone purge failed; retrying at the next interval")
+            }
+        }
     }
 }
 
