@@ -645,10 +645,21 @@ async fn an_expiring_timeout_widens_access_without_an_access_event(pool: PgPool)
     assert_eq!(hub.viewer_sees(16, 1, 104), Some(false));
     assert_eq!(hub.viewer_sees(16, 1, 101), Some(true));
     // The end of a timeout writes nothing; the hub recomputes at the time it knows.
-    wait_until("the timeout to expire", Duration::from_secs(5), || {
-        hub.viewer_sees(16, 1, 104) == Some(true)
-    })
-    .await;
+    let start = Instant::now();
+    while hub.viewer_sees(16, 1, 104) != Some(true) {
+        let m = hub.metrics();
+        assert!(
+            start.elapsed() < REVOKE_DEADLINE,
+            "timed out waiting for the timeout to expire: sees 104 {:?}, 101 {:?}; reads {}, tick reads {}, read errors {}, refreshes {}",
+            hub.viewer_sees(16, 1, 104),
+            hub.viewer_sees(16, 1, 101),
+            m.reads.get(),
+            m.tick_reads.get(),
+            m.read_errors.get(),
+            m.access_refreshes.get(),
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     post(&db, &[(104, 1)]).await;
     assert_eq!(next_event(&mut sub).await.row.message.message_id, 1);
     hub.shutdown();

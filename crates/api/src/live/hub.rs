@@ -1105,7 +1105,15 @@ async fn refresh_access(
     let mut st = inner.state();
     let st = &mut *st;
     let mut changed: BTreeSet<i64> = BTreeSet::new();
+    // Viewers that registered while this refresh was reading: their members
+    // were not loaded here, so "no row" would wrongly mean "not a member".
+    // Their own load may predate the changes read here: reload them next.
+    let mut newcomers: Vec<i64> = Vec::new();
     for (vid, v) in st.viewers.iter_mut() {
+        if !active_set.contains(vid) {
+            newcomers.push(*vid);
+            continue;
+        }
         for gid in &guild_ids {
             let concerned = guild_wide.contains(gid) || pairs.contains(&(*gid, *vid));
             if !concerned {
@@ -1150,6 +1158,11 @@ async fn refresh_access(
     }
     for vid in changed {
         st.enforce_scopes(vid, &inner.metrics);
+    }
+    if !newcomers.is_empty() {
+        st.dirty.extend(newcomers);
+        inner.pending.access.store(true, Ordering::SeqCst);
+        inner.kick.notify_one();
     }
     Ok(())
 }
