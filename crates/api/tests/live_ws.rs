@@ -538,7 +538,8 @@ async fn quiet_connections_get_keepalives(pool: PgPool) {
     for (protocol, wants_ka) in [("graphql-transport-ws", false), ("graphql-ws", true)] {
         let mut ws = connect(&api.base, protocol, &t1).await;
         let (mut pings, mut kas) = (0, 0);
-        let until = tokio::time::Instant::now() + Duration::from_millis(2600);
+        // Pings are due at 1, 2, 3 and 4 s: two of them even on a loaded machine.
+        let until = tokio::time::Instant::now() + Duration::from_millis(4500);
         while let Ok(frame) = tokio::time::timeout_at(until, ws.next()).await {
             match frame.expect("connection closed").unwrap() {
                 WsMessage::Ping(_) => pings += 1,
@@ -550,7 +551,7 @@ async fn quiet_connections_get_keepalives(pool: PgPool) {
                 other => panic!("unexpected frame {other:?}"),
             }
         }
-        assert!(pings >= 2, "{protocol}: {pings} pings in 2.6 s");
+        assert!(pings >= 2, "{protocol}: {pings} pings in 4.5 s");
         assert_eq!(kas > 0, wants_ka, "{protocol}: {kas} ka messages");
     }
 }
