@@ -21,6 +21,12 @@ pub struct Config {
     /// How often a logged-in viewer's guild memberships are re-read from
     /// Discord with their stored OAuth token.
     pub membership_refresh_interval: Duration,
+    /// Reverse proxies in front of the API that append the address they saw
+    /// to `X-Forwarded-For` (`API_TRUSTED_PROXY_HOPS`). The client address
+    /// for rate limits is then the entry that many places from the right;
+    /// entries further left are whatever the client sent and never trusted.
+    /// 0: the header is ignored and the TCP peer is the client.
+    pub trusted_proxy_hops: usize,
 }
 
 /// How much larger the per-address bucket is than the per-viewer one.
@@ -85,6 +91,7 @@ impl Default for Config {
             limits: Limits::default(),
             session_ttl: Duration::from_secs(7 * 24 * 3600),
             membership_refresh_interval: Duration::from_secs(10 * 60),
+            trusted_proxy_hops: 0,
         }
     }
 }

@@ -112,7 +112,7 @@ pub async fn graphql_post(
             "content-type must be application/json",
         );
     }
-    let address = client_address(&req);
+    let address = client_address(&req, state.config.trusted_proxy_hops);
     if !state.address_limiter.check(address.clone()) {
         return rate_limited(&state);
     }
@@ -200,12 +200,35 @@ fn rate_limited(state: &AppState) -> Response {
     )
 }
 
-/// The rate-limit key of the peer (no address: one shared bucket).
-fn client_address(req: &Request) -> RateKey {
-    req.extensions()
+/// The rate-limit key of the client: the TCP peer, or behind
+/// `trusted_hops` proxies the address the outermost of them saw (no address:
+/// one shared bucket).
+fn client_address(req: &Request, trusted_hops: usize) -> RateKey {
+    let peer = req
+        .extensions()
         .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| RateKey::Address(c.0.ip()))
+        .map(|c| c.0.ip());
+    let forwarded = (trusted_hops > 0)
+        .then(|| forwarded_client(req.headers(), trusted_hops))
+        .flatten();
+    forwarded
+        .or(peer)
+        .map(RateKey::Address)
         .unwrap_or(RateKey::Anonymous)
+}
+
+/// The `X-Forwarded-For` entry `trusted_hops` places from the right (each
+/// proxy appends the address it received from; only our own proxies'
+/// entries are trusted). None when the header is absent or unparsable.
+fn forwarded_client(headers: &HeaderMap, trusted_hops: usize) -> Option<std::net::IpAddr> {
+    let mut entries: Vec<std::net::IpAddr> = Vec::new();
+    for value in headers.get_all("x-forwarded-for") {
+        for part in value.to_str().ok()?.split(',') {
+            entries.push(part.trim().parse().ok()?);
+        }
+    }
+    let i = entries.len().saturating_sub(trusted_hops);
+    entries.get(i).copied()
 }
 
 fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
@@ -229,7 +252,7 @@ pub async fn graphql_get(
     if !is_websocket_upgrade(req.headers()) {
         return crate::pages::graphiql().await;
     }
-    let address = client_address(&req);
+    let address = client_address(&req, state.config.trusted_proxy_hops);
     if !state.address_limiter.check(address.clone()) {
         return rate_limited(&state);
     }

@@ -890,3 +890,49 @@ mod ws {
         );
     }
 }
+
+/// Behind N trusted proxies the per-address limit keys on the address the
+/// outermost one saw (the Nth X-Forwarded-For entry from the right); what a
+/// client writes further left is ignored. With no trusted proxy the header
+/// is ignored altogether, so it cannot be used to dodge the limit.
+#[sqlx::test(migrator = "observer_db::MIGRATOR")]
+async fn address_limits_trust_only_the_configured_proxies(pool: PgPool) {
+    // Anonymous requests are limited per client address: `rate_burst`
+    // requests, (practically) no refill.
+    let limited = |hops: usize| {
+        let mut cfg = config();
+        cfg.limits.rate_burst = 2;
+        cfg.limits.rate_per_sec = 0.000_1;
+        cfg.trusted_proxy_hops = hops;
+        cfg
+    };
+    let post = |base: String, xff: &'static str| async move {
+        reqwest::Client::new()
+            .post(format!("{base}/graphql"))
+            .header("x-forwarded-for", xff)
+            .json(&json!({"query": "{ __typename }"}))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+
+    let api = start(pool.clone(), limited(1)).await;
+    for _ in 0..2 {
+        assert_eq!(post(api.base.clone(), "1.1.1.1").await, 200);
+    }
+    assert_eq!(post(api.base.clone(), "1.1.1.1").await, 429);
+    // A spoofed entry on the left does not make a new client.
+    assert_eq!(post(api.base.clone(), "9.9.9.9, 1.1.1.1").await, 429);
+    // Another client behind the same proxy has its own bucket.
+    assert_eq!(post(api.base.clone(), "2.2.2.2").await, 200);
+    drop(api);
+
+    // No trusted proxy: every request is the TCP peer (127.0.0.1).
+    let api = start(pool, limited(0)).await;
+    for xff in ["3.3.3.3", "4.4.4.4"] {
+        assert_eq!(post(api.base.clone(), xff).await, 200);
+    }
+    assert_eq!(post(api.base.clone(), "7.7.7.7").await, 429);
+}

@@ -126,6 +126,10 @@ pub struct ApiArgs {
     /// Database connections the api keeps (one more is used by the LISTEN connection).
     #[arg(long, env = "API_DB_POOL_SIZE", default_value_t = 16)]
     pub db_pool_size: u32,
+    /// Reverse proxies in front of the api that append to X-Forwarded-For
+    /// (Railway: 1). 0 ignores the header: the peer address is the client.
+    #[arg(long, env = "API_TRUSTED_PROXY_HOPS", default_value_t = 0)]
+    pub trusted_proxy_hops: usize,
 }
 
 #[derive(Debug, Args)]
@@ -233,6 +237,7 @@ impl ApiArgs {
                 rate_per_sec: self.rate_per_sec,
                 ..defaults.limits.clone()
             },
+            trusted_proxy_hops: self.trusted_proxy_hops,
             ..defaults
         }
     }
