@@ -281,16 +281,7 @@ pub async fn set_retention_days(tx: &mut ViewerTx, guild_id: i64, days: Option<i
             .bind(days)
             .execute(&mut **tx)
             .await;
-    match done {
-        Ok(r) if r.rows_affected() == 1 => Ok(()),
-        Ok(_) => Err(Error::NotFound),
-        Err(sqlx::Error::Database(e))
-            if e.code().as_deref() == Some("42501") || e.code().as_deref() == Some("42P17") =>
-        {
-            Err(Error::NotFound)
-        }
-        Err(e) => Err(e.into()),
-    }
+    one_guild_setting(done)
 }
 
 /// Sets a guild's observer roles. The policy lets the update through only for
@@ -302,10 +293,18 @@ pub async fn set_observer_roles(tx: &mut ViewerTx, guild_id: i64, role_ids: &[i6
         .bind(role_ids)
         .execute(&mut **tx)
         .await;
+    one_guild_setting(done)
+}
+
+/// The outcome of a guild-settings update under the policy: one row, or
+/// [`Error::NotFound`] for anything the viewer may not change — a permission
+/// error must look exactly like "not found" so nothing leaks.
+fn one_guild_setting(
+    done: std::result::Result<sqlx::postgres::PgQueryResult, sqlx::Error>,
+) -> Result<()> {
     match done {
         Ok(r) if r.rows_affected() == 1 => Ok(()),
         Ok(_) => Err(Error::NotFound),
-        // A permission error must look exactly like "not found" so nothing leaks.
         Err(sqlx::Error::Database(e))
             if e.code().as_deref() == Some("42501") || e.code().as_deref() == Some("42P17") =>
         {

@@ -9,8 +9,7 @@
 //! and wakes the subscriptions of those that failed. A subscription itself
 //! only reads a flag per event.
 
-use std::collections::HashMap;
-use std::collections::{HashMap as Map, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -21,8 +20,6 @@ use futures::task::AtomicWaker;
 use futures::Stream;
 use observer_db::Db;
 use tower_sessions::session::Id;
-use tower_sessions::SessionStore;
-use tower_sessions_sqlx_store::PostgresStore;
 
 use crate::error::{gql_error, Code};
 use crate::graphql::Viewer;
@@ -42,22 +39,42 @@ pub enum Credential {
 }
 
 impl Credential {
-    /// Whether it still authenticates `user_id`: one query.
-    pub async fn still_valid(&self, db: &Db, user_id: i64) -> anyhow::Result<bool> {
-        match self {
-            Credential::Session(id) => {
-                // Logout deletes the record; login rotates the id; an idle
-                // session expires — each makes `load` find nothing.
-                let store = PostgresStore::new(db.pool().clone());
-                Ok(store.load(id).await?.is_some())
-            }
-            Credential::Token(hash) => {
-                let mut tx = db.auth().await?;
-                let owner = observer_db::auth::api_token_owner(&mut tx, hash).await?;
-                tx.commit().await?;
-                Ok(owner.is_some_and(|o| o.user_id == user_id))
+    /// Which of `creds` (each with the user it authenticated) still
+    /// authenticate that user: at most two queries, whatever their number.
+    /// Logout deletes a session, login rotates its id and an idle one
+    /// expires — each makes it missing here; a revoked token is missing too.
+    async fn still_valid(db: &Db, creds: &[(&Credential, i64)]) -> anyhow::Result<Vec<bool>> {
+        let mut sessions: Vec<String> = Vec::new();
+        let mut hashes: Vec<Vec<u8>> = Vec::new();
+        for (c, _) in creds {
+            match c {
+                Credential::Session(id) => sessions.push(id.to_string()),
+                Credential::Token(h) => hashes.push(h.clone()),
             }
         }
+        let live_sessions: HashSet<String> = if sessions.is_empty() {
+            HashSet::new()
+        } else {
+            observer_db::auth::live_sessions(db.pool(), &sessions)
+                .await?
+                .into_iter()
+                .collect()
+        };
+        let live_tokens: HashMap<Vec<u8>, i64> = if hashes.is_empty() {
+            HashMap::new()
+        } else {
+            let mut tx = db.auth().await?;
+            let rows = observer_db::auth::live_api_tokens(&mut tx, &hashes).await?;
+            tx.commit().await?;
+            rows.into_iter().collect()
+        };
+        Ok(creds
+            .iter()
+            .map(|(c, user_id)| match c {
+                Credential::Session(id) => live_sessions.contains(&id.to_string()),
+                Credential::Token(h) => live_tokens.get(h) == Some(user_id),
+            })
+            .collect())
     }
 }
 
@@ -278,7 +295,8 @@ impl Connection {
         if fresh {
             return true;
         }
-        match credential.still_valid(&self.db, viewer.user_id).await {
+        let valid = Credential::still_valid(&self.db, &[(credential, viewer.user_id)]).await;
+        match valid.map(|v| v.first().copied().unwrap_or(false)) {
             Ok(true) => {
                 *self.checked_at.lock().unwrap_or_else(|p| p.into_inner()) =
                     Some(tokio::time::Instant::now());
@@ -441,39 +459,16 @@ impl RecheckInner {
         if conns.is_empty() {
             return Ok(());
         }
-        let mut sessions: Vec<String> = Vec::new();
-        let mut hashes: Vec<Vec<u8>> = Vec::new();
-        for c in &conns {
-            match &c.credential {
-                Some(Credential::Session(id)) => sessions.push(id.to_string()),
-                Some(Credential::Token(h)) => hashes.push(h.clone()),
-                None => {}
-            }
-        }
-        let live_sessions: HashSet<String> = if sessions.is_empty() {
-            HashSet::new()
-        } else {
-            observer_db::auth::live_sessions(self.db.pool(), &sessions)
-                .await?
-                .into_iter()
-                .collect()
-        };
-        let live_tokens: Map<Vec<u8>, i64> = if hashes.is_empty() {
-            Map::new()
-        } else {
-            let mut tx = self.db.auth().await?;
-            let rows = observer_db::auth::live_api_tokens(&mut tx, &hashes).await?;
-            tx.commit().await?;
-            rows.into_iter().collect()
-        };
+        // Connections without a viewer or credential never pass.
+        let creds: Vec<(&Credential, i64)> = conns
+            .iter()
+            .filter_map(|c| Some((c.credential.as_ref()?, c.viewer?.user_id)))
+            .collect();
+        let mut valid = Credential::still_valid(&self.db, &creds).await?.into_iter();
         let now = tokio::time::Instant::now();
-        for c in conns {
-            let valid = match (&c.credential, c.viewer) {
-                (Some(Credential::Session(id)), Some(_)) => live_sessions.contains(&id.to_string()),
-                (Some(Credential::Token(h)), Some(v)) => live_tokens.get(h) == Some(&v.user_id),
-                _ => false,
-            };
-            if valid {
+        for c in &conns {
+            let has = c.credential.is_some() && c.viewer.is_some();
+            if has && valid.next().unwrap_or(false) {
                 *c.checked_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(now);
             } else {
                 c.revoke();

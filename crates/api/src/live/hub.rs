@@ -248,7 +248,7 @@ impl State {
             .collect();
         for id in ended {
             if let Some(s) = self.subs.remove(&id) {
-                self.index = None;
+                self.reindex();
                 let _ = s.end.set(EndReason::Forbidden);
                 metrics.forbidden.inc();
                 self.release_viewer(s.viewer);
@@ -266,7 +266,7 @@ impl State {
             None => false,
         };
         if gone {
-            self.index = None;
+            self.reindex();
             if let Some(v) = self.viewers.remove(&viewer) {
                 // Drop cached guilds nobody watches any more.
                 for gid in v.members.keys() {
