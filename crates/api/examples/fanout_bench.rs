@@ -364,8 +364,12 @@ async fn scrape(http: &reqwest::Client, base: &str) -> anyhow::Result<HashMap<St
         .error_for_status()?
         .text()
         .await?;
-    Ok(text
-        .lines()
+    Ok(parse_metrics(&text))
+}
+
+/// Prometheus text → series name (with labels) → value.
+fn parse_metrics(text: &str) -> HashMap<String, f64> {
+    text.lines()
         .filter(|l| !l.starts_with('#'))
         .filter_map(|l| {
             let mut parts = l.split_whitespace();
@@ -373,7 +377,7 @@ async fn scrape(http: &reqwest::Client, base: &str) -> anyhow::Result<HashMap<St
             let value: f64 = parts.next()?.parse().ok()?;
             Some((name.to_owned(), value))
         })
-        .collect())
+        .collect()
 }
 
 fn metric(m: &HashMap<String, f64>, name: &str) -> f64 {
@@ -481,9 +485,15 @@ async fn bench(url: &str, a: &Args) -> anyhow::Result<()> {
     wconf.backfill = false;
     wconf.log_interval = Duration::from_secs(3600);
     let (wstop_tx, wstop_rx) = tokio::sync::oneshot::channel::<()>();
-    let worker = side.spawn(observer_worker::run(wconf, worker_db.clone(), async move {
-        let _ = wstop_rx.await;
-    }));
+    let wmetrics = observer_worker::Metrics::new();
+    let worker = side.spawn(observer_worker::run_with_metrics(
+        wconf,
+        worker_db.clone(),
+        Arc::clone(&wmetrics),
+        async move {
+            let _ = wstop_rx.await;
+        },
+    ));
 
     let viewer_ids: Vec<i64> = world.viewers.iter().map(|v| *v as i64).collect();
     let guild_ids: Vec<i64> = world.guild_ids.iter().map(|g| *g as i64).collect();
@@ -705,6 +715,7 @@ async fn bench(url: &str, a: &Args) -> anyhow::Result<()> {
     }
 
     let m0 = scrape(&http, &base).await?;
+    let w0 = parse_metrics(&wmetrics.render());
     let s0 = db_stats(worker_db.pool()).await?;
     let child_pid = child.proc.id().map(|p| p.to_string()).unwrap_or_default();
     let cpu0 = (cpu_secs("self"), cpu_secs(&child_pid));
@@ -757,6 +768,7 @@ async fn bench(url: &str, a: &Args) -> anyhow::Result<()> {
     // The child has exited but is not yet reaped: its counters are still there.
     let cpu1 = (cpu_secs("self"), cpu_secs(&child_pid));
     let m1 = scrape(&http, &base).await?;
+    let w1 = parse_metrics(&wmetrics.render());
     let s1 = db_stats(worker_db.pool()).await?;
 
     let received: Vec<u64> = report["per_viewer"]
@@ -794,6 +806,16 @@ async fn bench(url: &str, a: &Args) -> anyhow::Result<()> {
     println!(
         "latency dispatch → frame: p50 {} ms, p90 {} ms, p99 {} ms, max {} ms (n={})",
         report["p50_ms"], report["p90_ms"], report["p99_ms"], report["max_ms"], report["samples"]
+    );
+    let w = |name: &str| metric(&w1, name) - metric(&w0, name);
+    let batches = w("observer_worker_batches_total").max(1.0);
+    println!(
+        "worker: {:.0} batches, {:.1} ops each, write+commit {:.2} ms, queued → committed {:.2} ms (means)",
+        batches,
+        w("observer_worker_batch_ops_sum") / batches,
+        w("observer_worker_batch_seconds_sum") / batches * 1000.0,
+        w("observer_worker_lag_seconds_sum") / w("observer_worker_lag_seconds_count").max(1.0)
+            * 1000.0
     );
     let hand_off = d("observer_api_live_fanout_latency_seconds_sum")
         / d("observer_api_live_fanout_latency_seconds_count").max(1.0);

@@ -281,6 +281,16 @@ pub struct BatchStats {
     pub access_ops: usize,
 }
 
+impl BatchStats {
+    fn count_event(&mut self, kind: i16) {
+        match kind {
+            1 => self.events_created += 1,
+            2 => self.events_updated += 1,
+            _ => self.events_deleted += 1,
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Message state lattice
 // ---------------------------------------------------------------------------
@@ -557,8 +567,7 @@ pub async fn write_batch(tx: &mut WorkerTx, ops: &[IngestOp]) -> Result<BatchSta
 
     stats.messages = merged.len();
     stats.revisions_offered = revisions.len();
-    write_messages(conn, merged, &mut stats).await?;
-    write_revisions(conn, revisions).await?;
+    write_messages(conn, merged, revisions, &mut stats).await?;
     Ok(stats)
 }
 
@@ -1242,12 +1251,18 @@ const UNNEST_MESSAGES: &str = "unnest($1::int8[], $2::int8[], $3::int8[], $4::in
      $6::text[], $7::text[], $8::bool[], $9::text[], $10::timestamptz[], $11::timestamptz[], \
      $12::timestamptz[], $13::jsonb[], $14::int8[], $15::bool[], $16::timestamptz[], $17::bool[])";
 
+/// Writes the merged message states, their events and the offered revisions.
+/// Per round (normally one): a locking read of the stored rows, an update of
+/// the changed ones (only when there are any), and one statement that inserts
+/// the new rows, the round's events and the revisions — round trips are what
+/// an event's latency is made of when the machine is busy.
 async fn write_messages(
     conn: &mut PgConnection,
     mut pending: BTreeMap<(i64, i64), MsgState>,
+    revisions: HashSet<(i64, i64, DateTime<Utc>, String)>,
     stats: &mut BatchStats,
 ) -> Result<()> {
-    let mut events: Vec<(i64, i16, i64, i64)> = Vec::new();
+    let mut revisions = Some(Revisions::from(revisions));
     // Normally one round; a row inserted concurrently by another transaction
     // between our read and our insert sends that message around once more.
     for _round in 0..8 {
@@ -1255,12 +1270,20 @@ async fn write_messages(
             break;
         }
         let (kg, kid): (Vec<i64>, Vec<i64>) = pending.keys().copied().unzip();
+        // One primary-key probe per key, whatever the planner thinks of the
+        // table: as a plain join, a generic plan cached while `messages` was
+        // small (a fresh install, before autovacuum's first analyze) hashed
+        // the keys and scanned the whole table on every batch — linear in
+        // its size. The locking subquery cannot be flattened, so it stays a
+        // parameterised index lookup. Keys arrive sorted (`pending` is a
+        // BTreeMap), so rows are locked in key order, as before.
         let rows = sqlx::query(&format!(
-            "select {MESSAGE_COLUMNS} from messages m
-             join unnest($1::int8[], $2::int8[]) as k(g, id)
-               on m.guild_id = k.g and m.message_id = k.id
-             order by m.guild_id, m.message_id
-             for update of m"
+            "select m.* from unnest($1::int8[], $2::int8[]) as k(g, id)
+             cross join lateral (
+               select {MESSAGE_COLUMNS} from messages m
+               where m.guild_id = k.g and m.message_id = k.id
+               for update
+             ) m"
         ))
         .bind(&kg)
         .bind(&kid)
@@ -1275,6 +1298,7 @@ async fn write_messages(
         let mut inserts = MsgColumns::default();
         let mut insert_states: Vec<MsgState> = Vec::new();
         let mut updates = MsgColumns::default();
+        let mut events = EventColumns::default();
         for (key, incoming) in &pending {
             match existing.get(key) {
                 None => {
@@ -1292,13 +1316,17 @@ async fn write_messages(
                         } else {
                             2
                         };
-                        events.push((new.guild_id, kind, new.channel_id, new.message_id));
+                        events.push(new.guild_id, kind, new.channel_id, new.message_id);
                     }
                 }
             }
         }
 
         if !updates.g.is_empty() {
+            // Planned for each execution (an unnamed statement: one more
+            // round trip, on edits and deletes only): a cached generic plan
+            // of this join, made while the table was small, scanned all of
+            // `messages` on every later batch (see the lookup above).
             let n = updates
                 .bind(sqlx::query(&format!(
                     "update messages m set
@@ -1313,49 +1341,74 @@ async fn write_messages(
                      from {UNNEST_MESSAGES} as u({MESSAGE_COLUMNS})
                      where m.guild_id = u.guild_id and m.message_id = u.message_id"
                 )))
+                .persistent(false)
                 .execute(&mut *conn)
                 .await?
                 .rows_affected();
             stats.messages_changed += n as usize;
         }
 
-        let mut retry = BTreeMap::new();
-        if !inserts.g.is_empty() {
-            let done: Vec<(i64, i64)> = sqlx::query_as(&format!(
-                "insert into messages ({MESSAGE_COLUMNS})
-                 select * from {UNNEST_MESSAGES}
-                 on conflict (guild_id, message_id) do nothing
-                 returning guild_id, message_id"
-            ))
-            .bind(&inserts.g)
-            .bind(&inserts.id)
-            .bind(&inserts.ch)
-            .bind(&inserts.aid)
-            .bind(&inserts.aname)
-            .bind(&inserts.adisp)
-            .bind(&inserts.aav)
-            .bind(&inserts.abot)
-            .bind(&inserts.content)
-            .bind(&inserts.created)
-            .bind(&inserts.edited)
-            .bind(&inserts.deleted)
-            .bind(&inserts.att)
-            .bind(&inserts.reply)
-            .bind(&inserts.seen)
-            .bind(&inserts.vat)
-            .bind(&inserts.aknown)
+        let revs = revisions.take().unwrap_or_default();
+        if inserts.g.is_empty() && events.g.is_empty() && revs.g.is_empty() {
+            // Nothing new (a replay): done.
+            pending.clear();
+            continue;
+        }
+        // The new rows, then one event per new row and per visible change, in
+        // message-id order (a subscriber sees a channel's messages in
+        // creation order when they arrive together), and the revisions. The
+        // CTEs all run; RETURNING says which inserts took (a concurrent
+        // writer may have won the others).
+        let sql = format!(
+            "with ins as (
+               insert into messages ({MESSAGE_COLUMNS})
+               select * from {UNNEST_MESSAGES}
+               on conflict (guild_id, message_id) do nothing
+               returning guild_id, message_id, channel_id, deleted_at
+             ), ev as (
+               insert into message_events (guild_id, kind, channel_id, message_id)
+               select g, k, c, m from (
+                 select guild_id, (case when deleted_at is null then 1 else 3 end)::int2,
+                        channel_id, message_id
+                 from ins
+                 union all
+                 select * from unnest($18::int8[], $19::int2[], $20::int8[], $21::int8[])
+               ) as e(g, k, c, m)
+               order by m, k
+             ), rev as (
+               insert into message_revisions (guild_id, message_id, version_at, content)
+               select * from unnest($22::int8[], $23::int8[], $24::timestamptz[], $25::text[])
+               on conflict do nothing
+             )
+             select guild_id, message_id from ins"
+        );
+        let q = sqlx::query(&sql);
+        let done = inserts
+            .bind(q)
+            .bind(&events.g)
+            .bind(&events.k)
+            .bind(&events.c)
+            .bind(&events.m)
+            .bind(&revs.g)
+            .bind(&revs.m)
+            .bind(&revs.at)
+            .bind(&revs.content)
             .fetch_all(&mut *conn)
-            .await?;
-            let done: HashSet<(i64, i64)> = done.into_iter().collect();
-            stats.messages_changed += done.len();
-            for s in insert_states {
-                let key = (s.guild_id, s.message_id);
-                if done.contains(&key) {
-                    let kind = if s.deleted_at.is_some() { 3 } else { 1 };
-                    events.push((s.guild_id, kind, s.channel_id, s.message_id));
-                } else {
-                    retry.insert(key, s);
-                }
+            .await?
+            .iter()
+            .map(|r| Ok((r.try_get::<i64, _>(0)?, r.try_get::<i64, _>(1)?)))
+            .collect::<Result<HashSet<(i64, i64)>>>()?;
+        stats.messages_changed += done.len();
+        for k in &events.k {
+            stats.count_event(*k);
+        }
+        let mut retry = BTreeMap::new();
+        for s in insert_states {
+            let key = (s.guild_id, s.message_id);
+            if done.contains(&key) {
+                stats.count_event(if s.deleted_at.is_some() { 3 } else { 1 });
+            } else {
+                retry.insert(key, s);
             }
         }
         pending = retry;
@@ -1366,67 +1419,47 @@ async fn write_messages(
             pending.len()
         )));
     }
-
-    if !events.is_empty() {
-        // Events in message-id order within the batch, so a subscriber sees a
-        // channel's messages in creation order when they arrive together.
-        events.sort_by_key(|e| (e.3, e.1));
-        let g: Vec<i64> = events.iter().map(|e| e.0).collect();
-        let k: Vec<i16> = events.iter().map(|e| e.1).collect();
-        let c: Vec<i64> = events.iter().map(|e| e.2).collect();
-        let m: Vec<i64> = events.iter().map(|e| e.3).collect();
-        sqlx::query(
-            "insert into message_events (guild_id, kind, channel_id, message_id)
-             select g, k, c, m from unnest($1::int8[], $2::int2[], $3::int8[], $4::int8[])
-                 with ordinality as e(g, k, c, m, n)
-             order by n",
-        )
-        .bind(&g)
-        .bind(&k)
-        .bind(&c)
-        .bind(&m)
-        .execute(&mut *conn)
-        .await?;
-        for (_, kind, _, _) in &events {
-            match kind {
-                1 => stats.events_created += 1,
-                2 => stats.events_updated += 1,
-                _ => stats.events_deleted += 1,
-            }
-        }
-    }
     Ok(())
 }
 
-async fn write_revisions(
-    conn: &mut PgConnection,
-    revisions: HashSet<(i64, i64, DateTime<Utc>, String)>,
-) -> Result<()> {
-    if revisions.is_empty() {
-        return Ok(());
+/// Message events to insert, as the columns of one `unnest`.
+#[derive(Default)]
+struct EventColumns {
+    g: Vec<i64>,
+    k: Vec<i16>,
+    c: Vec<i64>,
+    m: Vec<i64>,
+}
+
+impl EventColumns {
+    fn push(&mut self, guild_id: i64, kind: i16, channel_id: i64, message_id: i64) {
+        self.g.push(guild_id);
+        self.k.push(kind);
+        self.c.push(channel_id);
+        self.m.push(message_id);
     }
-    let mut g = Vec::with_capacity(revisions.len());
-    let mut m = Vec::with_capacity(revisions.len());
-    let mut at = Vec::with_capacity(revisions.len());
-    let mut content = Vec::with_capacity(revisions.len());
-    for (a, b, c, d) in revisions {
-        g.push(a);
-        m.push(b);
-        at.push(c);
-        content.push(d);
+}
+
+/// Revisions to insert, as the columns of one `unnest`.
+#[derive(Default)]
+struct Revisions {
+    g: Vec<i64>,
+    m: Vec<i64>,
+    at: Vec<DateTime<Utc>>,
+    content: Vec<String>,
+}
+
+impl From<HashSet<(i64, i64, DateTime<Utc>, String)>> for Revisions {
+    fn from(set: HashSet<(i64, i64, DateTime<Utc>, String)>) -> Self {
+        let mut r = Revisions::default();
+        for (g, m, at, content) in set {
+            r.g.push(g);
+            r.m.push(m);
+            r.at.push(at);
+            r.content.push(content);
+        }
+        r
     }
-    sqlx::query(
-        "insert into message_revisions (guild_id, message_id, version_at, content)
-         select * from unnest($1::int8[], $2::int8[], $3::timestamptz[], $4::text[])
-         on conflict do nothing",
-    )
-    .bind(&g)
-    .bind(&m)
-    .bind(&at)
-    .bind(&content)
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
 }
 
 /// Whether a failed batch is worth retrying as is: connection trouble, a
