@@ -599,3 +599,215 @@ async fn shared_renderings_never_carry_history_to_viewers_without_it(pool: PgPoo
         );
     }
 }
+
+/// A raw connection: upgraded, nothing sent yet.
+async fn open(base: &str, protocol: &str) -> Ws {
+    let mut req = format!("{}/graphql", base.replace("http://", "ws://"))
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("sec-websocket-protocol", protocol.parse().unwrap());
+    tokio_tungstenite::connect_async(req).await.unwrap().0
+}
+
+/// The close code the server ends the connection with, after any text
+/// frames (returned too).
+async fn closed_with(ws: &mut Ws) -> (Option<u16>, Vec<Value>) {
+    let mut texts = Vec::new();
+    loop {
+        let frame = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("the server never closed");
+        match frame {
+            Some(Ok(WsMessage::Close(c))) => return (c.map(|c| u16::from(c.code)), texts),
+            Some(Ok(WsMessage::Text(t))) => texts.push(serde_json::from_str(&t).unwrap()),
+            Some(Ok(_)) => {}
+            None | Some(Err(_)) => return (None, texts),
+        }
+    }
+}
+
+/// The edges of the protocols end with the `graphql-transport-ws` spec's
+/// close codes (the legacy protocol: a `connection_error` first), and the
+/// small messages get their answers.
+#[sqlx::test(migrator = "observer_db::MIGRATOR")]
+async fn protocol_edges_get_the_specs_answers(pool: PgPool) {
+    let api = start(pool.clone(), config()).await;
+    seed(&pool, &api.db).await;
+    let t1 = token_for(&api.db, U1).await;
+    let sub = |id: &str| json!({"id": id, "type": "subscribe", "payload": {"query": SUB}});
+
+    // Subscribing before the ack: 4401.
+    let mut ws = open(&api.base, "graphql-transport-ws").await;
+    send(&mut ws, sub("early")).await;
+    assert_eq!(closed_with(&mut ws).await.0, Some(4401));
+
+    // Not a protocol message: 4400.
+    let mut ws = open(&api.base, "graphql-transport-ws").await;
+    ws.send(WsMessage::Text("{not json".into())).await.unwrap();
+    assert_eq!(closed_with(&mut ws).await.0, Some(4400));
+    let mut ws = open(&api.base, "graphql-transport-ws").await;
+    send(&mut ws, json!({"type": "no_such_type"})).await;
+    assert_eq!(closed_with(&mut ws).await.0, Some(4400));
+
+    // A refused connection_init: 4403; on the legacy protocol a
+    // connection_error comes first.
+    let bad = json!({"type": "connection_init", "payload": {"authorization": "Bearer obs_nope"}});
+    let mut ws = open(&api.base, "graphql-transport-ws").await;
+    send(&mut ws, bad.clone()).await;
+    let (code, texts) = closed_with(&mut ws).await;
+    assert_eq!(code, Some(4403));
+    assert!(texts.is_empty(), "{texts:?}");
+    let mut ws = open(&api.base, "graphql-ws").await;
+    send(&mut ws, bad).await;
+    let (code, texts) = closed_with(&mut ws).await;
+    assert_eq!(code, Some(4403));
+    assert_eq!(texts.len(), 1, "{texts:?}");
+    assert_eq!(texts[0]["type"], "connection_error");
+
+    // A second connection_init: 4429.
+    let mut ws = connect(&api.base, "graphql-transport-ws", &t1).await;
+    send(&mut ws, json!({"type": "connection_init"})).await;
+    assert_eq!(closed_with(&mut ws).await.0, Some(4429));
+
+    // ping → pong; a reused subscription id: 4409.
+    let mut ws = connect(&api.base, "graphql-transport-ws", &t1).await;
+    send(&mut ws, json!({"type": "ping"})).await;
+    let pong = loop {
+        let frame = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if let WsMessage::Text(t) = frame {
+            break serde_json::from_str::<Value>(&t).unwrap();
+        }
+    };
+    assert_eq!(pong, json!({"type": "pong"}));
+    send(&mut ws, sub("one")).await;
+    wait_subscribers(&api, 1).await;
+    send(&mut ws, sub("one")).await;
+    assert_eq!(closed_with(&mut ws).await.0, Some(4409));
+
+    // A query over the socket: one result, then complete. The legacy
+    // protocol confirms a stop with complete.
+    let mut ws = connect(&api.base, "graphql-ws", &t1).await;
+    send(
+        &mut ws,
+        json!({"id": "q", "type": "start", "payload": {"query": "{ __typename }"}}),
+    )
+    .await;
+    let data = next_json(&mut ws).await;
+    assert_eq!(data["type"], "data", "{data}");
+    assert_eq!(data["payload"]["data"]["__typename"], "Query", "{data}");
+    assert_eq!(
+        next_json(&mut ws).await,
+        json!({"type": "complete", "id": "q"})
+    );
+    send(
+        &mut ws,
+        json!({"id": "s", "type": "start", "payload": {"query": SUB}}),
+    )
+    .await;
+    wait_subscribers(&api, 1).await;
+    send(&mut ws, json!({"id": "s", "type": "stop"})).await;
+    assert_eq!(
+        next_json(&mut ws).await,
+        json!({"type": "complete", "id": "s"})
+    );
+}
+
+/// Events rendered for one subscriber reach the others as pre-rendered text
+/// and events not yet rendered go through GraphQL execution: whichever way
+/// each one takes, every subscriber gets every event once, in log order,
+/// with the same payload as everyone with its selection, under its own
+/// alias and id.
+#[sqlx::test(migrator = "observer_db::MIGRATOR")]
+async fn pre_rendered_and_executed_events_keep_log_order(pool: PgPool) {
+    let api = start(pool.clone(), config()).await;
+    seed(&pool, &api.db).await;
+    let t1 = token_for(&api.db, U1).await;
+    let t2 = token_for(&api.db, U2).await;
+    let plain =
+        "subscription { messageEvents(channelIds: [\"101\"]) { cursor message { id content } } }";
+    let aliased = "subscription { ev: messageEvents(channelIds: [\"101\"]) { cursor message { id content } } }";
+    let mut conns = Vec::new();
+    for (i, (token, protocol, query)) in [
+        (&t1, "graphql-transport-ws", plain),
+        (&t2, "graphql-transport-ws", plain),
+        (&t1, "graphql-ws", plain),
+        (&t2, "graphql-ws", aliased),
+        (&t1, "graphql-transport-ws", aliased),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut ws = connect(&api.base, protocol, token).await;
+        let kind = if protocol == "graphql-ws" {
+            "start"
+        } else {
+            "subscribe"
+        };
+        let id = format!("sub \"{i}\"");
+        send(
+            &mut ws,
+            json!({"id": id, "type": kind, "payload": {"query": query}}),
+        )
+        .await;
+        conns.push((
+            ws,
+            id,
+            if query == plain {
+                "messageEvents"
+            } else {
+                "ev"
+            },
+        ));
+    }
+    wait_subscribers(&api, conns.len()).await;
+
+    // Batches in quick succession, so the hub hands several events at once
+    // to subscribers that reach them in different orders.
+    let mut want = Vec::new();
+    for batch in 0..6i64 {
+        let mut tx = api.db.worker().await.unwrap();
+        for k in 0..10i64 {
+            let id = 7000 + batch * 10 + k;
+            sqlx::query(
+                "insert into messages (guild_id, message_id, channel_id, author_id, author_username, \
+                   content, created_at, seen_create) \
+                 values ($1, $2, 101, 7, 'author', $3, '2026-01-01T00:00:00Z', true)",
+            )
+            .bind(G1)
+            .bind(id)
+            .bind(format!("m{id}"))
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+            event(&mut tx, 101, id, 1).await;
+            want.push(id.to_string());
+        }
+        tx.commit().await.unwrap();
+    }
+
+    let mut payloads = Vec::new();
+    for (ws, id, key) in &mut conns {
+        let got = collect(ws, &[(id.as_str(), want.len())]).await;
+        let events: Vec<Value> = got[id.as_str()]
+            .iter()
+            .map(|p| {
+                assert!(p.get("errors").is_none(), "{p}");
+                p["data"][*key].clone()
+            })
+            .collect();
+        let ids: Vec<String> = events
+            .iter()
+            .map(|e| e["message"]["id"].as_str().unwrap_or_default().to_owned())
+            .collect();
+        assert_eq!(ids, want, "subscription {id}");
+        payloads.push(events);
+    }
+    for p in &payloads[1..] {
+        assert_eq!(p, &payloads[0], "same selection, same payloads");
+    }
+}

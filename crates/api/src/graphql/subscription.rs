@@ -12,8 +12,9 @@ use observer_db::events::Scope;
 use super::parse_id;
 use crate::error::{bad_request, internal, unauthenticated};
 use crate::live::conn::Connection;
-use crate::live::gql::{parse_cursor, to_error, LiveMessageEvent, SelectionKey};
+use crate::live::gql::{parse_cursor, to_error, LaneStream, LiveMessageEvent, SelectionKey};
 use crate::live::hub::Hub;
+use crate::live::ws::Lane;
 
 pub struct Subscription;
 
@@ -69,6 +70,12 @@ impl Subscription {
             Ok(event) => Ok(LiveMessageEvent { event, key }),
             Err(e) => Err(to_error(&e)),
         });
-        Ok(conn.guard(events, permit))
+        // Behind the credential guard, so nothing reaches the lane after a
+        // revocation either.
+        Ok(LaneStream::new(
+            conn.guard(events, permit),
+            ctx.data_opt::<Arc<Lane>>(),
+            ctx.item.node.response_key().node.as_str(),
+        ))
     }
 }

@@ -7,20 +7,24 @@
 //! without revisions) and on the subscription's query document and
 //! variables — no field under `MessageEvent` reads the viewer or the
 //! database. So the first subscriber with a given [`SelectionKey`] resolves
-//! it and every other one reuses that value ([`Renders`]): the per-delivery
-//! cost stops growing with the size of the selection.
+//! and serialises it and every other one reuses that JSON ([`Renders`],
+//! [`LaneStream`]): per delivery, what is left is splicing it into a frame.
 
 use std::borrow::Cow;
 use std::fmt::Write as _;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context as TaskContext, Poll};
 
 use async_graphql::parser::types::Field;
 use async_graphql::registry::Registry;
 use async_graphql::{ContextSelectionSet, ErrorExtensions, OutputType, Positioned, ServerResult};
+use futures::Stream;
 use observer_db::events::{Cursor, EventKind};
 use sha2::{Digest, Sha256};
 
 use super::hub::{LiveError, LiveEvent};
+use super::ws::Lane;
 use crate::error::{gql_error, Code};
 use crate::graphql::types::{cursor, Message, MessageEvent, MessageEventKind, Revision};
 
@@ -96,28 +100,63 @@ impl SelectionKey {
     }
 }
 
-/// Renderings of one event, by selection. Bounded: past [`MAX_RENDERS`]
-/// distinct selections (many different queries subscribed at once) further
-/// ones are resolved per subscriber, uncached.
+#[cfg(test)]
+impl SelectionKey {
+    pub(crate) fn fixed(b: u8) -> Self {
+        Self([b; 32])
+    }
+}
+
+/// Renderings of one event, by selection: the resolved value (for
+/// executions without a [`Lane`]) and its JSON text (spliced into frames by
+/// the WebSocket loop). Bounded: past [`MAX_RENDERS`] distinct selections
+/// (many different queries subscribed at once) further ones are resolved
+/// per subscriber, uncached.
 #[derive(Debug, Default)]
-pub struct Renders(Mutex<Vec<(SelectionKey, async_graphql::Value)>>);
+pub struct Renders(Mutex<Vec<Rendering>>);
+
+#[derive(Debug)]
+struct Rendering {
+    key: SelectionKey,
+    value: async_graphql::Value,
+    json: Arc<str>,
+}
 
 /// Distinct selections cached per event.
 pub const MAX_RENDERS: usize = 8;
 
 impl Renders {
-    fn get(&self, key: &SelectionKey) -> Option<async_graphql::Value> {
-        let cached = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        cached
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.clone())
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Rendering>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn put(&self, key: SelectionKey, value: &async_graphql::Value) {
-        let mut cached = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if cached.len() < MAX_RENDERS && !cached.iter().any(|(k, _)| *k == key) {
-            cached.push((key, value.clone()));
+    fn value(&self, key: &SelectionKey) -> Option<async_graphql::Value> {
+        self.lock()
+            .iter()
+            .find(|r| r.key == *key)
+            .map(|r| r.value.clone())
+    }
+
+    /// The JSON text of the event for `key`, when already rendered.
+    pub fn json(&self, key: &SelectionKey) -> Option<Arc<str>> {
+        self.lock()
+            .iter()
+            .find(|r| r.key == *key)
+            .map(|r| Arc::clone(&r.json))
+    }
+
+    pub(crate) fn put(&self, key: SelectionKey, value: &async_graphql::Value) {
+        let mut cached = self.lock();
+        if cached.len() >= MAX_RENDERS || cached.iter().any(|r| r.key == key) {
+            return;
+        }
+        match serde_json::to_string(value) {
+            Ok(json) => cached.push(Rendering {
+                key,
+                value: value.clone(),
+                json: json.into(),
+            }),
+            Err(e) => tracing::error!(error = %e, "serialising a live event failed"),
         }
     }
 }
@@ -143,12 +182,64 @@ impl OutputType for LiveMessageEvent {
         ctx: &ContextSelectionSet<'_>,
         field: &Positioned<Field>,
     ) -> ServerResult<async_graphql::Value> {
-        if let Some(v) = self.event.renders.get(&self.key) {
+        if let Some(v) = self.event.renders.value(&self.key) {
             return Ok(v);
         }
         let v = OutputType::resolve(&to_message_event(&self.event), ctx, field).await?;
         self.event.renders.put(self.key, &v);
         Ok(v)
+    }
+}
+
+/// A subscription's events on their way out: an event already rendered for
+/// the subscription's selection goes straight to its [`Lane`] (the
+/// WebSocket loop splices the JSON into a frame); only the first subscriber
+/// of each selection has an event executed by GraphQL (which renders it for
+/// the others), and errors always are. See [`super::ws`] for why the order
+/// holds.
+pub struct LaneStream<S> {
+    inner: Pin<Box<S>>,
+    lane: Option<Arc<Lane>>,
+}
+
+impl<S> LaneStream<S> {
+    /// `lane`: the request's, when the WebSocket loop gave it one; used only
+    /// by the operation's first subscription field (a lane carries one
+    /// response key), any other field's events are executed as usual.
+    pub fn new(inner: S, lane: Option<&Arc<Lane>>, response_key: &str) -> Self {
+        Self {
+            inner: Box::pin(inner),
+            lane: lane.filter(|l| l.claim(response_key)).cloned(),
+        }
+    }
+}
+
+/// Events moved to the lane per poll before yielding to the executor.
+const LANE_BURST: usize = 256;
+
+impl<S> Stream for LaneStream<S>
+where
+    S: Stream<Item = async_graphql::Result<LiveMessageEvent>>,
+{
+    type Item = async_graphql::Result<LiveMessageEvent>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        let Some(lane) = &this.lane else {
+            return this.inner.as_mut().poll_next(cx);
+        };
+        for _ in 0..LANE_BURST {
+            match this.inner.as_mut().poll_next(cx) {
+                Poll::Ready(Some(Ok(ev))) => match ev.event.renders.json(&ev.key) {
+                    Some(json) => lane.push(json),
+                    None => return Poll::Ready(Some(Ok(ev))),
+                },
+                other => return other,
+            }
+        }
+        // More may be ready: come back after the connection sent these.
+        cx.waker().wake_by_ref();
+        Poll::Pending
     }
 }
 

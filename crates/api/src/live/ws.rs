@@ -1,24 +1,268 @@
-//! The GraphQL WebSocket's send loop. async-graphql speaks both protocols
-//! (`graphql-transport-ws`, legacy `graphql-ws`); this loop moves its frames
-//! to the socket and differs from `async_graphql_axum`'s in two ways:
+//! The GraphQL WebSocket: both protocols (`graphql-transport-ws`, legacy
+//! `graphql-ws`), spoken here rather than by async-graphql's `WebSocket`, for
+//! three reasons:
 //!
-//! - frames that are ready together are written together: one flush (one
-//!   `send` syscall) per burst instead of per frame, so under load the cost
-//!   per frame falls as the hub's read batches grow (the same adaptive
-//!   batching as the worker's writer, with no timer and no added latency);
-//! - a keepalive: a WebSocket ping every `keepalive` (and, on the legacy
-//!   protocol, its `ka` message), so proxies do not cut quiet subscriptions.
+//! - **Pre-rendered events** ([`Lane`]): a live event is resolved and
+//!   serialised once per selection ([`super::gql::Renders`]); every other
+//!   subscriber with that selection gets the same JSON text spliced into its
+//!   own frame, without going through GraphQL execution, a `Response` and
+//!   serde for each delivery. That per-delivery work was most of the API's
+//!   CPU at 1,000 subscribers.
+//! - **Bursts**: frames that are ready together are written with one flush
+//!   (one `send`), so the cost per frame falls as the hub's batches grow.
+//! - **Protocol edges** as the `graphql-transport-ws` spec has them: 4400 for
+//!   a malformed message, 4401 for a subscribe before the ack, 4403 when
+//!   `connection_init` is refused, 4408 when it never comes, 4409 for a
+//!   reused id, 4429 for a second init; plus a keepalive (WebSocket ping, and
+//!   `ka` on the legacy protocol) so proxies do not cut quiet subscriptions.
+//!
+//! Ordering: a subscription's pre-rendered events are pushed to its lane
+//! while async-graphql polls the subscription's stream, and that stream
+//! yields an event to GraphQL execution only when it has no rendering yet. So
+//! whenever execution returns a response, everything in the lane came before
+//! it: the loop drains the lane first, then sends the response.
 
+use std::collections::VecDeque;
 use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use async_graphql::http::{WebSocket as GqlWebSocket, WebSocketProtocols, WsMessage};
-use async_graphql::{Data, Executor};
+use async_graphql::http::{ClientMessage, WebSocketProtocols};
+use async_graphql::{Data, Executor, Response};
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
-use futures::{FutureExt, SinkExt, StreamExt};
+use futures::stream::BoxStream;
+use futures::{SinkExt, StreamExt};
 
 /// Most frames written per flush (bounds the time between flushes).
 const MAX_BURST: usize = 256;
+/// How long a client may take to send `connection_init`.
+const INIT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One subscription's side channel: pre-rendered event JSON, in order, and
+/// the response key (alias) it goes under. Put in the request's data; the
+/// `messageEvents` resolver fills it (see [`super::gql::LaneStream`]).
+#[derive(Debug, Default)]
+pub struct Lane {
+    key: OnceLock<String>,
+    queue: Mutex<VecDeque<Arc<str>>>,
+}
+
+impl Lane {
+    /// Takes the lane for the subscription field with `response_key`: true
+    /// for the first field to ask (its events go under that key), false for
+    /// any other.
+    pub fn claim(&self, response_key: &str) -> bool {
+        self.key.set(response_key.to_owned()).is_ok()
+    }
+
+    /// Queues an event's rendering for the connection to send.
+    pub fn push(&self, json: Arc<str>) {
+        self.lock().push_back(json);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Arc<str>>> {
+        // Plain data: usable after a panic elsewhere.
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+struct Sub {
+    id: String,
+    stream: BoxStream<'static, Response>,
+    lane: Arc<Lane>,
+    /// `{"type":"next","id":…,"payload":{"data":{"<key>":` once the key is known.
+    prefix: Option<String>,
+}
+
+impl Sub {
+    /// Moves the lane's events into `out` as finished frames.
+    fn drain(&mut self, protocol: WebSocketProtocols, out: &mut Vec<Message>) {
+        let mut q = self.lane.lock();
+        if q.is_empty() {
+            return;
+        }
+        let prefix = match &self.prefix {
+            Some(p) => p,
+            None => {
+                let key = self.lane.key.get().map_or("messageEvents", String::as_str);
+                self.prefix.insert(format!(
+                    r#"{{"type":{},"id":{},"payload":{{"data":{{{}:"#,
+                    json_str(next_type(protocol)),
+                    json_str(&self.id),
+                    json_str(key)
+                ))
+            }
+        };
+        for json in q.drain(..) {
+            let mut frame = String::with_capacity(prefix.len() + json.len() + 3);
+            frame.push_str(prefix);
+            frame.push_str(&json);
+            frame.push_str("}}}");
+            out.push(Message::Text(frame.into()));
+        }
+    }
+}
+
+/// What the connection does after reading a client message.
+enum Step {
+    Continue,
+    Send(Message),
+    Close(u16, String),
+}
+
+struct Conn<E, OnInit> {
+    executor: E,
+    protocol: WebSocketProtocols,
+    on_init: Option<OnInit>,
+    data: Option<Arc<Data>>,
+    subs: Vec<Sub>,
+}
+
+impl<E, OnInit, Fut> Conn<E, OnInit>
+where
+    E: Executor,
+    OnInit: FnOnce(serde_json::Value) -> Fut + Send + 'static,
+    Fut: Future<Output = async_graphql::Result<Data>> + Send + 'static,
+{
+    fn legacy(&self) -> bool {
+        self.protocol == WebSocketProtocols::SubscriptionsTransportWS
+    }
+
+    /// A refusal: a close code on `graphql-transport-ws`; a
+    /// `connection_error` message, then a close, on the legacy protocol.
+    fn refuse(&self, code: u16, reason: &str) -> Vec<Message> {
+        let close = Message::Close(Some(CloseFrame {
+            code,
+            reason: close_reason(reason).into(),
+        }));
+        if self.legacy() {
+            let err =
+                serde_json::json!({"type": "connection_error", "payload": {"message": reason}});
+            vec![Message::Text(err.to_string().into()), close]
+        } else {
+            vec![close]
+        }
+    }
+
+    async fn on_message(&mut self, bytes: &[u8]) -> Step {
+        let msg: ClientMessage = match serde_json::from_slice(bytes) {
+            Ok(m) => m,
+            Err(e) => return Step::Close(4400, format!("invalid message: {e}")),
+        };
+        match msg {
+            ClientMessage::ConnectionInit { payload } => {
+                let Some(init) = self.on_init.take() else {
+                    return Step::Close(4429, "Too many initialisation requests".into());
+                };
+                match init(payload.unwrap_or_default()).await {
+                    Ok(data) => {
+                        self.data = Some(Arc::new(data));
+                        Step::Send(Message::Text(r#"{"type":"connection_ack"}"#.into()))
+                    }
+                    Err(e) => Step::Close(4403, e.message),
+                }
+            }
+            ClientMessage::Start { id, payload } => {
+                let Some(data) = self.data.clone() else {
+                    return Step::Close(4401, "Unauthorized".into());
+                };
+                if self.subs.iter().any(|s| s.id == id) {
+                    return Step::Close(4409, format!("Subscriber for {id} already exists"));
+                }
+                let lane = Arc::new(Lane::default());
+                let request = payload.data(Arc::clone(&lane));
+                let stream = self.executor.execute_stream(request, Some(data));
+                self.subs.push(Sub {
+                    id,
+                    stream,
+                    lane,
+                    prefix: None,
+                });
+                Step::Continue
+            }
+            ClientMessage::Stop { id } => {
+                let before = self.subs.len();
+                self.subs.retain(|s| s.id != id);
+                // The legacy protocol confirms a stop; the modern one does not.
+                if self.legacy() && self.subs.len() < before {
+                    Step::Send(Message::Text(complete(&id).into()))
+                } else {
+                    Step::Continue
+                }
+            }
+            ClientMessage::ConnectionTerminate => Step::Close(1000, String::new()),
+            ClientMessage::Ping { .. } => Step::Send(Message::Text(r#"{"type":"pong"}"#.into())),
+            ClientMessage::Pong { .. } => Step::Continue,
+        }
+    }
+
+    /// Polls every subscription once, collecting the frames that are ready.
+    fn poll_subs(&mut self, cx: &mut Context<'_>, out: &mut Vec<Message>) {
+        let mut i = 0;
+        while i < self.subs.len() {
+            if poll_sub(&mut self.subs[i], self.protocol, cx, out) {
+                self.subs.swap_remove(i);
+            } else {
+                i += 1;
+            }
+        }
+    }
+}
+
+/// Polls one subscription, appending its ready frames to `out` in order;
+/// true when it ended. Bounded, so one busy subscription cannot starve the
+/// others or the socket's reads.
+fn poll_sub(
+    sub: &mut Sub,
+    protocol: WebSocketProtocols,
+    cx: &mut Context<'_>,
+    out: &mut Vec<Message>,
+) -> bool {
+    for _ in 0..MAX_BURST {
+        match sub.stream.as_mut().poll_next(cx) {
+            Poll::Ready(Some(resp)) => {
+                // The lane holds only events that came before this one.
+                sub.drain(protocol, out);
+                out.push(Message::Text(next_frame(protocol, &sub.id, &resp).into()));
+            }
+            Poll::Ready(None) => {
+                sub.drain(protocol, out);
+                out.push(Message::Text(complete(&sub.id).into()));
+                return true;
+            }
+            Poll::Pending => {
+                sub.drain(protocol, out);
+                return false;
+            }
+        }
+    }
+    false
+}
+
+/// Resolves with the frames of every subscription that has some, or stays
+/// pending (registering the task's waker with each stream).
+struct Ready<'a, E, OnInit>(&'a mut Conn<E, OnInit>);
+
+impl<E, OnInit, Fut> Future for Ready<'_, E, OnInit>
+where
+    E: Executor,
+    OnInit: FnOnce(serde_json::Value) -> Fut + Send + 'static,
+    Fut: Future<Output = async_graphql::Result<Data>> + Send + 'static,
+{
+    type Output = Vec<Message>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Vec<Message>> {
+        let mut out = Vec::new();
+        self.0.poll_subs(cx, &mut out);
+        if out.is_empty() {
+            Poll::Pending
+        } else {
+            Poll::Ready(out)
+        }
+    }
+}
 
 /// Serves one upgraded GraphQL WebSocket until either side ends it.
 pub async fn serve<E, OnInit, Fut>(
@@ -32,77 +276,230 @@ pub async fn serve<E, OnInit, Fut>(
     OnInit: FnOnce(serde_json::Value) -> Fut + Send + 'static,
     Fut: Future<Output = async_graphql::Result<Data>> + Send + 'static,
 {
-    let (mut sink, input) = socket.split();
-    // Text and binary frames carry the protocol; pings are answered by the
-    // WebSocket layer; a read error or a close ends the input.
-    let input = input
-        .take_while(|m| {
-            std::future::ready(m.as_ref().is_ok_and(|m| !matches!(m, Message::Close(_))))
-        })
-        .filter_map(|m| {
-            std::future::ready(match m {
-                Ok(Message::Text(t)) => Some(t.as_bytes().to_vec()),
-                Ok(Message::Binary(b)) => Some(b.to_vec()),
-                _ => None,
-            })
-        });
-    let frames =
-        GqlWebSocket::new(executor, input, protocol).on_connection_init(on_connection_init);
-    futures::pin_mut!(frames);
-
+    let (mut sink, mut input) = socket.split();
+    let mut conn = Conn {
+        executor,
+        protocol,
+        on_init: Some(on_connection_init),
+        data: None,
+        subs: Vec::new(),
+    };
+    let init_deadline = tokio::time::sleep(INIT_TIMEOUT);
+    tokio::pin!(init_deadline);
     let mut ka = tokio::time::interval_at(tokio::time::Instant::now() + keepalive, keepalive);
     ka.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            frame = frames.next() => {
-                let Some(frame) = frame else { break };
-                let mut ended = false;
-                let mut ok = sink.feed(to_axum(frame)).await.is_ok();
-                let mut burst = 1;
-                // Whatever else is ready now goes out with this one. A
-                // Pending here registers no waker we rely on: the next
-                // `frames.next()` polls again with the task's own.
-                while ok && burst < MAX_BURST {
-                    match frames.next().now_or_never() {
-                        Some(Some(f)) => {
-                            ok = sink.feed(to_axum(f)).await.is_ok();
-                            burst += 1;
-                        }
-                        Some(None) => {
-                            ended = true;
-                            break;
-                        }
-                        None => break,
+
+    let mut closing: Option<Vec<Message>> = None;
+    while closing.is_none() {
+        let waiting_for_init = conn.data.is_none();
+        let frames: Vec<Message> = tokio::select! {
+            frames = Ready(&mut conn) => frames,
+            msg = input.next() => {
+                // Text and binary frames carry the protocol; pings are
+                // answered by the WebSocket layer; a read error or a close
+                // ends the connection.
+                let bytes = match msg {
+                    Some(Ok(Message::Text(t))) => t.as_bytes().to_vec(),
+                    Some(Ok(Message::Binary(b))) => b.to_vec(),
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                    Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
+                };
+                match conn.on_message(&bytes).await {
+                    Step::Continue => continue,
+                    Step::Send(m) => vec![m],
+                    Step::Close(code, reason) => {
+                        closing = Some(conn.refuse(code, &reason));
+                        continue;
                     }
                 }
-                if !ok || sink.flush().await.is_err() || ended {
-                    break;
-                }
+            }
+            () = &mut init_deadline, if waiting_for_init => {
+                closing = Some(conn.refuse(4408, "Connection initialisation timeout"));
+                continue;
             }
             _ = ka.tick() => {
-                if sink.feed(Message::Ping(Default::default())).await.is_err() {
-                    break;
+                let mut v = vec![Message::Ping(Default::default())];
+                if conn.legacy() {
+                    v.push(Message::Text(r#"{"type":"ka"}"#.into()));
                 }
-                if protocol == WebSocketProtocols::SubscriptionsTransportWS
-                    && sink.feed(Message::Text(r#"{"type":"ka"}"#.into())).await.is_err()
-                {
-                    break;
-                }
-                if sink.flush().await.is_err() {
-                    break;
-                }
+                v
             }
+        };
+        if send_all(&mut sink, frames).await.is_err() {
+            return;
         }
+    }
+    if let Some(frames) = closing {
+        let _ = send_all(&mut sink, frames).await;
     }
     let _ = sink.close().await;
 }
 
-fn to_axum(frame: WsMessage) -> Message {
-    match frame {
-        WsMessage::Text(text) => Message::Text(text.into()),
-        WsMessage::Close(code, reason) => Message::Close(Some(CloseFrame {
-            code,
-            reason: reason.into(),
-        })),
+/// Writes `frames` with one flush.
+async fn send_all<S>(sink: &mut S, frames: Vec<Message>) -> Result<(), S::Error>
+where
+    S: futures::Sink<Message> + Unpin,
+{
+    for f in frames {
+        sink.feed(f).await?;
+    }
+    sink.flush().await
+}
+
+fn next_type(protocol: WebSocketProtocols) -> &'static str {
+    match protocol {
+        WebSocketProtocols::SubscriptionsTransportWS => "data",
+        WebSocketProtocols::GraphQLWS => "next",
+    }
+}
+
+fn next_frame(protocol: WebSocketProtocols, id: &str, resp: &Response) -> String {
+    let payload = serde_json::to_string(resp).unwrap_or_else(|e| {
+        tracing::error!(error = %e, "serialising a GraphQL response failed");
+        r#"{"data":null,"errors":[{"message":"internal error"}]}"#.to_owned()
+    });
+    format!(
+        r#"{{"type":{},"id":{},"payload":{payload}}}"#,
+        json_str(next_type(protocol)),
+        json_str(id)
+    )
+}
+
+fn complete(id: &str) -> String {
+    format!(r#"{{"type":"complete","id":{}}}"#, json_str(id))
+}
+
+/// A close frame's reason: at most 123 bytes (RFC 6455 §5.5; longer ones
+/// make the WebSocket layer drop the connection without a close frame).
+fn close_reason(reason: &str) -> String {
+    let mut end = reason.len().min(123);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    reason[..end].to_owned()
+}
+
+/// `s` as a JSON string literal.
+fn json_str(s: &str) -> String {
+    // Serialising a str cannot fail.
+    serde_json::to_string(s).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::live::gql::{LaneStream, LiveMessageEvent, SelectionKey};
+    use crate::live::hub::LiveEvent;
+    use observer_db::events::{Cursor, EventKind, EventRow};
+    use observer_db::viewer::MessageRow;
+
+    fn event(n: i64) -> Arc<LiveEvent> {
+        let at = chrono::Utc::now();
+        let message = MessageRow {
+            guild_id: 1,
+            message_id: n,
+            channel_id: 1,
+            author_id: None,
+            author_username: None,
+            author_display_name: None,
+            author_avatar: None,
+            author_bot: false,
+            content: String::new(),
+            created_at: at,
+            edited_at: None,
+            deleted_at: None,
+            attachments: serde_json::Value::Null,
+            reply_to_id: None,
+        };
+        let row = EventRow {
+            cursor: Cursor::new(1, n),
+            kind: EventKind::Created,
+            guild_id: 1,
+            channel_id: 1,
+            at,
+            message,
+        };
+        Arc::new(LiveEvent::new(row, Vec::new()))
+    }
+
+    /// Some events already rendered (they take the lane), some not (they
+    /// take execution, simulated here): the frames still come out in the
+    /// events' order, under the subscription's id and alias.
+    #[test]
+    fn lane_and_executed_frames_keep_the_events_order() {
+        let key = SelectionKey::fixed(7);
+        let events: Vec<Arc<LiveEvent>> = (0..40).map(event).collect();
+        for (n, ev) in events.iter().enumerate() {
+            if n % 3 != 0 {
+                ev.renders.put(
+                    key,
+                    &async_graphql::Value::from_json(serde_json::json!({"n": n}))
+                        .unwrap_or_default(),
+                );
+            }
+        }
+        let lane = Arc::new(Lane::default());
+        let items = futures::stream::iter(
+            events
+                .into_iter()
+                .map(move |event| Ok(LiveMessageEvent { event, key })),
+        );
+        let stream = LaneStream::new(items, Some(&lane), "ev")
+            .map(|item| {
+                let n = item.map(|i| i.event.cursor().seq).unwrap_or(-1);
+                let data = serde_json::json!({"ev": {"n": n, "executed": true}});
+                Response::new(async_graphql::Value::from_json(data).unwrap_or_default())
+            })
+            .boxed();
+        let mut sub = Sub {
+            id: "s".into(),
+            stream,
+            lane,
+            prefix: None,
+        };
+        let mut out = Vec::new();
+        let mut cx = Context::from_waker(futures::task::noop_waker_ref());
+        while !poll_sub(&mut sub, WebSocketProtocols::GraphQLWS, &mut cx, &mut out) {}
+        let frames: Vec<serde_json::Value> = out
+            .iter()
+            .filter_map(|m| match m {
+                Message::Text(t) => serde_json::from_str(t.as_str()).ok(),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(frames.len(), 41, "40 events and complete");
+        assert_eq!(
+            frames[40],
+            serde_json::json!({"type": "complete", "id": "s"})
+        );
+        let mut executed = 0;
+        for (n, f) in frames[..40].iter().enumerate() {
+            assert_eq!(f["type"], "next");
+            assert_eq!(f["id"], "s");
+            assert_eq!(f["payload"]["data"]["ev"]["n"], n, "{f}");
+            executed += usize::from(f["payload"]["data"]["ev"]["executed"] == true);
+        }
+        assert_eq!(executed, 14, "every third event is executed");
+    }
+
+    #[test]
+    fn close_reasons_fit_a_close_frame() {
+        assert_eq!(close_reason("short"), "short");
+        let long = "é".repeat(100);
+        let r = close_reason(&long);
+        assert!(r.len() <= 123 && long.starts_with(&r) && !r.is_empty());
+    }
+
+    #[test]
+    fn frames_are_json_whatever_the_id() {
+        let id = "a \"quoted\" \\ id";
+        let done: serde_json::Value = serde_json::from_str(&complete(id)).unwrap_or_default();
+        assert_eq!(done["id"], id);
+        let resp = Response::new(async_graphql::Value::Null);
+        let next: serde_json::Value =
+            serde_json::from_str(&next_frame(WebSocketProtocols::GraphQLWS, id, &resp))
+                .unwrap_or_default();
+        assert_eq!(next["type"], "next");
+        assert_eq!(next["id"], id);
     }
 }
