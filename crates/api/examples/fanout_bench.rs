@@ -903,7 +903,7 @@ mod client {
         // A small read buffer (tungstenite zero-fills it before every read)
         // and TCP_NODELAY, so the client measures the server, not itself.
         let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
-            .read_buffer_size(4096);
+            .read_buffer_size(1024);
         let (mut ws, _) =
             tokio_tungstenite::connect_async_with_config(req, Some(config), true).await?;
         let init = json!({"type": "connection_init", "payload": {"authorization": format!("Bearer {token}")}});

@@ -12,9 +12,8 @@ use observer_db::events::Scope;
 use super::parse_id;
 use crate::error::{bad_request, internal, unauthenticated};
 use crate::live::conn::Connection;
-use crate::live::gql::{parse_cursor, to_error, LaneStream, LiveMessageEvent, SelectionKey};
+use crate::live::gql::{parse_cursor, to_error, Lane, LiveMessageEvent, SelectionKey};
 use crate::live::hub::Hub;
-use crate::live::ws::Lane;
 
 pub struct Subscription;
 
@@ -72,9 +71,9 @@ impl Subscription {
         });
         // Behind the credential guard, so nothing reaches the lane after a
         // revocation either.
-        Ok(LaneStream::new(
-            conn.guard(events, permit),
+        Ok(Lane::attach(
             ctx.data_opt::<Arc<Lane>>(),
+            conn.guard(events, permit),
             ctx.item.node.response_key().node.as_str(),
         ))
     }

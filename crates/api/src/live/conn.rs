@@ -275,6 +275,7 @@ impl Connection {
             inner: Box::pin(stream),
             conn: self.clone(),
             waker,
+            registered: None,
             _permit: permit,
             done: false,
         }
@@ -330,6 +331,8 @@ struct Guarded<S> {
     inner: Pin<Box<S>>,
     conn: Arc<Connection>,
     waker: Arc<AtomicWaker>,
+    /// The waker last given to `waker`.
+    registered: Option<std::task::Waker>,
     _permit: Permit,
     done: bool,
 }
@@ -359,7 +362,16 @@ where
                 Poll::Ready(None)
             }
             Poll::Pending => {
-                this.waker.register(cx.waker());
+                // Registering is an atomic swap and a waker clone: skip it
+                // while the task's waker stays the same (it does, per event).
+                if !this
+                    .registered
+                    .as_ref()
+                    .is_some_and(|w| w.will_wake(cx.waker()))
+                {
+                    this.waker.register(cx.waker());
+                    this.registered = Some(cx.waker().clone());
+                }
                 // A revocation between the check above and the registration
                 // woke nobody: look again.
                 if this.conn.revoked() {

@@ -8,23 +8,25 @@
 //! variables — no field under `MessageEvent` reads the viewer or the
 //! database. So the first subscriber with a given [`SelectionKey`] resolves
 //! and serialises it and every other one reuses that JSON ([`Renders`],
-//! [`LaneStream`]): per delivery, what is left is splicing it into a frame.
+//! [`Lane`]): per delivery, what is left is splicing it into a frame.
 
 use std::borrow::Cow;
 use std::fmt::Write as _;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context as TaskContext, Poll};
 
 use async_graphql::parser::types::Field;
 use async_graphql::registry::Registry;
 use async_graphql::{ContextSelectionSet, ErrorExtensions, OutputType, Positioned, ServerResult};
-use futures::Stream;
+use futures::stream::BoxStream;
+use futures::task::AtomicWaker;
+use futures::{Stream, StreamExt};
 use observer_db::events::{Cursor, EventKind};
 use sha2::{Digest, Sha256};
 
 use super::hub::{LiveError, LiveEvent};
-use super::ws::Lane;
 use crate::error::{gql_error, Code};
 use crate::graphql::types::{cursor, Message, MessageEvent, MessageEventKind, Revision};
 
@@ -191,55 +193,140 @@ impl OutputType for LiveMessageEvent {
     }
 }
 
-/// A subscription's events on their way out: an event already rendered for
-/// the subscription's selection goes straight to its [`Lane`] (the
-/// WebSocket loop splices the JSON into a frame); only the first subscriber
-/// of each selection has an event executed by GraphQL (which renders it for
-/// the others), and errors always are. See [`super::ws`] for why the order
-/// holds.
-pub struct LaneStream<S> {
-    inner: Pin<Box<S>>,
-    lane: Option<Arc<Lane>>,
+type EventStream = BoxStream<'static, async_graphql::Result<LiveMessageEvent>>;
+
+/// One subscription's bypass around GraphQL execution, shared by the
+/// WebSocket loop (which puts it in the request's data) and the
+/// `messageEvents` resolver (which hands it the subscription's event
+/// stream, see [`Lane::attach`]).
+///
+/// The loop then polls that stream itself: an event already rendered for
+/// the subscription's selection becomes a frame at once (its JSON spliced
+/// in); any other item — the first rendering of an event for this
+/// selection, or an error that ends the subscription — goes through the
+/// [`Lane::slot`] to the execution stream, which async-graphql resolves as
+/// usual, and the loop waits for that response before it takes the next
+/// event. One item at a time either way, so frames keep the events' order.
+#[derive(Default)]
+pub struct Lane {
+    key: OnceLock<String>,
+    source: Mutex<Option<EventStream>>,
+    slot: Mutex<Option<async_graphql::Result<LiveMessageEvent>>>,
+    ended: AtomicBool,
+    /// Execution polls the [`SlotStream`] from inside its own combinators,
+    /// which poll a stream again only once it woke them.
+    slot_waker: AtomicWaker,
 }
 
-impl<S> LaneStream<S> {
-    /// `lane`: the request's, when the WebSocket loop gave it one; used only
-    /// by the operation's first subscription field (a lane carries one
-    /// response key), any other field's events are executed as usual.
-    pub fn new(inner: S, lane: Option<&Arc<Lane>>, response_key: &str) -> Self {
-        Self {
-            inner: Box::pin(inner),
-            lane: lane.filter(|l| l.claim(response_key)).cloned(),
+impl std::fmt::Debug for Lane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lane")
+            .field("key", &self.key.get())
+            .finish()
+    }
+}
+
+/// What the loop got from a lane's event stream.
+pub enum LaneItem {
+    /// A pre-rendered event: its JSON, to go under [`Lane::key`].
+    Rendered(Arc<str>),
+    /// Handed to execution (through the slot): poll the execution stream.
+    Executing,
+    /// The event stream ended: the execution stream ends too.
+    Ended,
+}
+
+impl Lane {
+    /// The response key (alias) pre-rendered events go under.
+    pub fn key(&self) -> Option<&str> {
+        self.key.get().map(String::as_str)
+    }
+
+    /// Whether the resolver handed over the event stream.
+    pub fn attached(&self) -> bool {
+        lock(&self.source).is_some()
+    }
+
+    /// Called by the resolver: takes `events` for the loop to poll and
+    /// returns the stream GraphQL execution polls instead. Only the
+    /// operation's first subscription field gets the lane (it carries one
+    /// response key); for `lane` None or any other field, `events` itself.
+    pub fn attach<S>(lane: Option<&Arc<Lane>>, events: S, response_key: &str) -> EventStream
+    where
+        S: Stream<Item = async_graphql::Result<LiveMessageEvent>> + Send + 'static,
+    {
+        match lane {
+            Some(l) if l.key.set(response_key.to_owned()).is_ok() => {
+                *lock(&l.source) = Some(events.boxed());
+                SlotStream(Arc::clone(l)).boxed()
+            }
+            _ => events.boxed(),
+        }
+    }
+
+    /// Polls the event stream for the next item. Registers the caller's
+    /// waker with it when there is none.
+    pub fn poll_next(&self, cx: &mut TaskContext<'_>) -> Poll<LaneItem> {
+        let mut source = lock(&self.source);
+        let Some(events) = source.as_mut() else {
+            return Poll::Ready(LaneItem::Ended);
+        };
+        match events.as_mut().poll_next(cx) {
+            Poll::Ready(Some(Ok(ev))) => match ev.event.renders.json(&ev.key) {
+                Some(json) => Poll::Ready(LaneItem::Rendered(json)),
+                None => {
+                    *lock(&self.slot) = Some(Ok(ev));
+                    self.slot_waker.wake();
+                    Poll::Ready(LaneItem::Executing)
+                }
+            },
+            Poll::Ready(Some(Err(e))) => {
+                *lock(&self.slot) = Some(Err(e));
+                self.slot_waker.wake();
+                Poll::Ready(LaneItem::Executing)
+            }
+            Poll::Ready(None) => {
+                *source = None;
+                self.ended.store(true, Ordering::Release);
+                self.slot_waker.wake();
+                Poll::Ready(LaneItem::Ended)
+            }
+            Poll::Pending => Poll::Pending,
         }
     }
 }
 
-/// Events moved to the lane per poll before yielding to the executor.
-const LANE_BURST: usize = 256;
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Plain data: usable after a panic elsewhere.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
 
-impl<S> Stream for LaneStream<S>
-where
-    S: Stream<Item = async_graphql::Result<LiveMessageEvent>>,
-{
+/// What GraphQL execution polls for a laned subscription: the items the
+/// loop hands over.
+struct SlotStream(Arc<Lane>);
+
+impl SlotStream {
+    fn ready(&self) -> Option<Option<async_graphql::Result<LiveMessageEvent>>> {
+        if let Some(item) = lock(&self.0.slot).take() {
+            return Some(Some(item));
+        }
+        self.0.ended.load(Ordering::Acquire).then_some(None)
+    }
+}
+
+impl Stream for SlotStream {
     type Item = async_graphql::Result<LiveMessageEvent>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Self::Item>> {
-        let this = self.get_mut();
-        let Some(lane) = &this.lane else {
-            return this.inner.as_mut().poll_next(cx);
-        };
-        for _ in 0..LANE_BURST {
-            match this.inner.as_mut().poll_next(cx) {
-                Poll::Ready(Some(Ok(ev))) => match ev.event.renders.json(&ev.key) {
-                    Some(json) => lane.push(json),
-                    None => return Poll::Ready(Some(Ok(ev))),
-                },
-                other => return other,
-            }
+        if let Some(r) = self.ready() {
+            return Poll::Ready(r);
         }
-        // More may be ready: come back after the connection sent these.
-        cx.waker().wake_by_ref();
-        Poll::Pending
+        self.0.slot_waker.register(cx.waker());
+        // Filled between the look and the registration: no wake came.
+        match self.ready() {
+            Some(r) => Poll::Ready(r),
+            None => Poll::Pending,
+        }
     }
 }
 

@@ -22,10 +22,9 @@
 //! whenever execution returns a response, everything in the lane came before
 //! it: the loop drains the lane first, then sends the response.
 
-use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -35,73 +34,40 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures::stream::BoxStream;
 use futures::{SinkExt, StreamExt};
 
+use super::gql::{Lane, LaneItem};
+
 /// Most frames written per flush (bounds the time between flushes).
 const MAX_BURST: usize = 256;
 /// How long a client may take to send `connection_init`.
 const INIT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// One subscription's side channel: pre-rendered event JSON, in order, and
-/// the response key (alias) it goes under. Put in the request's data; the
-/// `messageEvents` resolver fills it (see [`super::gql::LaneStream`]).
-#[derive(Debug, Default)]
-pub struct Lane {
-    key: OnceLock<String>,
-    queue: Mutex<VecDeque<Arc<str>>>,
-}
-
-impl Lane {
-    /// Takes the lane for the subscription field with `response_key`: true
-    /// for the first field to ask (its events go under that key), false for
-    /// any other.
-    pub fn claim(&self, response_key: &str) -> bool {
-        self.key.set(response_key.to_owned()).is_ok()
-    }
-
-    /// Queues an event's rendering for the connection to send.
-    pub fn push(&self, json: Arc<str>) {
-        self.lock().push_back(json);
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Arc<str>>> {
-        // Plain data: usable after a panic elsewhere.
-        self.queue.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
 struct Sub {
     id: String,
+    /// async-graphql's execution of the operation.
     stream: BoxStream<'static, Response>,
     lane: Arc<Lane>,
-    /// `{"type":"next","id":…,"payload":{"data":{"<key>":` once the key is known.
+    /// An item was handed to execution; its response is not out yet.
+    executing: bool,
+    /// `{"type":"next","id":…,"payload":{"data":{"<key>":` once needed.
     prefix: Option<String>,
 }
 
 impl Sub {
-    /// Moves the lane's events into `out` as finished frames.
-    fn drain(&mut self, protocol: WebSocketProtocols, out: &mut Vec<Message>) {
-        let mut q = self.lane.lock();
-        if q.is_empty() {
-            return;
-        }
-        let prefix = match &self.prefix {
-            Some(p) => p,
-            None => {
-                let key = self.lane.key.get().map_or("messageEvents", String::as_str);
-                self.prefix.insert(format!(
-                    r#"{{"type":{},"id":{},"payload":{{"data":{{{}:"#,
-                    json_str(next_type(protocol)),
-                    json_str(&self.id),
-                    json_str(key)
-                ))
-            }
-        };
-        for json in q.drain(..) {
-            let mut frame = String::with_capacity(prefix.len() + json.len() + 3);
-            frame.push_str(prefix);
-            frame.push_str(&json);
-            frame.push_str("}}}");
-            out.push(Message::Text(frame.into()));
-        }
+    /// The frame of a pre-rendered event.
+    fn rendered_frame(&mut self, protocol: WebSocketProtocols, json: &str) -> Message {
+        let prefix = self.prefix.get_or_insert_with(|| {
+            format!(
+                r#"{{"type":{},"id":{},"payload":{{"data":{{{}:"#,
+                json_str(next_type(protocol)),
+                json_str(&self.id),
+                json_str(self.lane.key().unwrap_or("messageEvents"))
+            )
+        });
+        let mut frame = String::with_capacity(prefix.len() + json.len() + 3);
+        frame.push_str(prefix);
+        frame.push_str(json);
+        frame.push_str("}}}");
+        Message::Text(frame.into())
     }
 }
 
@@ -178,6 +144,7 @@ where
                     id,
                     stream,
                     lane,
+                    executing: false,
                     prefix: None,
                 });
                 Step::Continue
@@ -212,8 +179,10 @@ where
 }
 
 /// Polls one subscription, appending its ready frames to `out` in order;
-/// true when it ended. Bounded, so one busy subscription cannot starve the
-/// others or the socket's reads.
+/// true when it ended. Until the resolver has attached the event stream to
+/// the lane (and for operations without one), execution is polled; then the
+/// lane, and execution only for what the lane hands it. Bounded, so one busy
+/// subscription cannot starve the others or the socket's reads.
 fn poll_sub(
     sub: &mut Sub,
     protocol: WebSocketProtocols,
@@ -221,23 +190,33 @@ fn poll_sub(
     out: &mut Vec<Message>,
 ) -> bool {
     for _ in 0..MAX_BURST {
-        match sub.stream.as_mut().poll_next(cx) {
-            Poll::Ready(Some(resp)) => {
-                // The lane holds only events that came before this one.
-                sub.drain(protocol, out);
-                out.push(Message::Text(next_frame(protocol, &sub.id, &resp).into()));
-            }
-            Poll::Ready(None) => {
-                sub.drain(protocol, out);
-                out.push(Message::Text(complete(&sub.id).into()));
-                return true;
-            }
-            Poll::Pending => {
-                sub.drain(protocol, out);
-                return false;
+        if sub.executing || !sub.lane.attached() {
+            match sub.stream.as_mut().poll_next(cx) {
+                Poll::Ready(Some(resp)) => {
+                    sub.executing = false;
+                    out.push(Message::Text(next_frame(protocol, &sub.id, &resp).into()));
+                    continue;
+                }
+                Poll::Ready(None) => {
+                    out.push(Message::Text(complete(&sub.id).into()));
+                    return true;
+                }
+                Poll::Pending if sub.executing || !sub.lane.attached() => return false,
+                // The resolver attached the lane during this poll.
+                Poll::Pending => {}
             }
         }
+        match sub.lane.poll_next(cx) {
+            Poll::Ready(LaneItem::Rendered(json)) => {
+                let frame = sub.rendered_frame(protocol, &json);
+                out.push(frame);
+            }
+            Poll::Ready(LaneItem::Executing | LaneItem::Ended) => sub.executing = true,
+            Poll::Pending => return false,
+        }
     }
+    // More may be ready: come back after these are written.
+    cx.waker().wake_by_ref();
     false
 }
 
@@ -276,7 +255,9 @@ pub async fn serve<E, OnInit, Fut>(
     OnInit: FnOnce(serde_json::Value) -> Fut + Send + 'static,
     Fut: Future<Output = async_graphql::Result<Data>> + Send + 'static,
 {
-    let (mut sink, mut input) = socket.split();
+    // Not split: reads happen only inside the select below and writes only
+    // after it, so the halves' shared lock would be pure overhead.
+    let mut socket = socket;
     let mut conn = Conn {
         executor,
         protocol,
@@ -294,7 +275,7 @@ pub async fn serve<E, OnInit, Fut>(
         let waiting_for_init = conn.data.is_none();
         let frames: Vec<Message> = tokio::select! {
             frames = Ready(&mut conn) => frames,
-            msg = input.next() => {
+            msg = socket.next() => {
                 // Text and binary frames carry the protocol; pings are
                 // answered by the WebSocket layer; a read error or a close
                 // ends the connection.
@@ -325,14 +306,14 @@ pub async fn serve<E, OnInit, Fut>(
                 v
             }
         };
-        if send_all(&mut sink, frames).await.is_err() {
+        if send_all(&mut socket, frames).await.is_err() {
             return;
         }
     }
     if let Some(frames) = closing {
-        let _ = send_all(&mut sink, frames).await;
+        let _ = send_all(&mut socket, frames).await;
     }
-    let _ = sink.close().await;
+    let _ = socket.close().await;
 }
 
 /// Writes `frames` with one flush.
@@ -388,7 +369,7 @@ fn json_str(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::live::gql::{LaneStream, LiveMessageEvent, SelectionKey};
+    use crate::live::gql::{LiveMessageEvent, SelectionKey};
     use crate::live::hub::LiveEvent;
     use observer_db::events::{Cursor, EventKind, EventRow};
     use observer_db::viewer::MessageRow;
@@ -444,7 +425,9 @@ mod tests {
                 .into_iter()
                 .map(move |event| Ok(LiveMessageEvent { event, key })),
         );
-        let stream = LaneStream::new(items, Some(&lane), "ev")
+        // Behind `select_all`, as async-graphql's execution has it: a stream
+        // that returned Pending is polled again only after it woke.
+        let stream = futures::stream::select_all([Lane::attach(Some(&lane), items, "ev")])
             .map(|item| {
                 let n = item.map(|i| i.event.cursor().seq).unwrap_or(-1);
                 let data = serde_json::json!({"ev": {"n": n, "executed": true}});
@@ -455,11 +438,18 @@ mod tests {
             id: "s".into(),
             stream,
             lane,
+            executing: false,
             prefix: None,
         };
         let mut out = Vec::new();
         let mut cx = Context::from_waker(futures::task::noop_waker_ref());
-        while !poll_sub(&mut sub, WebSocketProtocols::GraphQLWS, &mut cx, &mut out) {}
+        // Execution polls the slot once as soon as the resolver returns.
+        assert!(sub.stream.as_mut().poll_next(&mut cx).is_pending());
+        let mut polls = 0;
+        while !poll_sub(&mut sub, WebSocketProtocols::GraphQLWS, &mut cx, &mut out) {
+            polls += 1;
+            assert!(polls < 100, "stuck after {} frames", out.len());
+        }
         let frames: Vec<serde_json::Value> = out
             .iter()
             .filter_map(|m| match m {
