@@ -456,12 +456,19 @@ async fn bench(url: &str, a: &Args) -> anyhow::Result<()> {
     let worker_db = observer_db::Db::connect(url, 8).await?;
     observer_db::migrate::run(worker_db.pool()).await?;
 
-    // The simulator and the worker get their own runtime (threads), as they
-    // would be their own processes in production: sharing the API's runtime
-    // would queue Discord's side behind a thousand WebSocket tasks.
+    // The simulator and the worker each get their own runtime thread, as
+    // they would be their own processes in production: sharing the API's
+    // runtime would queue Discord's side behind a thousand WebSocket tasks,
+    // and sharing one thread would hold the worker's database round trips
+    // behind the simulator's posting.
     let side = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
-        .thread_name("sim+worker")
+        .thread_name("sim")
+        .enable_all()
+        .build()?;
+    let worker_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("worker")
         .enable_all()
         .build()?;
     let sim = side
@@ -486,9 +493,16 @@ async fn bench(url: &str, a: &Args) -> anyhow::Result<()> {
     wconf.log_interval = Duration::from_secs(3600);
     let (wstop_tx, wstop_rx) = tokio::sync::oneshot::channel::<()>();
     let wmetrics = observer_worker::Metrics::new();
-    let worker = side.spawn(observer_worker::run_with_metrics(
+    // Its own pool, opened on its own runtime: a connection's socket is
+    // driven by the reactor of the runtime that opened it, and the API's is
+    // busy.
+    let own_url = url.to_owned();
+    let ingest_db = worker_rt
+        .spawn(async move { observer_db::Db::connect(&own_url, 8).await })
+        .await??;
+    let worker = worker_rt.spawn(observer_worker::run_with_metrics(
         wconf,
-        worker_db.clone(),
+        ingest_db,
         Arc::clone(&wmetrics),
         async move {
             let _ = wstop_rx.await;
@@ -852,6 +866,7 @@ async fn bench(url: &str, a: &Args) -> anyhow::Result<()> {
     let _ = tokio::time::timeout(Duration::from_secs(10), worker).await;
     side.spawn(async move { sim.shutdown().await }).await?;
     side.shutdown_background();
+    worker_rt.shutdown_background();
     if violations > 0 {
         bail!("{violations} frames reached a viewer who may not see their channel");
     }
@@ -903,7 +918,7 @@ mod client {
         // A small read buffer (tungstenite zero-fills it before every read)
         // and TCP_NODELAY, so the client measures the server, not itself.
         let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
-            .read_buffer_size(1024);
+            .read_buffer_size(4096);
         let (mut ws, _) =
             tokio_tungstenite::connect_async_with_config(req, Some(config), true).await?;
         let init = json!({"type": "connection_init", "payload": {"authorization": format!("Bearer {token}")}});

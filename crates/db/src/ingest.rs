@@ -1252,10 +1252,11 @@ const UNNEST_MESSAGES: &str = "unnest($1::int8[], $2::int8[], $3::int8[], $4::in
      $12::timestamptz[], $13::jsonb[], $14::int8[], $15::bool[], $16::timestamptz[], $17::bool[])";
 
 /// Writes the merged message states, their events and the offered revisions.
-/// Per round (normally one): a locking read of the stored rows, an update of
-/// the changed ones (only when there are any), and one statement that inserts
-/// the new rows, the round's events and the revisions — round trips are what
-/// an event's latency is made of when the machine is busy.
+/// Per round: a locking read of the stored rows (not in the first,
+/// optimistic round), an update of the changed ones (only when there are
+/// any), and one statement that inserts the new rows, the round's events and
+/// the revisions. A batch of new messages is one round trip; round trips are
+/// what an event's latency is made of when the machine is busy.
 async fn write_messages(
     conn: &mut PgConnection,
     mut pending: BTreeMap<(i64, i64), MsgState>,
@@ -1263,36 +1264,19 @@ async fn write_messages(
     stats: &mut BatchStats,
 ) -> Result<()> {
     let mut revisions = Some(Revisions::from(revisions));
-    // Normally one round; a row inserted concurrently by another transaction
-    // between our read and our insert sends that message around once more.
-    for _round in 0..8 {
+    // The first round is optimistic: every message is inserted as new (most
+    // live traffic is new messages, and this saves the locking read's round
+    // trip); the ones that already exist come back from the insert's
+    // conflict and take the second round, which reads and merges them.
+    // Later rounds only happen when a concurrent writer inserted a row
+    // between our read and our insert.
+    for round in 0..8 {
         if pending.is_empty() {
             break;
         }
-        let (kg, kid): (Vec<i64>, Vec<i64>) = pending.keys().copied().unzip();
-        // One primary-key probe per key, whatever the planner thinks of the
-        // table: as a plain join, a generic plan cached while `messages` was
-        // small (a fresh install, before autovacuum's first analyze) hashed
-        // the keys and scanned the whole table on every batch — linear in
-        // its size. The locking subquery cannot be flattened, so it stays a
-        // parameterised index lookup. Keys arrive sorted (`pending` is a
-        // BTreeMap), so rows are locked in key order, as before.
-        let rows = sqlx::query(&format!(
-            "select m.* from unnest($1::int8[], $2::int8[]) as k(g, id)
-             cross join lateral (
-               select {MESSAGE_COLUMNS} from messages m
-               where m.guild_id = k.g and m.message_id = k.id
-               for update
-             ) m"
-        ))
-        .bind(&kg)
-        .bind(&kid)
-        .fetch_all(&mut *conn)
-        .await?;
-        let mut existing: HashMap<(i64, i64), MsgState> = HashMap::with_capacity(rows.len());
-        for row in &rows {
-            let s = row_to_state(row)?;
-            existing.insert((s.guild_id, s.message_id), s);
+        let mut existing: HashMap<(i64, i64), MsgState> = HashMap::new();
+        if round > 0 {
+            existing = lock_stored(conn, &pending).await?;
         }
 
         let mut inserts = MsgColumns::default();
@@ -1420,6 +1404,39 @@ async fn write_messages(
         )));
     }
     Ok(())
+}
+
+/// The stored rows of `pending`'s messages, locked for this transaction.
+async fn lock_stored(
+    conn: &mut PgConnection,
+    pending: &BTreeMap<(i64, i64), MsgState>,
+) -> Result<HashMap<(i64, i64), MsgState>> {
+    let (kg, kid): (Vec<i64>, Vec<i64>) = pending.keys().copied().unzip();
+    // One primary-key probe per key, whatever the planner thinks of the
+    // table: as a plain join, a generic plan cached while `messages` was
+    // small (a fresh install, before autovacuum's first analyze) hashed the
+    // keys and scanned the whole table on every batch — linear in its size.
+    // The locking subquery cannot be flattened, so it stays a parameterised
+    // index lookup. Keys arrive sorted (`pending` is a BTreeMap), so rows
+    // are locked in key order.
+    let rows = sqlx::query(&format!(
+        "select m.* from unnest($1::int8[], $2::int8[]) as k(g, id)
+         cross join lateral (
+           select {MESSAGE_COLUMNS} from messages m
+           where m.guild_id = k.g and m.message_id = k.id
+           for update
+         ) m"
+    ))
+    .bind(&kg)
+    .bind(&kid)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut existing = HashMap::with_capacity(rows.len());
+    for row in &rows {
+        let s = row_to_state(row)?;
+        existing.insert((s.guild_id, s.message_id), s);
+    }
+    Ok(existing)
 }
 
 /// Message events to insert, as the columns of one `unnest`.
