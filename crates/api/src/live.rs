@@ -7,7 +7,8 @@
 //! - [`gql`]: the GraphQL face: event → `MessageEvent`, cursors, error codes.
 //! - [`conn`]: a WebSocket connection's credential (re-checked while its
 //!   subscriptions run) and the caps on how many it may open.
-//! - [`ws`]: the WebSocket send loop (bursts written with one flush, keepalive).
+//! - [`ws`]: the GraphQL WebSocket protocols, pre-rendered frames through each
+//!   subscription's lane, bursts written with one flush, keepalive.
 
 pub mod conn;
 pub mod gql;
