@@ -55,6 +55,19 @@ impl Db {
         Ok(Self { pool })
     }
 
+    /// A second pool to the same database, opening its connections lazily
+    /// where it is first used: a connection's socket is driven by the
+    /// runtime that opened it, so a task on its own runtime (the API's
+    /// fan-out reader) gets connections of its own rather than ones whose
+    /// readiness waits for a busy runtime to look.
+    pub fn sibling(&self, max_connections: u32) -> Self {
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(std::time::Duration::from_secs(10))
+            .connect_lazy_with((*self.pool.connect_options()).clone());
+        Self { pool }
+    }
+
     /// The raw pool, for the few things that manage their own connections
     /// (LISTEN, the session store, migrations). Never for tenant data.
     pub fn pool(&self) -> &PgPool {

@@ -33,8 +33,12 @@ use observer_db::viewer::RevisionRow;
 use observer_db::{access_data, Db};
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::AbortHandle;
+use tokio_util::sync::CancellationToken;
 
 use super::metrics::LiveMetrics;
+
+/// Connections of the hub's own pool: the LISTEN one and the reader's.
+const READER_CONNECTIONS: u32 = 3;
 
 /// Tuning of one hub.
 #[derive(Debug, Clone)]
@@ -298,6 +302,15 @@ struct Inner {
     listener_pid: AtomicI32,
     started: AtomicBool,
     tasks: Mutex<Vec<AbortHandle>>,
+    /// Cancelled when the hub is dropped: its tasks hold it weakly and may
+    /// be waiting on the database, on a thread of their own.
+    stop: CancellationToken,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
 }
 
 impl Inner {
@@ -345,6 +358,7 @@ impl Hub {
             listener_pid: AtomicI32::new(0),
             started: AtomicBool::new(false),
             tasks: Mutex::new(Vec::new()),
+            stop: CancellationToken::new(),
         });
         Self { inner }
     }
@@ -356,19 +370,65 @@ impl Hub {
         hub
     }
 
-    /// Starts the listener and reader tasks on the current runtime, once.
+    /// Starts the listener and reader tasks, once, on a thread and runtime
+    /// of their own: on the API's runtime every wake-up and database round
+    /// trip of a read queued behind the connection tasks the previous read
+    /// had just woken (up to one per subscriber), which was most of the
+    /// hand-off latency under load. The tasks hold the hub weakly and end
+    /// when it is dropped or shut down; the thread ends with them.
     pub fn run(&self) {
         if self.inner.started.swap(true, Ordering::SeqCst) {
             return;
         }
         let weak = Arc::downgrade(&self.inner);
-        let listener = tokio::spawn(listen_loop(weak.clone()));
-        let reader = tokio::spawn(read_loop(weak));
+        let stop = self.inner.stop.clone();
+        let own_db = self.inner.db.sibling(READER_CONNECTIONS);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let spawned = std::thread::Builder::new()
+            .name("observer-hub".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        tracing::error!(error = %e, "building the fan-out hub's runtime failed");
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    let listener =
+                        tokio::spawn(listen_loop(weak.clone(), own_db.clone(), stop.clone()));
+                    let reader = tokio::spawn(read_loop(weak, own_db.clone(), stop));
+                    let _ = tx.send([listener.abort_handle(), reader.abort_handle()]);
+                    let _ = tokio::join!(listener, reader);
+                    own_db.pool().close().await;
+                });
+            });
+        let handles = match spawned {
+            // Sent right after the thread starts (or never, if its runtime
+            // failed: then there is nothing to abort).
+            Ok(_) => rx.recv().ok(),
+            Err(e) => {
+                tracing::error!(error = %e, "starting the fan-out hub's thread failed; running it on the caller's runtime");
+                let (weak, db, stop) = (
+                    Arc::downgrade(&self.inner),
+                    self.inner.db.clone(),
+                    self.inner.stop.clone(),
+                );
+                Some([
+                    tokio::spawn(listen_loop(weak.clone(), db.clone(), stop.clone()))
+                        .abort_handle(),
+                    tokio::spawn(read_loop(weak, db, stop)).abort_handle(),
+                ])
+            }
+        };
         self.inner
             .tasks
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .extend([listener.abort_handle(), reader.abort_handle()]);
+            .extend(handles.into_iter().flatten());
     }
 
     /// Stops the hub's tasks; open subscriptions then end as unavailable.
@@ -777,12 +837,18 @@ fn attach(rows: Vec<EventRow>, revisions: Vec<RevisionRow>) -> Vec<Arc<LiveEvent
 
 /// Keeps one LISTEN connection. Notifications only set flags and kick the
 /// reader, so a burst of them costs one read.
-async fn listen_loop(weak: Weak<Inner>) {
+async fn listen_loop(weak: Weak<Inner>, db: Db, stop: CancellationToken) {
+    tokio::select! {
+        () = listen(weak, db) => {}
+        () = stop.cancelled() => {}
+    }
+}
+
+async fn listen(weak: Weak<Inner>, db: Db) {
     let mut backoff = Duration::from_millis(50);
     let mut first = true;
     loop {
         let Some(inner) = weak.upgrade() else { return };
-        let db = inner.db.clone();
         let max_backoff = inner.cfg.max_backoff;
         drop(inner);
         match events::listen(&db).await {
@@ -842,7 +908,14 @@ fn mark(inner: &Inner, channel: &str) {
     }
 }
 
-async fn read_loop(weak: Weak<Inner>) {
+async fn read_loop(weak: Weak<Inner>, db: Db, stop: CancellationToken) {
+    tokio::select! {
+        () = read(weak, db) => {}
+        () = stop.cancelled() => {}
+    }
+}
+
+async fn read(weak: Weak<Inner>, db: Db) {
     let (tick_every, kick) = match weak.upgrade() {
         Some(inner) => (inner.cfg.tick, inner.kick.clone()),
         None => return,
@@ -861,7 +934,7 @@ async fn read_loop(weak: Weak<Inner>) {
             inner.pending.access.store(true, Ordering::SeqCst);
         }
         let reads_before = inner.metrics.reads.get();
-        let result = poll(&inner, ticked).await;
+        let result = poll(&inner, &db, ticked).await;
         if ticked {
             inner
                 .metrics
@@ -886,13 +959,14 @@ async fn read_loop(weak: Weak<Inner>) {
 
 /// One round: initialise cursors, apply access changes, expire timeouts,
 /// deliver new message events.
-async fn poll(inner: &Arc<Inner>, ticked: bool) -> observer_db::Result<()> {
+/// `db`: the reader's own pool (see [`Hub::run`]).
+async fn poll(inner: &Arc<Inner>, db: &Db, ticked: bool) -> observer_db::Result<()> {
     let (cursor, access_cursor) = {
         let st = inner.state();
         (st.cursor, st.access_cursor)
     };
     let (Some(mut cursor), Some(mut access_cursor)) = (cursor, access_cursor) else {
-        let mut tx = inner.db.fanout().await?;
+        let mut tx = db.fanout().await?;
         let head = events::head(&mut tx).await?;
         tx.commit().await?;
         inner.metrics.reads.inc();
@@ -912,7 +986,7 @@ async fn poll(inner: &Arc<Inner>, ticked: bool) -> observer_db::Result<()> {
         // Access first, so a revocation read in this round applies to the
         // message events read after it.
         let mut changes: Vec<AccessEventRow> = Vec::new();
-        let mut tx = inner.db.fanout().await?;
+        let mut tx = db.fanout().await?;
         loop {
             let (rows, next) =
                 events::access_after(&mut tx, access_cursor, inner.cfg.read_batch).await?;
@@ -944,7 +1018,7 @@ async fn poll(inner: &Arc<Inner>, ticked: bool) -> observer_db::Result<()> {
     expire_timeouts(inner);
 
     if want_events {
-        let mut tx = inner.db.fanout().await?;
+        let mut tx = db.fanout().await?;
         loop {
             let (rows, next) = events::read_after(&mut tx, cursor, inner.cfg.read_batch).await?;
             let full = rows.len() as i64 >= inner.cfg.read_batch;
