@@ -21,7 +21,7 @@
 //! live delivery starts strictly after `H`; the replay covers `(after, H]`
 //! through RLS as the viewer; live events at or below `after` are dropped.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::Duration;
@@ -36,6 +36,12 @@ use tokio::task::AbortHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::metrics::LiveMetrics;
+
+// Every delivery looks up its subscriber, viewer and channel in these maps;
+// the keys are Discord ids and our own counters, not attacker-chosen, so the
+// faster non-keyed hash is safe.
+type HashMap<K, V> = rustc_hash::FxHashMap<K, V>;
+type HashSet<K> = rustc_hash::FxHashSet<K>;
 
 /// Connections of the hub's own pool: the LISTEN one and the reader's.
 const READER_CONNECTIONS: u32 = 3;
@@ -225,7 +231,7 @@ impl State {
         if let Some(idx) = self.index.take() {
             return idx;
         }
-        let mut idx: HashMap<i64, Vec<u64>> = HashMap::new();
+        let mut idx: HashMap<i64, Vec<u64>> = HashMap::default();
         for (id, sub) in &self.subs {
             let Some(v) = self.viewers.get(&sub.viewer) else {
                 continue;
@@ -579,7 +585,7 @@ impl Hub {
             let mut v = ViewerState {
                 subs: 0,
                 members: l.members,
-                visible: HashMap::new(),
+                visible: HashMap::default(),
                 next_expiry: None,
             };
             v.recompute(&st.guilds, Utc::now());
@@ -813,7 +819,7 @@ impl Subscription {
 }
 
 fn attach(rows: Vec<EventRow>, revisions: Vec<RevisionRow>) -> Vec<Arc<LiveEvent>> {
-    let mut by_key: HashMap<(i64, i64), Vec<RevisionRow>> = HashMap::new();
+    let mut by_key: HashMap<(i64, i64), Vec<RevisionRow>> = HashMap::default();
     for r in revisions {
         by_key
             .entry((r.guild_id, r.message_id))
