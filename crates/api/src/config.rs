@@ -59,6 +59,9 @@ pub struct Limits {
     /// How often a GraphQL WebSocket is pinged (a WebSocket ping, plus `ka`
     /// on the legacy protocol) so proxies keep quiet connections open.
     pub ws_keepalive: Duration,
+    /// How long a new GraphQL WebSocket may take to send `connection_init`
+    /// before it is closed with 4408.
+    pub ws_init_timeout: Duration,
     /// Longest a GraphQL request may execute before it is abandoned (and its
     /// transaction rolled back).
     pub request_timeout: Duration,
@@ -75,6 +78,7 @@ impl Default for Limits {
             request_timeout: Duration::from_secs(15),
             auth_recheck: Duration::from_secs(5),
             ws_keepalive: Duration::from_secs(20),
+            ws_init_timeout: Duration::from_secs(10),
             max_subscriptions_per_connection: 16,
             max_subscriptions_per_viewer: 64,
         }

@@ -331,6 +331,7 @@ pub async fn graphql_get(
     };
     let max_size = limits.max_body_bytes;
     let keepalive = limits.ws_keepalive.max(Duration::from_secs(1));
+    let init_timeout = limits.ws_init_timeout;
     upgrade
         .protocols(ALL_WEBSOCKET_PROTOCOLS)
         .max_message_size(max_size)
@@ -388,6 +389,7 @@ pub async fn graphql_get(
                     Ok(data)
                 },
                 keepalive,
+                init_timeout,
             )
             .await
         })

@@ -627,6 +627,34 @@ async fn closed_with(ws: &mut Ws) -> (Option<u16>, Vec<Value>) {
     }
 }
 
+/// A connection that never sends `connection_init` is closed with 4408
+/// once `ws_init_timeout` has passed, on either protocol; one that does is
+/// not, however long it then stays quiet.
+#[sqlx::test(migrator = "observer_db::MIGRATOR")]
+async fn connections_that_never_init_are_closed(pool: PgPool) {
+    let mut cfg = config();
+    cfg.limits.ws_init_timeout = Duration::from_millis(400);
+    let api = start(pool.clone(), cfg).await;
+    seed(&pool, &api.db).await;
+    let t1 = token_for(&api.db, U1).await;
+    let started = std::time::Instant::now();
+    let mut modern = open(&api.base, "graphql-transport-ws").await;
+    let mut legacy = open(&api.base, "graphql-ws").await;
+    let mut initialised = connect(&api.base, "graphql-transport-ws", &t1).await;
+    assert_eq!(closed_with(&mut modern).await.0, Some(4408));
+    let (code, texts) = closed_with(&mut legacy).await;
+    assert_eq!(code, Some(4408));
+    assert_eq!(
+        texts.first().map(|t| t["type"].clone()),
+        Some(json!("connection_error"))
+    );
+    assert!(started.elapsed() >= Duration::from_millis(400));
+    // Past the deadline, the initialised connection still answers.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    send(&mut initialised, json!({"type": "ping"})).await;
+    assert_eq!(next_json(&mut initialised).await, json!({"type": "pong"}));
+}
+
 /// The edges of the protocols end with the `graphql-transport-ws` spec's
 /// close codes (the legacy protocol: a `connection_error` first), and the
 /// small messages get their answers.

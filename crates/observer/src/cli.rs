@@ -126,6 +126,14 @@ pub struct ApiArgs {
     /// Database connections the api keeps (one more is used by the LISTEN connection).
     #[arg(long, env = "API_DB_POOL_SIZE", default_value_t = 16)]
     pub db_pool_size: u32,
+    /// Seconds between keepalive pings on quiet GraphQL WebSockets (a
+    /// WebSocket ping, plus `ka` on the legacy protocol).
+    #[arg(long, env = "API_WS_KEEPALIVE_SECS", default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
+    pub ws_keepalive_secs: u64,
+    /// Seconds a new GraphQL WebSocket may take to send `connection_init`
+    /// (then it is closed with 4408).
+    #[arg(long, env = "API_WS_INIT_TIMEOUT_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    pub ws_init_timeout_secs: u64,
     /// Reverse proxies in front of the api that append to X-Forwarded-For
     /// (Railway: 1). 0 ignores the header: the peer address is the client.
     #[arg(long, env = "API_TRUSTED_PROXY_HOPS", default_value_t = 0)]
@@ -235,6 +243,8 @@ impl ApiArgs {
             limits: observer_api::Limits {
                 rate_burst: self.rate_burst,
                 rate_per_sec: self.rate_per_sec,
+                ws_keepalive: std::time::Duration::from_secs(self.ws_keepalive_secs),
+                ws_init_timeout: std::time::Duration::from_secs(self.ws_init_timeout_secs),
                 ..defaults.limits.clone()
             },
             trusted_proxy_hops: self.trusted_proxy_hops,

@@ -38,8 +38,6 @@ use super::gql::{Lane, LaneItem};
 
 /// Most frames written per flush (bounds the time between flushes).
 const MAX_BURST: usize = 256;
-/// How long a client may take to send `connection_init`.
-const INIT_TIMEOUT: Duration = Duration::from_secs(10);
 
 struct Sub {
     id: String,
@@ -250,6 +248,7 @@ pub async fn serve<E, OnInit, Fut>(
     protocol: WebSocketProtocols,
     on_connection_init: OnInit,
     keepalive: Duration,
+    init_timeout: Duration,
 ) where
     E: Executor,
     OnInit: FnOnce(serde_json::Value) -> Fut + Send + 'static,
@@ -265,7 +264,7 @@ pub async fn serve<E, OnInit, Fut>(
         data: None,
         subs: Vec::new(),
     };
-    let init_deadline = tokio::time::sleep(INIT_TIMEOUT);
+    let init_deadline = tokio::time::sleep(init_timeout);
     tokio::pin!(init_deadline);
     let mut ka = tokio::time::interval_at(tokio::time::Instant::now() + keepalive, keepalive);
     ka.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
