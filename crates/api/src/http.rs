@@ -366,10 +366,7 @@ pub async fn graphql_get(
                                         "invalid or revoked API token",
                                     ))
                                 }
-                                Err(e) => {
-                                    crate::error::internal(&e);
-                                    return Err(async_graphql::Error::new("internal error"));
-                                }
+                                Err(e) => return Err(crate::error::internal(&e)),
                             }
                         }
                         None => upgrade_viewer,

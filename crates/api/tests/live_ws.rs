@@ -655,6 +655,36 @@ async fn connections_that_never_init_are_closed(pool: PgPool) {
     assert_eq!(next_json(&mut initialised).await, json!({"type": "pong"}));
 }
 
+/// A `connection_init` refused by the rate limit closes with 1013 (Try
+/// Again Later), not with 4403, which tells clients the credential is bad
+/// and makes the dashboard stop reconnecting.
+#[sqlx::test(migrator = "observer_db::MIGRATOR")]
+async fn rate_limited_inits_say_try_again_later(pool: PgPool) {
+    let mut cfg = config();
+    cfg.limits.rate_burst = 1;
+    cfg.limits.rate_per_sec = 0.001;
+    let api = start(pool.clone(), cfg).await;
+    seed(&pool, &api.db).await;
+    let t1 = token_for(&api.db, U1).await;
+    // The address bucket holds ADDRESS_RATE_FACTOR tokens; a bad bearer on
+    // HTTP, an upgrade and an init each take one.
+    let budget = observer_api::config::ADDRESS_RATE_FACTOR as usize;
+    assert_eq!(budget % 2, 0);
+    let (status, _) = gql_raw(&api.base, Some("obs_guess"), "{ viewer { id } }", json!({})).await;
+    assert_eq!(status, 401);
+    for _ in 0..(budget - 2) / 2 {
+        let _ok = connect(&api.base, "graphql-transport-ws", &t1).await;
+    }
+    // One token left: the upgrade takes it, the init finds none.
+    let mut ws = open(&api.base, "graphql-transport-ws").await;
+    send(
+        &mut ws,
+        json!({"type": "connection_init", "payload": {"authorization": format!("Bearer {t1}")}}),
+    )
+    .await;
+    assert_eq!(closed_with(&mut ws).await.0, Some(1013));
+}
+
 /// The edges of the protocols end with the `graphql-transport-ws` spec's
 /// close codes (the legacy protocol: a `connection_error` first), and the
 /// small messages get their answers.

@@ -6,21 +6,21 @@
 //!   serialised once per selection ([`super::gql::Renders`]); every other
 //!   subscriber with that selection gets the same JSON text spliced into its
 //!   own frame, without going through GraphQL execution, a `Response` and
-//!   serde for each delivery. That per-delivery work was most of the API's
-//!   CPU at 1,000 subscribers.
+//!   serde for each delivery (about a quarter of the API's CPU at 1,000
+//!   subscribers before).
 //! - **Bursts**: frames that are ready together are written with one flush
 //!   (one `send`), so the cost per frame falls as the hub's batches grow.
 //! - **Protocol edges** as the `graphql-transport-ws` spec has them: 4400 for
 //!   a malformed message, 4401 for a subscribe before the ack, 4403 when
-//!   `connection_init` is refused, 4408 when it never comes, 4409 for a
+//!   `connection_init` is refused (1013 when rate limited and 1011 on our own
+//!   failure: retry later), 4408 when it does not come in time, 4409 for a
 //!   reused id, 4429 for a second init; plus a keepalive (WebSocket ping, and
 //!   `ka` on the legacy protocol) so proxies do not cut quiet subscriptions.
 //!
-//! Ordering: a subscription's pre-rendered events are pushed to its lane
-//! while async-graphql polls the subscription's stream, and that stream
-//! yields an event to GraphQL execution only when it has no rendering yet. So
-//! whenever execution returns a response, everything in the lane came before
-//! it: the loop drains the lane first, then sends the response.
+//! Ordering: the loop takes a subscription's events from its lane one at a
+//! time; an event with no rendering yet (or an error) is handed to GraphQL
+//! execution and the loop waits for that response before it takes the next
+//! event (`poll_sub`).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -35,6 +35,7 @@ use futures::stream::BoxStream;
 use futures::{SinkExt, StreamExt};
 
 use super::gql::{Lane, LaneItem};
+use crate::error::Code;
 
 /// Most frames written per flush (bounds the time between flushes).
 const MAX_BURST: usize = 256;
@@ -125,7 +126,7 @@ where
                         self.data = Some(Arc::new(data));
                         Step::Send(Message::Text(r#"{"type":"connection_ack"}"#.into()))
                     }
-                    Err(e) => Step::Close(4403, e.message),
+                    Err(e) => Step::Close(init_refusal_code(&e), e.message),
                 }
             }
             ClientMessage::Start { id, payload } => {
@@ -349,6 +350,26 @@ fn complete(id: &str) -> String {
     format!(r#"{{"type":"complete","id":{}}}"#, json_str(id))
 }
 
+/// The close code for a refused `connection_init`: 4403 (Forbidden; the
+/// dashboard's client then stops) when the credential is the problem, but
+/// 1013 (Try Again Later) for a rate limit and 1011 for our own failure, so
+/// clients reconnect with backoff instead of giving up.
+fn init_refusal_code(e: &async_graphql::Error) -> u16 {
+    let code = e
+        .extensions
+        .as_ref()
+        .and_then(|x| x.get("code"))
+        .and_then(|v| match v {
+            async_graphql::Value::String(s) => Some(s.as_str()),
+            _ => None,
+        });
+    match code {
+        Some(c) if c == Code::RateLimited.as_str() => 1013,
+        Some(c) if c == Code::Internal.as_str() => 1011,
+        _ => 4403,
+    }
+}
+
 /// A close frame's reason: at most 123 bytes (RFC 6455 §5.5; longer ones
 /// make the WebSocket layer drop the connection without a close frame).
 fn close_reason(reason: &str) -> String {
@@ -368,6 +389,7 @@ fn json_str(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::gql_error;
     use crate::live::gql::{LiveMessageEvent, SelectionKey};
     use crate::live::hub::LiveEvent;
     use observer_db::events::{Cursor, EventKind, EventRow};
@@ -469,6 +491,26 @@ mod tests {
             executed += usize::from(f["payload"]["data"]["ev"]["executed"] == true);
         }
         assert_eq!(executed, 14, "every third event is executed");
+    }
+
+    #[test]
+    fn refused_inits_say_whether_to_retry() {
+        assert_eq!(
+            init_refusal_code(&gql_error(Code::RateLimited, "slow down")),
+            1013
+        );
+        assert_eq!(
+            init_refusal_code(&gql_error(Code::Internal, "internal error")),
+            1011
+        );
+        assert_eq!(
+            init_refusal_code(&async_graphql::Error::new("invalid or revoked API token")),
+            4403
+        );
+        assert_eq!(
+            init_refusal_code(&gql_error(Code::Unauthenticated, "no")),
+            4403
+        );
     }
 
     #[test]
