@@ -773,6 +773,11 @@ async fn protocol_edges_get_the_specs_answers(pool: PgPool) {
         next_json(&mut ws).await,
         json!({"type": "complete", "id": "s"})
     );
+    // The legacy connection_terminate: a normal close, no connection_error.
+    send(&mut ws, json!({"type": "connection_terminate"})).await;
+    let (code, texts) = closed_with(&mut ws).await;
+    assert_eq!(code, Some(1000));
+    assert!(texts.is_empty(), "{texts:?}");
 }
 
 /// Events rendered for one subscriber reach the others as pre-rendered text

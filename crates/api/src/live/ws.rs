@@ -102,7 +102,8 @@ where
             code,
             reason: close_reason(reason).into(),
         }));
-        if self.legacy() {
+        // A normal close (the client's connection_terminate) is no error.
+        if self.legacy() && code != 1000 {
             let err =
                 serde_json::json!({"type": "connection_error", "payload": {"message": reason}});
             vec![Message::Text(err.to_string().into()), close]
