@@ -100,12 +100,7 @@ async fn event(tx: &mut observer_db::WorkerTx, channel: i64, id: i64, kind: i16)
 }
 
 async fn connect(base: &str, protocol: &str, token: &str) -> Ws {
-    let mut req = format!("{}/graphql", base.replace("http://", "ws://"))
-        .into_client_request()
-        .unwrap();
-    req.headers_mut()
-        .insert("sec-websocket-protocol", protocol.parse().unwrap());
-    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    let mut ws = open(base, protocol).await;
     send(
         &mut ws,
         json!({"type": "connection_init", "payload": {"authorization": format!("Bearer {token}")}}),

@@ -1274,10 +1274,11 @@ async fn write_messages(
         if pending.is_empty() {
             break;
         }
-        let mut existing: HashMap<(i64, i64), MsgState> = HashMap::new();
-        if round > 0 {
-            existing = lock_stored(conn, &pending).await?;
-        }
+        let existing = if round > 0 {
+            lock_stored(conn, &pending).await?
+        } else {
+            HashMap::new()
+        };
 
         let mut inserts = MsgColumns::default();
         let mut insert_states: Vec<MsgState> = Vec::new();

@@ -47,11 +47,7 @@ impl Db {
     /// Connects a pool to `url`.
     pub async fn connect(url: &str, max_connections: u32) -> Result<Self> {
         let opts: PgConnectOptions = url.parse()?;
-        let pool = PgPoolOptions::new()
-            .max_connections(max_connections)
-            .acquire_timeout(std::time::Duration::from_secs(10))
-            .connect_with(opts)
-            .await?;
+        let pool = pool_options(max_connections).connect_with(opts).await?;
         Ok(Self { pool })
     }
 
@@ -61,10 +57,8 @@ impl Db {
     /// fan-out reader) gets connections of its own rather than ones whose
     /// readiness waits for a busy runtime to look.
     pub fn sibling(&self, max_connections: u32) -> Self {
-        let pool = PgPoolOptions::new()
-            .max_connections(max_connections)
-            .acquire_timeout(std::time::Duration::from_secs(10))
-            .connect_lazy_with((*self.pool.connect_options()).clone());
+        let pool =
+            pool_options(max_connections).connect_lazy_with((*self.pool.connect_options()).clone());
         Self { pool }
     }
 
@@ -124,6 +118,12 @@ impl Db {
     async fn begin_with(&self, statements: String) -> Result<Transaction<'static, Postgres>> {
         Ok(self.pool.begin_with(statements).await?)
     }
+}
+
+fn pool_options(max_connections: u32) -> PgPoolOptions {
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(std::time::Duration::from_secs(10))
 }
 
 macro_rules! role_tx {

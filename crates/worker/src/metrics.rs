@@ -278,10 +278,11 @@ const SCRAPE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// Scrapes served at once.
 const MAX_SCRAPES: usize = 16;
 
-async fn answer(mut sock: tokio::net::TcpStream, metrics: &Metrics) {
+/// Reads an HTTP request head: up to the blank line, at most 4 KiB, less if
+/// the peer stops or fails first. A body, if any, is left unread.
+pub(crate) async fn read_head(sock: &mut tokio::net::TcpStream) -> Vec<u8> {
     let mut buf = vec![0u8; 4096];
     let mut n = 0;
-    // Read the request head (bounded); the body, if any, is ignored.
     while n < buf.len() {
         match sock.read(&mut buf[n..]).await {
             Ok(0) | Err(_) => break,
@@ -291,7 +292,13 @@ async fn answer(mut sock: tokio::net::TcpStream, metrics: &Metrics) {
             break;
         }
     }
-    let head = String::from_utf8_lossy(&buf[..n]);
+    buf.truncate(n);
+    buf
+}
+
+async fn answer(mut sock: tokio::net::TcpStream, metrics: &Metrics) {
+    let head = read_head(&mut sock).await;
+    let head = String::from_utf8_lossy(&head);
     let path = head.split_whitespace().nth(1).unwrap_or("");
     let (status, ctype, body) = if path == "/metrics" {
         (

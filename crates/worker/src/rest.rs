@@ -126,7 +126,7 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Instant;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     use tokio::net::TcpListener;
 
     #[test]
@@ -155,17 +155,7 @@ mod tests {
                 let i = counter.fetch_add(1, Ordering::SeqCst);
                 let resp = responses[i.min(responses.len() - 1)];
                 tokio::spawn(async move {
-                    let mut buf = vec![0u8; 4096];
-                    let mut n = 0;
-                    while n < buf.len() {
-                        match sock.read(&mut buf[n..]).await {
-                            Ok(0) | Err(_) => break,
-                            Ok(k) => n += k,
-                        }
-                        if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-                            break;
-                        }
-                    }
+                    let _head = crate::metrics::read_head(&mut sock).await;
                     let _ = sock.write_all(resp.as_bytes()).await;
                     let _ = sock.shutdown().await;
                 });

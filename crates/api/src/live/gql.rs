@@ -13,7 +13,6 @@
 use std::borrow::Cow;
 use std::fmt::Write as _;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context as TaskContext, Poll};
 
@@ -210,12 +209,22 @@ type EventStream = BoxStream<'static, async_graphql::Result<LiveMessageEvent>>;
 #[derive(Default)]
 pub struct Lane {
     key: OnceLock<String>,
-    source: Mutex<Option<EventStream>>,
+    source: Mutex<Source>,
     slot: Mutex<Option<async_graphql::Result<LiveMessageEvent>>>,
-    ended: AtomicBool,
     /// Execution polls the [`SlotStream`] from inside its own combinators,
     /// which poll a stream again only once it woke them.
     slot_waker: AtomicWaker,
+}
+
+/// Where a lane's event stream is.
+#[derive(Default)]
+enum Source {
+    /// The resolver has not handed it over (yet, or ever: not a subscription).
+    #[default]
+    Waiting,
+    Attached(EventStream),
+    /// It ended: so does the execution stream.
+    Ended,
 }
 
 impl std::fmt::Debug for Lane {
@@ -244,7 +253,7 @@ impl Lane {
 
     /// Whether the resolver handed over the event stream.
     pub fn attached(&self) -> bool {
-        lock(&self.source).is_some()
+        !matches!(*lock(&self.source), Source::Waiting)
     }
 
     /// Called by the resolver: takes `events` for the loop to poll and
@@ -257,7 +266,7 @@ impl Lane {
     {
         match lane {
             Some(l) if l.key.set(response_key.to_owned()).is_ok() => {
-                *lock(&l.source) = Some(events.boxed());
+                *lock(&l.source) = Source::Attached(events.boxed());
                 SlotStream(Arc::clone(l)).boxed()
             }
             _ => events.boxed(),
@@ -268,7 +277,7 @@ impl Lane {
     /// waker with it when there is none.
     pub fn poll_next(&self, cx: &mut TaskContext<'_>) -> Poll<LaneItem> {
         let mut source = lock(&self.source);
-        let Some(events) = source.as_mut() else {
+        let Source::Attached(events) = &mut *source else {
             return Poll::Ready(LaneItem::Ended);
         };
         match events.as_mut().poll_next(cx) {
@@ -286,8 +295,8 @@ impl Lane {
                 Poll::Ready(LaneItem::Executing)
             }
             Poll::Ready(None) => {
-                *source = None;
-                self.ended.store(true, Ordering::Release);
+                *source = Source::Ended;
+                drop(source);
                 self.slot_waker.wake();
                 Poll::Ready(LaneItem::Ended)
             }
@@ -310,7 +319,7 @@ impl SlotStream {
         if let Some(item) = lock(&self.0.slot).take() {
             return Some(Some(item));
         }
-        self.0.ended.load(Ordering::Acquire).then_some(None)
+        matches!(*lock(&self.0.source), Source::Ended).then_some(None)
     }
 }
 

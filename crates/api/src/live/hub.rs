@@ -404,37 +404,33 @@ impl Hub {
                     }
                 };
                 rt.block_on(async move {
-                    let listener =
-                        tokio::spawn(listen_loop(weak.clone(), own_db.clone(), stop.clone()));
-                    let reader = tokio::spawn(read_loop(weak, own_db.clone(), stop));
+                    let [listener, reader] = spawn_loops(weak, own_db.clone(), stop);
                     let _ = tx.send([listener.abort_handle(), reader.abort_handle()]);
                     let _ = tokio::join!(listener, reader);
                     own_db.pool().close().await;
                 });
             });
-        let handles = match spawned {
-            // Sent right after the thread starts (or never, if its runtime
-            // failed: then there is nothing to abort).
-            Ok(_) => rx.recv().ok(),
-            Err(e) => {
-                tracing::error!(error = %e, "starting the fan-out hub's thread failed; running it on the caller's runtime");
-                let (weak, db, stop) = (
+        // The handles come right after the thread starts; without a thread
+        // or its runtime, the loops run on the caller's runtime instead.
+        let handles = match spawned.ok().and_then(|_| rx.recv().ok()) {
+            Some(handles) => handles,
+            None => {
+                tracing::error!(
+                    "no thread for the fan-out hub; running it on the caller's runtime"
+                );
+                let loops = spawn_loops(
                     Arc::downgrade(&self.inner),
                     self.inner.db.clone(),
                     self.inner.stop.clone(),
                 );
-                Some([
-                    tokio::spawn(listen_loop(weak.clone(), db.clone(), stop.clone()))
-                        .abort_handle(),
-                    tokio::spawn(read_loop(weak, db, stop)).abort_handle(),
-                ])
+                loops.map(|l| l.abort_handle())
             }
         };
         self.inner
             .tasks
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .extend(handles.into_iter().flatten());
+            .extend(handles);
     }
 
     /// Stops the hub's tasks; open subscriptions then end as unavailable.
@@ -840,6 +836,18 @@ fn attach(rows: Vec<EventRow>, revisions: Vec<RevisionRow>) -> Vec<Arc<LiveEvent
 // ---------------------------------------------------------------------------
 // Tasks
 // ---------------------------------------------------------------------------
+
+/// The hub's two tasks, on the current runtime.
+fn spawn_loops(
+    weak: Weak<Inner>,
+    db: Db,
+    stop: CancellationToken,
+) -> [tokio::task::JoinHandle<()>; 2] {
+    [
+        tokio::spawn(listen_loop(weak.clone(), db.clone(), stop.clone())),
+        tokio::spawn(read_loop(weak, db, stop)),
+    ]
+}
 
 /// Keeps one LISTEN connection. Notifications only set flags and kick the
 /// reader, so a burst of them costs one read.

@@ -245,7 +245,7 @@ where
 
 /// Serves one upgraded GraphQL WebSocket until either side ends it.
 pub async fn serve<E, OnInit, Fut>(
-    socket: WebSocket,
+    mut socket: WebSocket,
     executor: E,
     protocol: WebSocketProtocols,
     on_connection_init: OnInit,
@@ -258,7 +258,6 @@ pub async fn serve<E, OnInit, Fut>(
 {
     // Not split: reads happen only inside the select below and writes only
     // after it, so the halves' shared lock would be pure overhead.
-    let mut socket = socket;
     let mut conn = Conn {
         executor,
         protocol,
