@@ -16,7 +16,7 @@
 use chrono::{DateTime, Utc};
 
 use crate::viewer::{MessageRow, RevisionRow};
-use crate::{Error, FanoutTx, Result, ViewerTx};
+use crate::{Error, FanoutRead, FanoutTx, Result, ViewerTx};
 
 /// Notification channel announcing new `message_events` rows (policies/40_notify.sql).
 pub const CHANNEL_EVENTS: &str = "observer_events";
@@ -157,7 +157,7 @@ const JOINED_COLUMNS: &str = "e.xid::text::bigint as ev_xid, e.seq as ev_seq, e.
 /// (`after` itself when nothing was readable). Events whose message was purged
 /// are skipped but still advance the cursor.
 pub async fn read_after(
-    tx: &mut FanoutTx,
+    tx: &mut dyn FanoutRead,
     after: Cursor,
     limit: i64,
 ) -> Result<(Vec<EventRow>, Cursor)> {
@@ -190,7 +190,7 @@ pub async fn read_after(
 /// first, excluding each message's current version — the fan-out twin of
 /// [`crate::viewer::revisions`], so live events carry their revisions without
 /// a read per subscriber.
-pub async fn revisions(tx: &mut FanoutTx, keys: &[(i64, i64)]) -> Result<Vec<RevisionRow>> {
+pub async fn revisions(tx: &mut dyn FanoutRead, keys: &[(i64, i64)]) -> Result<Vec<RevisionRow>> {
     if keys.is_empty() {
         return Ok(Vec::new());
     }

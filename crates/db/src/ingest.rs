@@ -27,7 +27,7 @@ use chrono::{DateTime, TimeZone, Utc};
 use serde_json::Value;
 use sqlx::{PgConnection, Row};
 
-use crate::{Result, WorkerTx};
+use crate::{Result, WorkerConn, WorkerTx};
 
 /// Discord's epoch (2015-01-01T00:00:00Z) in Unix milliseconds.
 pub const DISCORD_EPOCH_MS: i64 = 1_420_070_400_000;
@@ -501,74 +501,144 @@ fn sanitize_author(a: &Author) -> Author {
 /// in the order given (runs of the same kind in one statement); message ops are
 /// merged per message and applied in bulk.
 pub async fn write_batch(tx: &mut WorkerTx, ops: &[IngestOp]) -> Result<BatchStats> {
-    let conn: &mut PgConnection = tx;
+    write_batch_in(tx, ops).await
+}
+
+/// [`write_batch`] on the writer's own session ([`crate::Db::worker_conn`]),
+/// committed. A batch of message creates only (live traffic) is first written
+/// as one autocommit statement: one round trip instead of three (`begin`,
+/// the statement, `commit`), and round trips are most of an event's latency
+/// on a busy machine. Creates that met a stored row (a replay or backfill
+/// overlap) are then merged in a transaction; that split is safe because the
+/// first statement only adds new rows, their events and their first
+/// versions, each of which is true history on its own, and a retry of the
+/// whole batch finds them stored and changes nothing. Any other batch runs
+/// in one transaction, as [`write_batch`].
+pub async fn write_batch_on(session: &mut WorkerConn, ops: &[IngestOp]) -> Result<BatchStats> {
+    if !ops
+        .iter()
+        .all(|op| matches!(op, IngestOp::MessageCreate(_)))
+    {
+        let mut tx = session.begin().await?;
+        let stats = write_batch_in(&mut tx, ops).await?;
+        tx.commit().await?;
+        return Ok(stats);
+    }
     let mut stats = BatchStats {
         ops: ops.len(),
         ..BatchStats::default()
     };
-    let now = Utc::now();
+    let (merged, revisions) = merge_messages(ops, Utc::now());
+    stats.messages = merged.len();
+    stats.revisions_offered = revisions.len();
+    let mut revisions = Some(Revisions::from(revisions));
+    let left = write_rounds(session.conn(), merged, &mut revisions, &mut stats, 0..1).await?;
+    if !left.is_empty() {
+        let mut tx = session.begin().await?;
+        let left = write_rounds(&mut tx, left, &mut revisions, &mut stats, 1..ROUNDS).await?;
+        settled(&left)?;
+        tx.commit().await?;
+    }
+    Ok(stats)
+}
 
-    // Pre-merge message ops: one state and a set of revisions per message.
+/// Message ops merged per message (one state each) and their versions.
+type Merged = (
+    BTreeMap<(i64, i64), MsgState>,
+    HashSet<(i64, i64, DateTime<Utc>, String)>,
+);
+
+/// Merges the message ops of `ops` (others are skipped), `now` standing for
+/// the time of deletes.
+fn merge_messages(ops: &[IngestOp], now: DateTime<Utc>) -> Merged {
     let mut merged: BTreeMap<(i64, i64), MsgState> = BTreeMap::new();
     let mut revisions: HashSet<(i64, i64, DateTime<Utc>, String)> = HashSet::new();
-    let mut add = |s: MsgState| {
-        if let Some(v) = &s.version {
-            revisions.insert((s.guild_id, s.message_id, v.at, v.content.clone()));
-        }
-        let key = (s.guild_id, s.message_id);
-        let next = match merged.get(&key) {
-            Some(prev) => prev.join(&s),
-            None => s,
-        };
-        merged.insert(key, next);
-    };
-
-    let mut run: Vec<&IngestOp> = Vec::new();
     for op in ops {
-        match op {
-            IngestOp::MessageCreate(m) => add(MsgState::from_create(m)),
-            IngestOp::MessageUpdate(p) => add(MsgState::from_patch(p)),
-            IngestOp::MessageDelete {
-                guild_id,
-                channel_id,
-                message_id,
-            } => add(MsgState::from_delete(
-                *guild_id,
-                *channel_id,
-                *message_id,
-                now,
-            )),
-            IngestOp::MessageBulkDelete {
-                guild_id,
-                channel_id,
-                message_ids,
-            } => {
-                for id in message_ids {
-                    add(MsgState::from_delete(*guild_id, *channel_id, *id, now));
-                }
+        for s in message_states(op, now) {
+            if let Some(v) = &s.version {
+                revisions.insert((s.guild_id, s.message_id, v.at, v.content.clone()));
             }
-            access => {
-                stats.access_ops += 1;
-                if let Some(prev) = run.last() {
-                    if std::mem::discriminant(*prev) != std::mem::discriminant(access)
-                        || !batchable(access)
-                    {
-                        apply_access_run(conn, &run).await?;
-                        run.clear();
-                    }
-                }
-                run.push(access);
+            let key = (s.guild_id, s.message_id);
+            let next = match merged.get(&key) {
+                Some(prev) => prev.join(&s),
+                None => s,
+            };
+            merged.insert(key, next);
+        }
+    }
+    (merged, revisions)
+}
+
+/// The message states an op contributes (none for access ops).
+fn message_states(op: &IngestOp, now: DateTime<Utc>) -> Vec<MsgState> {
+    match op {
+        IngestOp::MessageCreate(m) => vec![MsgState::from_create(m)],
+        IngestOp::MessageUpdate(p) => vec![MsgState::from_patch(p)],
+        IngestOp::MessageDelete {
+            guild_id,
+            channel_id,
+            message_id,
+        } => vec![MsgState::from_delete(
+            *guild_id,
+            *channel_id,
+            *message_id,
+            now,
+        )],
+        IngestOp::MessageBulkDelete {
+            guild_id,
+            channel_id,
+            message_ids,
+        } => message_ids
+            .iter()
+            .map(|id| MsgState::from_delete(*guild_id, *channel_id, *id, now))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+async fn write_batch_in(conn: &mut PgConnection, ops: &[IngestOp]) -> Result<BatchStats> {
+    let mut stats = BatchStats {
+        ops: ops.len(),
+        ..BatchStats::default()
+    };
+    // Access ops apply in order, in runs of one kind; message ops are
+    // merged (one state and a set of versions per message) and written last.
+    let mut run: Vec<&IngestOp> = Vec::new();
+    for access in ops.iter().filter(|op| op.is_access()) {
+        stats.access_ops += 1;
+        if let Some(prev) = run.last() {
+            if std::mem::discriminant(*prev) != std::mem::discriminant(access) || !batchable(access)
+            {
+                apply_access_run(conn, &run).await?;
+                run.clear();
             }
         }
+        run.push(access);
     }
     if !run.is_empty() {
         apply_access_run(conn, &run).await?;
     }
 
+    let (merged, revisions) = merge_messages(ops, Utc::now());
     stats.messages = merged.len();
     stats.revisions_offered = revisions.len();
-    write_messages(conn, merged, revisions, &mut stats).await?;
+    let mut revisions = Some(Revisions::from(revisions));
+    let left = write_rounds(conn, merged, &mut revisions, &mut stats, 0..ROUNDS).await?;
+    settled(&left)?;
     Ok(stats)
+}
+
+/// Rounds of [`write_rounds`] before giving up on concurrent writers.
+const ROUNDS: u32 = 8;
+
+fn settled(left: &BTreeMap<(i64, i64), MsgState>) -> Result<()> {
+    if left.is_empty() {
+        return Ok(());
+    }
+    Err(crate::Error::Conflict(format!(
+        "{} messages kept conflicting with concurrent writers",
+        left.len()
+    )))
 }
 
 fn batchable(op: &IngestOp) -> bool {
@@ -1257,20 +1327,24 @@ const UNNEST_MESSAGES: &str = "unnest($1::int8[], $2::int8[], $3::int8[], $4::in
 /// any), and one statement that inserts the new rows, the round's events and
 /// the revisions. A batch of new messages is one round trip; round trips are
 /// what an event's latency is made of when the machine is busy.
-async fn write_messages(
+///
+/// Runs `rounds` (round 0 being the optimistic one) and returns what is still
+/// pending after them; `revisions` are written with the first round that
+/// writes anything.
+async fn write_rounds(
     conn: &mut PgConnection,
     mut pending: BTreeMap<(i64, i64), MsgState>,
-    revisions: HashSet<(i64, i64, DateTime<Utc>, String)>,
+    revisions: &mut Option<Revisions>,
     stats: &mut BatchStats,
-) -> Result<()> {
-    let mut revisions = Some(Revisions::from(revisions));
+    rounds: std::ops::Range<u32>,
+) -> Result<BTreeMap<(i64, i64), MsgState>> {
     // The first round is optimistic: every message is inserted as new (most
     // live traffic is new messages, and this saves the locking read's round
     // trip); the ones that already exist come back from the insert's
     // conflict and take the second round, which reads and merges them.
     // Later rounds only happen when a concurrent writer inserted a row
     // between our read and our insert.
-    for round in 0..8 {
+    for round in rounds {
         if pending.is_empty() {
             break;
         }
@@ -1398,13 +1472,7 @@ async fn write_messages(
         }
         pending = retry;
     }
-    if !pending.is_empty() {
-        return Err(crate::Error::Conflict(format!(
-            "{} messages kept conflicting with concurrent writers",
-            pending.len()
-        )));
-    }
-    Ok(())
+    Ok(pending)
 }
 
 /// The stored rows of `pending`'s messages, locked for this transaction.

@@ -34,7 +34,7 @@ pub mod tx;
 pub mod viewer;
 
 pub use error::{Error, Result};
-pub use tx::{AuthTx, Db, FanoutTx, ViewerTx, WorkerTx};
+pub use tx::{AuthTx, Db, FanoutConn, FanoutRead, FanoutTx, ViewerTx, WorkerConn, WorkerTx};
 
 /// Schema migrations, embedded at compile time. `#[sqlx::test(migrator = "observer_db::MIGRATOR")]`
 /// uses it; production goes through [`migrate::run`], which also applies policies/.

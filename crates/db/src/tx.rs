@@ -13,6 +13,12 @@
 //!   which reads each new event once and filters per subscriber in memory with
 //!   [`crate::access`].
 //!
+//! Two exceptions, each a connection of its own that is never pooled and runs
+//! as one role for its whole session, so the hot path is one statement and
+//! one round trip: [`FanoutConn`] (`observer_fanout`, read only), the
+//! fan-out reader's, and [`WorkerConn`] (`observer_worker`), the ingest
+//! writer's.
+//!
 //! `set_config(.., true)` is transaction-local, so a pooled connection never
 //! carries a role or viewer into the next transaction. After commit the setting
 //! reads as `''`, which the policies treat as "no viewer".
@@ -100,6 +106,40 @@ impl Db {
         ))
     }
 
+    /// Opens a connection of its own (not from the pool) that runs as
+    /// `observer_fanout`, read only, for its whole session: each read on it is
+    /// a single autocommit statement, with no `begin`, role switch or
+    /// `commit` around it. The session role cannot leak to anyone: the
+    /// connection is never pooled and closes when dropped.
+    pub async fn fanout_conn(&self) -> Result<FanoutConn> {
+        Ok(FanoutConn(self.session_as(ROLE_FANOUT, true).await?))
+    }
+
+    /// Opens the ingest writer's own connection (not from the pool), running
+    /// as `observer_worker` for its whole session, so a batch of new
+    /// messages can be one autocommit statement
+    /// ([`crate::ingest::write_batch_on`]).
+    pub async fn worker_conn(&self) -> Result<WorkerConn> {
+        Ok(WorkerConn(self.session_as(ROLE_WORKER, false).await?))
+    }
+
+    async fn session_as(&self, role: &'static str, read_only: bool) -> Result<PgConnection> {
+        let options = self.pool.connect_options();
+        let mut conn: PgConnection = sqlx::Connection::connect_with(options.as_ref()).await?;
+        // Once per connection: plain statements (a multi-statement `raw_sql`
+        // future is not `Send` enough for the tasks that hold these).
+        if read_only {
+            sqlx::query("set session characteristics as transaction read only")
+                .execute(&mut conn)
+                .await?;
+        }
+        sqlx::query("select set_config('role', $1, false)")
+            .bind(role)
+            .execute(&mut conn)
+            .await?;
+        Ok(conn)
+    }
+
     async fn begin_as(
         &self,
         begin: &str,
@@ -173,3 +213,57 @@ role_tx!(
     /// A read-only transaction running as `observer_fanout` (live fan-out).
     FanoutTx
 );
+
+/// The ingest writer's own session as `observer_worker` (see
+/// [`Db::worker_conn`]).
+pub struct WorkerConn(PgConnection);
+
+impl WorkerConn {
+    /// The session itself, for single autocommit statements.
+    pub(crate) fn conn(&mut self) -> &mut PgConnection {
+        &mut self.0
+    }
+
+    /// A transaction on the session (still as `observer_worker`).
+    pub(crate) async fn begin(&mut self) -> Result<Transaction<'_, Postgres>> {
+        Ok(sqlx::Connection::begin(&mut self.0).await?)
+    }
+
+    /// Closes the connection cleanly.
+    pub async fn close(self) -> Result<()> {
+        sqlx::Connection::close(self.0).await?;
+        Ok(())
+    }
+}
+
+/// The fan-out reader's own session as `observer_fanout`, read only (see
+/// [`Db::fanout_conn`]).
+pub struct FanoutConn(PgConnection);
+
+impl FanoutConn {
+    /// Closes the connection cleanly.
+    pub async fn close(self) -> Result<()> {
+        sqlx::Connection::close(self.0).await?;
+        Ok(())
+    }
+}
+
+/// Where fan-out reads may run: a [`FanoutTx`] or a [`FanoutConn`], both as
+/// `observer_fanout` and read only.
+pub trait FanoutRead: DerefMut<Target = PgConnection> + Send {}
+
+impl FanoutRead for FanoutTx {}
+impl FanoutRead for FanoutConn {}
+
+impl Deref for FanoutConn {
+    type Target = PgConnection;
+    fn deref(&self) -> &PgConnection {
+        &self.0
+    }
+}
+
+impl DerefMut for FanoutConn {
+    fn deref_mut(&mut self) -> &mut PgConnection {
+        &mut self.0
+    }
+}

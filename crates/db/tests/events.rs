@@ -214,3 +214,69 @@ async fn access_changes_are_logged_per_guild_or_user(pool: PgPool) {
     assert!(events::read_after(&mut tx, start, 0).await.is_err());
     tx.rollback().await.unwrap();
 }
+
+/// The fan-out reader's and the ingest writer's own sessions run as their
+/// role for good (read only for fan-out), read what a role transaction reads
+/// (the watermark included), and leave the pool's connections untouched.
+#[sqlx::test(migrator = "observer_db::MIGRATOR")]
+async fn own_sessions_run_as_their_role_and_leak_it_nowhere(pool: PgPool) {
+    let db = setup(&pool).await;
+    let mut fanout = db.fanout_conn().await.unwrap();
+    let whoami = "select current_user::text";
+    let user: String = sqlx::query_scalar(whoami)
+        .fetch_one(&mut *fanout)
+        .await
+        .unwrap();
+    assert_eq!(user, observer_db::tx::ROLE_FANOUT);
+
+    // Read only: a write fails, and the session is still usable afterwards.
+    let refused = sqlx::query("insert into guilds (guild_id, name) values (2, 'x')")
+        .execute(&mut *fanout)
+        .await;
+    assert!(refused.is_err(), "{refused:?}");
+
+    // The same events, the same watermark, as a role transaction.
+    let mut tx = db.fanout().await.unwrap();
+    let start = events::head(&mut tx).await.unwrap();
+    tx.commit().await.unwrap();
+    let mut older = db.worker().await.unwrap();
+    write(&mut older, 101, 1).await;
+    post(&db, 101, 2).await;
+    let (rows, next) = events::read_after(&mut fanout, start, 100).await.unwrap();
+    assert!(rows.is_empty(), "an open older transaction holds back 2");
+    assert_eq!(next, start);
+    older.commit().await.unwrap();
+    settle(&db).await;
+    let (rows, next) = events::read_after(&mut fanout, start, 100).await.unwrap();
+    let ids: Vec<i64> = rows.iter().map(|r| r.message.message_id).collect();
+    assert_eq!(ids, [1, 2]);
+    assert_eq!(read_all(&db, start).await, (ids, next));
+    fanout.close().await.unwrap();
+
+    let mut worker = db.worker_conn().await.unwrap();
+    let ops = [observer_db::ingest::IngestOp::MessageDelete {
+        guild_id: 1,
+        channel_id: 101,
+        message_id: 1,
+    }];
+    observer_db::ingest::write_batch_on(&mut worker, &ops)
+        .await
+        .unwrap();
+    worker.close().await.unwrap();
+    let deleted: bool =
+        sqlx::query_scalar("select deleted_at is not null from messages where message_id = 1")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert!(deleted);
+
+    // Pooled connections never saw either role.
+    for _ in 0..3 {
+        let user: String = sqlx::query_scalar(whoami)
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+        assert_ne!(user, observer_db::tx::ROLE_FANOUT);
+        assert_ne!(user, observer_db::tx::ROLE_WORKER);
+    }
+}

@@ -151,6 +151,15 @@ fn retarget(op: &IngestOp, g: i64) -> IngestOp {
     op
 }
 
+/// The worker's own path: its session, where a batch of creates only is one
+/// autocommit statement and replayed creates are merged afterwards.
+async fn write_on(
+    session: &mut observer_db::WorkerConn,
+    ops: &[IngestOp],
+) -> anyhow::Result<ingest::BatchStats> {
+    Ok(ingest::write_batch_on(session, ops).await?)
+}
+
 async fn write(db: &Db, ops: &[IngestOp]) -> anyhow::Result<ingest::BatchStats> {
     let mut tx = db.worker().await?;
     let stats = ingest::write_batch(&mut tx, ops).await?;
@@ -227,7 +236,9 @@ async fn random_streams_converge(pool: PgPool) -> anyhow::Result<()> {
             write(&db, &[retarget(op, order_g)]).await?;
         }
 
-        // Chaos: every op 1-3 times, shuffled, split into random batches.
+        // Chaos: every op 1-3 times, shuffled, split into random batches,
+        // written in turn by a transaction and by the worker's session.
+        let mut session = db.worker_conn().await?;
         let mut chaos: Vec<IngestOp> = Vec::new();
         for op in &stream.ops {
             for _ in 0..rng.gen_range(1..=3) {
@@ -236,9 +247,23 @@ async fn random_streams_converge(pool: PgPool) -> anyhow::Result<()> {
         }
         chaos.shuffle(&mut rng);
         let mut rest = &chaos[..];
+        let mut turn = 0;
         while !rest.is_empty() {
-            let n = rng.gen_range(1..=rest.len().min(25));
-            write(&db, &rest[..n]).await?;
+            // Creates-only batches (the session's one-statement path) are
+            // rare in a shuffled stream: make some.
+            let n = match rest
+                .iter()
+                .position(|op| !matches!(op, IngestOp::MessageCreate(_)))
+            {
+                Some(k) if k > 0 && turn % 3 == 0 => k.min(25),
+                _ => rng.gen_range(1..=rest.len().min(25)),
+            };
+            if turn % 2 == 0 {
+                write_on(&mut session, &rest[..n]).await?;
+            } else {
+                write(&db, &rest[..n]).await?;
+            }
+            turn += 1;
             rest = &rest[n..];
         }
 
@@ -304,6 +329,19 @@ async fn random_streams_converge(pool: PgPool) -> anyhow::Result<()> {
             stats.messages_changed, 0,
             "seed {seed}: replay changed rows"
         );
+        // And so does replaying every create on the session (the
+        // one-statement path meeting stored rows).
+        let creates: Vec<IngestOp> = chaos
+            .iter()
+            .filter(|op| matches!(op, IngestOp::MessageCreate(_)))
+            .cloned()
+            .collect();
+        let stats = write_on(&mut session, &creates).await?;
+        assert_eq!(
+            stats.messages_changed, 0,
+            "seed {seed}: replayed creates changed rows"
+        );
+        session.close().await?;
         let after: i64 = sqlx::query_scalar("select count(*) from message_events")
             .fetch_one(&pool)
             .await?;

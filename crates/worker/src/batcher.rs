@@ -1,5 +1,6 @@
-//! The single writer: takes whatever is queued (up to a cap) and writes it in
-//! one transaction. No timer: when idle, one op is written as soon as it
+//! The single writer: takes whatever is queued (up to a cap) and writes it
+//! atomically, on a database session of its own (`Db::worker_conn`, reopened
+//! after any failure), where a batch of new messages is one round trip. No timer: when idle, one op is written as soon as it
 //! arrives; under load, ops pile up while a batch commits and the next batch
 //! is large — latency and throughput both adapt without tuning.
 
@@ -7,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use observer_db::ingest::{self, IngestOp};
-use observer_db::Db;
+use observer_db::{Db, WorkerConn};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -38,6 +39,7 @@ pub async fn run(
 ) {
     let max_batch = max_batch.max(1);
     let mut batch: Vec<Queued> = Vec::with_capacity(max_batch);
+    let mut session = Session::new(db);
     loop {
         let first = tokio::select! {
             biased;
@@ -53,7 +55,7 @@ pub async fn run(
             }
         }
         metrics.queue_depth.set(rx.len() as i64);
-        write(&db, &mut batch, &metrics, &stop).await;
+        write(&mut session, &mut batch, &metrics, &stop).await;
     }
     // Flush whatever was queued before the stop.
     rx.close();
@@ -67,7 +69,7 @@ pub async fn run(
         if batch.is_empty() {
             break;
         }
-        write(&db, &mut batch, &metrics, &stop).await;
+        write(&mut session, &mut batch, &metrics, &stop).await;
     }
     metrics.queue_depth.set(0);
     tracing::info!("batcher flushed and stopped");
@@ -77,7 +79,12 @@ pub async fn run(
 /// works (nothing is dropped while PostgreSQL restarts); a batch the database
 /// *refuses* is split in halves to isolate the offending op, which is then
 /// logged and dropped so one bad event cannot stall ingestion.
-async fn write(db: &Db, batch: &mut Vec<Queued>, metrics: &Metrics, stop: &CancellationToken) {
+async fn write(
+    session: &mut Session,
+    batch: &mut Vec<Queued>,
+    metrics: &Metrics,
+    stop: &CancellationToken,
+) {
     let (ops, ats): (Vec<IngestOp>, Vec<Instant>) = std::mem::take(batch)
         .into_iter()
         .map(|q| (q.op, q.at))
@@ -88,7 +95,7 @@ async fn write(db: &Db, batch: &mut Vec<Queued>, metrics: &Metrics, stop: &Cance
         let mut refused = 0u32;
         loop {
             let started = Instant::now();
-            match attempt(db, &ops).await {
+            match session.attempt(&ops).await {
                 Ok(stats) => {
                     let now = Instant::now();
                     metrics.batches.inc();
@@ -144,9 +151,26 @@ async fn write(db: &Db, batch: &mut Vec<Queued>, metrics: &Metrics, stop: &Cance
     }
 }
 
-async fn attempt(db: &Db, ops: &[IngestOp]) -> observer_db::Result<ingest::BatchStats> {
-    let mut tx = db.worker().await?;
-    let stats = ingest::write_batch(&mut tx, ops).await?;
-    tx.commit().await?;
-    Ok(stats)
+/// The writer's database session, opened when first needed.
+struct Session {
+    db: Db,
+    conn: Option<WorkerConn>,
+}
+
+impl Session {
+    fn new(db: Db) -> Self {
+        Self { db, conn: None }
+    }
+
+    async fn attempt(&mut self, ops: &[IngestOp]) -> observer_db::Result<ingest::BatchStats> {
+        let mut conn = match self.conn.take() {
+            Some(c) => c,
+            None => self.db.worker_conn().await?,
+        };
+        // Kept only after a good write: after a failure the connection may
+        // be broken (or mid-transaction), so the retry opens a fresh one.
+        let stats = ingest::write_batch_on(&mut conn, ops).await?;
+        self.conn = Some(conn);
+        Ok(stats)
+    }
 }

@@ -30,7 +30,7 @@ use chrono::{DateTime, Utc};
 use observer_db::access::{visible_channels, ChannelAccess, GuildAccessData, MemberData};
 use observer_db::events::{self, AccessEventRow, Cursor, EventRow, Scope};
 use observer_db::viewer::RevisionRow;
-use observer_db::{access_data, Db};
+use observer_db::{access_data, Db, FanoutConn};
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::AbortHandle;
 use tokio_util::sync::CancellationToken;
@@ -43,8 +43,10 @@ use super::metrics::LiveMetrics;
 type HashMap<K, V> = rustc_hash::FxHashMap<K, V>;
 type HashSet<K> = rustc_hash::FxHashSet<K>;
 
-/// Connections of the hub's own pool: the LISTEN one and the reader's.
-const READER_CONNECTIONS: u32 = 3;
+/// Connections of the hub's own pool: the LISTEN one and the reader's
+/// transactions (access changes, the first cursor). Message events are read
+/// on one more, the reader's own session (`Db::fanout_conn`).
+const READER_CONNECTIONS: u32 = 2;
 
 /// Tuning of one hub.
 #[derive(Debug, Clone)]
@@ -937,6 +939,9 @@ async fn read(weak: Weak<Inner>, db: Db) {
     let mut tick = tokio::time::interval(tick_every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failures: u32 = 0;
+    // The reader's own session (see `Db::fanout_conn`), opened on first use
+    // and after any failed read.
+    let mut conn: Option<FanoutConn> = None;
     loop {
         let ticked = tokio::select! {
             _ = kick.notified() => false,
@@ -948,7 +953,7 @@ async fn read(weak: Weak<Inner>, db: Db) {
             inner.pending.access.store(true, Ordering::SeqCst);
         }
         let reads_before = inner.metrics.reads.get();
-        let result = poll(&inner, &db, ticked).await;
+        let result = poll(&inner, &db, &mut conn, ticked).await;
         if ticked {
             inner
                 .metrics
@@ -973,13 +978,19 @@ async fn read(weak: Weak<Inner>, db: Db) {
 
 /// One round: initialise cursors, apply access changes, expire timeouts,
 /// deliver new message events.
-/// `db`: the reader's own pool (see [`Hub::run`]).
-async fn poll(inner: &Arc<Inner>, db: &Db, ticked: bool) -> observer_db::Result<()> {
+/// `db`: the reader's own pool (see [`Hub::run`]); `conn`: its session for
+/// message events, dropped (and reopened next round) when a read fails.
+async fn poll(
+    inner: &Arc<Inner>,
+    db: &Db,
+    conn: &mut Option<FanoutConn>,
+    ticked: bool,
+) -> observer_db::Result<()> {
     let (cursor, access_cursor) = {
         let st = inner.state();
         (st.cursor, st.access_cursor)
     };
-    let (Some(mut cursor), Some(mut access_cursor)) = (cursor, access_cursor) else {
+    let (Some(cursor), Some(mut access_cursor)) = (cursor, access_cursor) else {
         let mut tx = db.fanout().await?;
         let head = events::head(&mut tx).await?;
         tx.commit().await?;
@@ -1032,29 +1043,45 @@ async fn poll(inner: &Arc<Inner>, db: &Db, ticked: bool) -> observer_db::Result<
     expire_timeouts(inner);
 
     if want_events {
-        let mut tx = db.fanout().await?;
-        loop {
-            let (rows, next) = events::read_after(&mut tx, cursor, inner.cfg.read_batch).await?;
-            let full = rows.len() as i64 >= inner.cfg.read_batch;
-            let keys: Vec<(i64, i64)> = rows
-                .iter()
-                .filter(|r| r.message.edited_at.is_some())
-                .map(|r| (r.guild_id, r.message.message_id))
-                .collect();
-            let revisions = events::revisions(&mut tx, &keys).await?;
-            deliver(inner, attach(rows, revisions), next);
-            cursor = next;
-            if !full {
-                break;
-            }
-        }
-        tx.commit().await?;
+        let mut session = match conn.take() {
+            Some(c) => c,
+            None => db.fanout_conn().await?,
+        };
+        // Kept only after a good read: a failure may mean a broken
+        // connection, so the next round opens a fresh one.
+        read_events(inner, &mut session, cursor).await?;
+        *conn = Some(session);
         inner.metrics.reads.inc();
         if !ticked {
             inner.metrics.notified_event_reads.inc();
         }
     }
     Ok(())
+}
+
+/// Reads the message events after `cursor` (a statement per batch of
+/// `read_batch`, each its own snapshot, which the cursor's xmin rule makes
+/// safe) and delivers them.
+async fn read_events(
+    inner: &Inner,
+    conn: &mut FanoutConn,
+    mut cursor: Cursor,
+) -> observer_db::Result<()> {
+    loop {
+        let (rows, next) = events::read_after(conn, cursor, inner.cfg.read_batch).await?;
+        let full = rows.len() as i64 >= inner.cfg.read_batch;
+        let keys: Vec<(i64, i64)> = rows
+            .iter()
+            .filter(|r| r.message.edited_at.is_some())
+            .map(|r| (r.guild_id, r.message.message_id))
+            .collect();
+        let revisions = events::revisions(conn, &keys).await?;
+        deliver(inner, attach(rows, revisions), next);
+        cursor = next;
+        if !full {
+            return Ok(());
+        }
+    }
 }
 
 /// Puts back viewers taken out of `dirty` for a refresh that failed (those
