@@ -113,8 +113,15 @@ impl SelectionKey {
 /// the WebSocket loop). Bounded: past [`MAX_RENDERS`] distinct selections
 /// (many different queries subscribed at once) further ones are resolved
 /// per subscriber, uncached.
+///
+/// The first rendering sits in a `OnceLock`, read without a lock: usually
+/// every subscriber has the same selection, and a mutex here was taken by
+/// each of an event's hundreds of deliveries, from both runtime threads.
 #[derive(Debug, Default)]
-pub struct Renders(Mutex<Vec<Rendering>>);
+pub struct Renders {
+    first: OnceLock<Rendering>,
+    rest: Mutex<Vec<Rendering>>,
+}
 
 #[derive(Debug)]
 struct Rendering {
@@ -127,37 +134,54 @@ struct Rendering {
 pub const MAX_RENDERS: usize = 8;
 
 impl Renders {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Rendering>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    fn rest(&self) -> std::sync::MutexGuard<'_, Vec<Rendering>> {
+        self.rest.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn find<T>(&self, key: &SelectionKey, f: impl Fn(&Rendering) -> T) -> Option<T> {
+        match self.first.get() {
+            Some(r) if r.key == *key => Some(f(r)),
+            Some(_) => self.rest().iter().find(|r| r.key == *key).map(f),
+            None => None,
+        }
     }
 
     fn value(&self, key: &SelectionKey) -> Option<async_graphql::Value> {
-        self.lock()
-            .iter()
-            .find(|r| r.key == *key)
-            .map(|r| r.value.clone())
+        self.find(key, |r| r.value.clone())
     }
 
     /// The JSON text of the event for `key`, when already rendered.
     pub fn json(&self, key: &SelectionKey) -> Option<Arc<str>> {
-        self.lock()
-            .iter()
-            .find(|r| r.key == *key)
-            .map(|r| Arc::clone(&r.json))
+        self.find(key, |r| Arc::clone(&r.json))
     }
 
     pub(crate) fn put(&self, key: SelectionKey, value: &async_graphql::Value) {
-        let mut cached = self.lock();
-        if cached.len() >= MAX_RENDERS || cached.iter().any(|r| r.key == key) {
+        if self.find(&key, |_| ()).is_some() {
             return;
         }
-        match serde_json::to_string(value) {
-            Ok(json) => cached.push(Rendering {
-                key,
-                value: value.clone(),
-                json: json.into(),
-            }),
-            Err(e) => tracing::error!(error = %e, "serialising a live event failed"),
+        let json: Arc<str> = match serde_json::to_string(value) {
+            Ok(json) => json.into(),
+            Err(e) => {
+                tracing::error!(error = %e, "serialising a live event failed");
+                return;
+            }
+        };
+        let rendering = Rendering {
+            key,
+            value: value.clone(),
+            json,
+        };
+        // Another subscriber may have set the first slot meanwhile: then
+        // this one goes to the rest (unless it is the same selection).
+        let Err(rendering) = self.first.set(rendering) else {
+            return;
+        };
+        if self.first.get().is_some_and(|r| r.key == key) {
+            return;
+        }
+        let mut rest = self.rest();
+        if rest.len() + 1 < MAX_RENDERS && !rest.iter().any(|r| r.key == key) {
+            rest.push(rendering);
         }
     }
 }
@@ -406,5 +430,28 @@ mod tests {
         let down = ext(&LiveError::Unavailable { resume_from: None });
         assert_eq!(down["code"], UNAVAILABLE);
         assert!(down.get("lastCursor").is_none());
+    }
+
+    /// The lock-free first slot and the locked rest hold one rendering per
+    /// selection, the first one put wins, and at most MAX_RENDERS are kept.
+    #[test]
+    fn renders_keep_one_per_selection_up_to_the_bound() {
+        let r = Renders::default();
+        let v = |n: u64| async_graphql::Value::from(n);
+        assert!(r.json(&SelectionKey::fixed(0)).is_none());
+        for b in 0..(MAX_RENDERS as u8 + 3) {
+            r.put(SelectionKey::fixed(b), &v(u64::from(b)));
+            // A second rendering of the same selection does not replace it.
+            r.put(SelectionKey::fixed(b), &v(999));
+        }
+        for b in 0..(MAX_RENDERS as u8 + 3) {
+            let got = r.json(&SelectionKey::fixed(b));
+            if usize::from(b) < MAX_RENDERS {
+                assert_eq!(got.as_deref(), Some(b.to_string().as_str()), "key {b}");
+                assert_eq!(r.value(&SelectionKey::fixed(b)), Some(v(u64::from(b))));
+            } else {
+                assert!(got.is_none(), "key {b} is past the bound");
+            }
+        }
     }
 }

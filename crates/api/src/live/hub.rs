@@ -766,22 +766,45 @@ impl Subscription {
                     }
                 }
             }
-            match self.rx.recv().await {
+            return std::future::poll_fn(|cx| self.poll_live(cx)).await;
+        }
+    }
+
+    /// True once only live events are left (replay done or none asked for).
+    fn live_only(&self) -> bool {
+        self.replay_from.is_none() && self.replay_buf.is_empty()
+    }
+
+    /// The next live event (or the error that ends the subscription),
+    /// without a future: the per-delivery path.
+    fn poll_live(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Arc<LiveEvent>, LiveError>>> {
+        use std::task::Poll;
+        if self.done {
+            return Poll::Ready(None);
+        }
+        loop {
+            let Poll::Ready(item) = self.rx.poll_recv(cx) else {
+                return Poll::Pending;
+            };
+            match item {
                 Some(ev) if ev.cursor() <= self.floor => continue,
                 Some(ev) => {
                     self.resume_from = ev.cursor();
-                    return Some(Ok(ev));
+                    return Poll::Ready(Some(Ok(ev)));
                 }
                 None => {
                     self.done = true;
                     let resume_from = self.resume_from;
-                    return Some(Err(match self.end.get() {
+                    return Poll::Ready(Some(Err(match self.end.get() {
                         Some(EndReason::SlowConsumer) => LiveError::SlowConsumer { resume_from },
                         Some(EndReason::Forbidden) => LiveError::Forbidden,
                         None => LiveError::Unavailable {
                             resume_from: Some(resume_from),
                         },
-                    }));
+                    })));
                 }
             }
         }
@@ -808,11 +831,62 @@ impl Subscription {
 
     /// The subscription as a stream (ends after its first error).
     pub fn into_stream(self) -> impl futures::Stream<Item = Result<Arc<LiveEvent>, LiveError>> {
-        // Boxed: `unfold` moves its state in and out on every item.
-        futures::stream::unfold(Box::new(self), |mut s| async move {
-            let item = s.next().await?;
-            Some((item, s))
-        })
+        SubscriptionStream {
+            sub: Some(Box::new(self)),
+            replaying: None,
+        }
+    }
+}
+
+type Item = Result<Arc<LiveEvent>, LiveError>;
+
+/// [`Subscription::into_stream`]: live events are polled straight from the
+/// subscriber's buffer (no future per event); while a replay is in progress,
+/// [`Subscription::next`] runs as a future that owns the subscription.
+struct SubscriptionStream {
+    sub: Option<Box<Subscription>>,
+    replaying: Option<futures::future::BoxFuture<'static, (Box<Subscription>, Option<Item>)>>,
+}
+
+impl futures::Stream for SubscriptionStream {
+    type Item = Item;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Item>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        if let Some(fut) = this.replaying.as_mut() {
+            let Poll::Ready((sub, item)) = fut.as_mut().poll(cx) else {
+                return Poll::Pending;
+            };
+            this.replaying = None;
+            this.sub = Some(sub);
+            return Poll::Ready(item);
+        }
+        let Some(mut sub) = this.sub.take() else {
+            return Poll::Ready(None);
+        };
+        if sub.live_only() {
+            let polled = sub.poll_live(cx);
+            this.sub = Some(sub);
+            return polled;
+        }
+        let mut fut: futures::future::BoxFuture<'static, _> = Box::pin(async move {
+            let item = sub.next().await;
+            (sub, item)
+        });
+        match fut.as_mut().poll(cx) {
+            Poll::Ready((sub, item)) => {
+                this.sub = Some(sub);
+                Poll::Ready(item)
+            }
+            Poll::Pending => {
+                this.replaying = Some(fut);
+                Poll::Pending
+            }
+        }
     }
 }
 

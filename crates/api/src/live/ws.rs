@@ -47,6 +47,9 @@ struct Sub {
     lane: Arc<Lane>,
     /// An item was handed to execution; its response is not out yet.
     executing: bool,
+    /// The lane has (or had) its event stream; once true it stays true, so
+    /// the lane's lock is not taken to ask again on every poll.
+    attached: bool,
     /// `{"type":"next","id":…,"payload":{"data":{"<key>":` once needed.
     prefix: Option<String>,
 }
@@ -145,6 +148,7 @@ where
                     stream,
                     lane,
                     executing: false,
+                    attached: false,
                     prefix: None,
                 });
                 Step::Continue
@@ -190,7 +194,10 @@ fn poll_sub(
     out: &mut Vec<Message>,
 ) -> bool {
     for _ in 0..MAX_BURST {
-        if sub.executing || !sub.lane.attached() {
+        if !sub.attached {
+            sub.attached = sub.lane.attached();
+        }
+        if sub.executing || !sub.attached {
             match sub.stream.as_mut().poll_next(cx) {
                 Poll::Ready(Some(resp)) => {
                     sub.executing = false;
@@ -201,9 +208,10 @@ fn poll_sub(
                     out.push(Message::Text(complete(&sub.id).into()));
                     return true;
                 }
-                Poll::Pending if sub.executing || !sub.lane.attached() => return false,
+                Poll::Pending if sub.executing => return false,
+                Poll::Pending if !sub.lane.attached() => return false,
                 // The resolver attached the lane during this poll.
-                Poll::Pending => {}
+                Poll::Pending => sub.attached = true,
             }
         }
         match sub.lane.poll_next(cx) {
@@ -273,8 +281,12 @@ pub async fn serve<E, OnInit, Fut>(
     let mut closing: Option<Vec<Message>> = None;
     while closing.is_none() {
         let waiting_for_init = conn.data.is_none();
+        // Biased, in this order: the socket first (a client's own flood of
+        // messages can only delay its own frames), then frames; the timers
+        // are only polled when neither is ready, which saves re-polling them
+        // on every one of a busy connection's wake-ups.
         let frames: Vec<Message> = tokio::select! {
-            frames = Ready(&mut conn) => frames,
+            biased;
             msg = socket.next() => {
                 // Text and binary frames carry the protocol; pings are
                 // answered by the WebSocket layer; a read error or a close
@@ -294,6 +306,7 @@ pub async fn serve<E, OnInit, Fut>(
                     }
                 }
             }
+            frames = Ready(&mut conn) => frames,
             () = &mut init_deadline, if waiting_for_init => {
                 closing = Some(conn.refuse(4408, "Connection initialisation timeout"));
                 continue;
@@ -460,6 +473,7 @@ mod tests {
             stream,
             lane,
             executing: false,
+            attached: false,
             prefix: None,
         };
         let mut out = Vec::new();
