@@ -125,7 +125,17 @@ impl Db {
 
     async fn session_as(&self, role: &'static str, read_only: bool) -> Result<PgConnection> {
         let options = self.pool.connect_options();
-        let mut conn: PgConnection = sqlx::Connection::connect_with(options.as_ref()).await?;
+        // Bounded like the pool's acquire: an unreachable server must fail
+        // the caller's attempt (which retries) rather than hang it.
+        let connecting = sqlx::Connection::connect_with(options.as_ref());
+        let mut conn: PgConnection = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+            .await
+            .map_err(|_| {
+                sqlx::Error::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "connecting to PostgreSQL timed out",
+                ))
+            })??;
         // Once per connection: plain statements (a multi-statement `raw_sql`
         // future is not `Send` enough for the tasks that hold these).
         if read_only {
@@ -160,10 +170,13 @@ impl Db {
     }
 }
 
+/// How long getting a connection may take, pooled or not.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 fn pool_options(max_connections: u32) -> PgPoolOptions {
     PgPoolOptions::new()
         .max_connections(max_connections)
-        .acquire_timeout(std::time::Duration::from_secs(10))
+        .acquire_timeout(CONNECT_TIMEOUT)
 }
 
 macro_rules! role_tx {

@@ -68,15 +68,20 @@ async fn settle(db: &Db) {
     tx.commit().await.unwrap();
     let start = std::time::Instant::now();
     loop {
-        let mut tx = db.fanout().await.unwrap();
-        let head = events::head(&mut tx).await.unwrap();
-        tx.commit().await.unwrap();
-        if head.xid >= target {
+        if head(db).await.xid >= target {
             return;
         }
         assert!(start.elapsed().as_secs() < 30, "watermark never advanced");
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
+}
+
+/// The fan-out watermark now.
+async fn head(db: &Db) -> Cursor {
+    let mut tx = db.fanout().await.unwrap();
+    let head = events::head(&mut tx).await.unwrap();
+    tx.commit().await.unwrap();
+    head
 }
 
 async fn read_all(db: &Db, after: Cursor) -> (Vec<i64>, Cursor) {
@@ -89,9 +94,7 @@ async fn read_all(db: &Db, after: Cursor) -> (Vec<i64>, Cursor) {
 #[sqlx::test(migrator = "observer_db::MIGRATOR")]
 async fn the_watermark_holds_back_events_behind_an_open_older_transaction(pool: PgPool) {
     let db = setup(&pool).await;
-    let mut tx = db.fanout().await.unwrap();
-    let start = events::head(&mut tx).await.unwrap();
-    tx.commit().await.unwrap();
+    let start = head(&db).await;
 
     let mut older = db.worker().await.unwrap();
     write(&mut older, 101, 1).await;
@@ -189,9 +192,7 @@ async fn replay_is_rls_filtered_history_within_bounds_and_scope(pool: PgPool) {
 async fn access_changes_are_logged_per_guild_or_user(pool: PgPool) {
     let db = setup(&pool).await;
     settle(&db).await;
-    let mut tx = db.fanout().await.unwrap();
-    let start = events::head(&mut tx).await.unwrap();
-    tx.commit().await.unwrap();
+    let start = head(&db).await;
     sqlx::query("update members set role_ids = '{5}' where user_id = 11")
         .execute(&pool)
         .await
@@ -236,9 +237,7 @@ async fn own_sessions_run_as_their_role_and_leak_it_nowhere(pool: PgPool) {
     assert!(refused.is_err(), "{refused:?}");
 
     // The same events, the same watermark, as a role transaction.
-    let mut tx = db.fanout().await.unwrap();
-    let start = events::head(&mut tx).await.unwrap();
-    tx.commit().await.unwrap();
+    let start = head(&db).await;
     let mut older = db.worker().await.unwrap();
     write(&mut older, 101, 1).await;
     post(&db, 101, 2).await;

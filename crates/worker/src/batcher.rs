@@ -1,8 +1,9 @@
 //! The single writer: takes whatever is queued (up to a cap) and writes it
 //! atomically, on a database session of its own (`Db::worker_conn`, reopened
-//! after any failure), where a batch of new messages is one round trip. No timer: when idle, one op is written as soon as it
-//! arrives; under load, ops pile up while a batch commits and the next batch
-//! is large — latency and throughput both adapt without tuning.
+//! after any failure), where a batch of new messages is one round trip. No
+//! timer: when idle, one op is written as soon as it arrives; under load, ops
+//! pile up while a batch commits and the next batch is large — latency and
+//! throughput both adapt without tuning.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

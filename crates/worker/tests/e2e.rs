@@ -153,6 +153,43 @@ async fn gateway_faults_lose_nothing(pool: PgPool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The writer's own database session (and every pooled connection) killed
+/// between traffic, twice: the next batch meets the dead session, is retried
+/// on a fresh one, and nothing is lost.
+#[sqlx::test(migrator = "observer_db::MIGRATOR")]
+async fn killed_database_sessions_lose_nothing(pool: PgPool) -> anyhow::Result<()> {
+    init_tracing();
+    let db = db(&pool).await?;
+    let sim = sim(SimConfig::default()).await?;
+    let sc = scenario();
+    let guilds = sc.guilds.len() as i64;
+    sim.load(sc);
+    let worker = start(config(&sim), db);
+    wait_guilds(&pool, guilds).await?;
+    sim.run_traffic_steps(21, 100);
+    wait_truth(&pool, &sim, Duration::from_secs(60)).await?;
+
+    for seed in [22, 23] {
+        let killed: Vec<bool> = sqlx::query_scalar(
+            "select pg_terminate_backend(pid) from pg_stat_activity \
+             where datname = current_database() and pid <> pg_backend_pid()",
+        )
+        .fetch_all(&pool)
+        .await?;
+        assert!(killed.iter().any(|k| *k), "the worker had connections");
+        sim.run_traffic_steps(seed, 100);
+        wait_truth(&pool, &sim, Duration::from_secs(60)).await?;
+    }
+    assert!(
+        worker.metrics.db_errors.get() >= 1,
+        "a write met a killed session and was retried"
+    );
+    assert!(!worker.task.is_finished(), "worker still running");
+    worker.stop().await?;
+    sim.shutdown().await;
+    Ok(())
+}
+
 #[sqlx::test(migrator = "observer_db::MIGRATOR")]
 async fn stop_and_kill_then_backfill_closes_the_gap(pool: PgPool) -> anyhow::Result<()> {
     init_tracing();
