@@ -23,7 +23,10 @@
 //! so the server process's VmRSS before/after opening the idle subscriptions
 //! is the server's own cost; it runs `--client-threads` runtime threads (2). Each client speaks `graphql-transport-ws`, sends
 //! its token in `connection_init` and subscribes to
-//! `messageEvents { kind cursor message { id channelId content } }`.
+//! `messageEvents { kind cursor message { id channelId content } }` (all of
+//! that through tungstenite), then reads that socket's frames straight from
+//! its bytes: the client shares the server's cores, so its own cost is
+//! queueing delay in what it measures.
 //!
 //! Then messages are posted into the simulator at `--rate` for `--seconds`,
 //! round-robin over the bench channels, with the wall-clock send time (unix
@@ -1021,94 +1024,185 @@ mod client {
         Some((channel, sent))
     }
 
+    /// What a text frame was.
+    enum Seen {
+        /// A data frame, checked and counted.
+        Data,
+        /// Anything else (reported in the tally if unexpected).
+        Other,
+        /// A protocol ping, to be answered with this text.
+        Reply(&'static str),
+    }
+
+    /// Checks one text frame: a data frame's channel against what the
+    /// viewer may see, its latency from the send time in its content.
+    fn on_text(text: &str, now: u64, visible: &HashSet<String>, t: &mut Tally) -> Seen {
+        let data = |channel: &str, sent: Option<u64>, t: &mut Tally| {
+            if !visible.contains(channel) {
+                t.violations += 1;
+            }
+            if let Some(sent) = sent {
+                let us = now.saturating_sub(sent) / 1000;
+                t.latencies_us.push(u32::try_from(us).unwrap_or(u32::MAX));
+            }
+            t.count += 1;
+            Seen::Data
+        };
+        // A data frame of the expected shape is checked by scanning for its
+        // two fields; anything else takes the full parse below.
+        if let Some((channel, sent)) = scan_next(text) {
+            return data(channel, Some(sent), t);
+        }
+        // Typed and borrowed: the client's parsing must cost far less than
+        // the server's work or the bench measures the client.
+        let Ok(f) = serde_json::from_str::<Frame<'_>>(text) else {
+            t.errors.push("unparsable frame".into());
+            return Seen::Other;
+        };
+        match f.kind.as_ref() {
+            "next" => {
+                let payload = f.payload.unwrap_or_default();
+                if let Some(errors) = payload.errors {
+                    // Grouped by code in the report (SLOW_CONSUMER, FORBIDDEN, ...).
+                    let code = errors
+                        .first()
+                        .and_then(|e| e["extensions"]["code"].as_str())
+                        .unwrap_or("error without code")
+                        .to_owned();
+                    t.errors.push(format!("next with error {code}"));
+                    return Seen::Other;
+                }
+                let Some(msg) = payload.data.map(|d| d.message_events.message) else {
+                    t.errors.push("next without data".into());
+                    return Seen::Other;
+                };
+                let sent = Some(msg.content.as_ref())
+                    .filter(|c| c.starts_with(CONTENT_PREFIX))
+                    .and_then(|c| c.rsplit(' ').next())
+                    .and_then(|n| n.parse::<u64>().ok());
+                data(msg.channel_id.as_ref(), sent, t)
+            }
+            "ping" => Seen::Reply(r#"{"type":"pong"}"#),
+            "pong" | "ka" => Seen::Other,
+            other => {
+                t.errors.push(format!("{other}: {text}"));
+                Seen::Other
+            }
+        }
+    }
+
+    /// One complete server frame at the start of `buf`: its opcode, where
+    /// its payload is and its whole length (RFC 6455 §5.2; a server's frames
+    /// are unmasked, and ours are never fragmented).
+    fn server_frame(buf: &[u8]) -> Option<(u8, std::ops::Range<usize>, usize)> {
+        let b1 = *buf.get(1)?;
+        let (len, header) = match b1 & 0x7f {
+            126 => (
+                usize::from(u16::from_be_bytes([*buf.get(2)?, *buf.get(3)?])),
+                4,
+            ),
+            127 => (
+                usize::try_from(u64::from_be_bytes(buf.get(2..10)?.try_into().ok()?)).ok()?,
+                10,
+            ),
+            n => (usize::from(n), 2),
+        };
+        let header: usize = if b1 & 0x80 != 0 { header + 4 } else { header };
+        let end = header.checked_add(len)?;
+        (buf.len() >= end).then_some((buf[0] & 0x0f, header..end, end))
+    }
+
+    /// A client frame, masked as RFC 6455 requires of clients (payloads
+    /// here are a pong or a ping's echo: under 64 KiB).
+    fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+        const KEY: [u8; 4] = [0x5a, 0x17, 0xc3, 0x08];
+        let mut f = vec![0x80 | opcode];
+        match u8::try_from(payload.len()) {
+            Ok(n) if n < 126 => f.push(0x80 | n),
+            _ => {
+                f.push(0x80 | 126);
+                let n = u16::try_from(payload.len()).unwrap_or(u16::MAX);
+                f.extend_from_slice(&n.to_be_bytes());
+            }
+        }
+        f.extend_from_slice(&KEY);
+        f.extend(payload.iter().enumerate().map(|(i, b)| b ^ KEY[i % 4]));
+        f
+    }
+
+    /// Reads one connection's frames until told to stop. The handshake,
+    /// `connection_init` and `subscribe` went through tungstenite; from then
+    /// on the client mostly reads, and takes frames straight from the
+    /// socket's bytes. The client shares the server's two cores, so its own
+    /// work per frame is queueing delay for the server it measures. Every
+    /// frame is still checked, and anything unexpected is reported.
     async fn read(
-        mut ws: Ws,
+        mut sock: tokio::net::TcpStream,
         visible: HashSet<String>,
         mut stop: tokio::sync::watch::Receiver<bool>,
         received: Arc<AtomicU64>,
         last_frame: Arc<AtomicU64>,
     ) -> Tally {
+        use tokio::io::AsyncReadExt;
         let mut t = Tally::default();
-        loop {
-            let frame = tokio::select! {
-                f = ws.next() => f,
+        let mut buf = vec![0u8; 16 * 1024];
+        let mut filled = 0;
+        let mut replies: Vec<Vec<u8>> = Vec::new();
+        'read: loop {
+            if filled == buf.len() {
+                buf.resize(buf.len() * 2, 0);
+            }
+            let n = tokio::select! {
+                r = sock.read(&mut buf[filled..]) => r,
                 _ = stop.changed() => break,
             };
-            let text = match frame {
-                Some(Ok(WsMessage::Text(text))) => text,
-                Some(Ok(_)) => continue,
-                Some(Err(e)) => {
-                    t.errors.push(format!("socket: {e}"));
-                    break;
-                }
-                None => {
+            match n {
+                Ok(0) => {
                     t.errors.push("socket closed".into());
                     break;
                 }
-            };
-            let now = unix_nanos();
-            // The client shares the server's two cores, so its own work per
-            // frame is queueing delay for the server it measures: a data
-            // frame of the expected shape is checked by scanning for its two
-            // fields; anything else takes the full parse below.
-            if let Some((channel, sent)) = scan_next(&text) {
-                if !visible.contains(channel) {
-                    t.violations += 1;
+                Ok(n) => filled += n,
+                Err(e) => {
+                    t.errors.push(format!("socket: {e}"));
+                    break;
                 }
-                let us = now.saturating_sub(sent) / 1000;
-                t.latencies_us.push(u32::try_from(us).unwrap_or(u32::MAX));
-                t.count += 1;
-                received.fetch_add(1, Ordering::Relaxed);
-                last_frame.fetch_max(now, Ordering::Relaxed);
-                continue;
             }
-            // Typed and borrowed: the client's parsing must cost far less
-            // than the server's work or the bench measures the client.
-            let Ok(f) = serde_json::from_str::<Frame<'_>>(&text) else {
-                t.errors.push("unparsable frame".into());
-                continue;
-            };
-            match f.kind.as_ref() {
-                "next" => {
-                    let payload = f.payload.unwrap_or_default();
-                    if let Some(errors) = payload.errors {
-                        // Grouped by code in the report (SLOW_CONSUMER, FORBIDDEN, ...).
-                        let code = errors
-                            .first()
-                            .and_then(|e| e["extensions"]["code"].as_str())
-                            .unwrap_or("error without code")
-                            .to_owned();
-                        t.errors.push(format!("next with error {code}"));
-                        continue;
+            let now = unix_nanos();
+            let mut at = 0;
+            let mut data = 0;
+            while let Some((opcode, payload, len)) = server_frame(&buf[at..filled]) {
+                let p = &buf[at + payload.start..at + payload.end];
+                match opcode {
+                    1 => match std::str::from_utf8(p) {
+                        Ok(text) => match on_text(text, now, &visible, &mut t) {
+                            Seen::Data => data += 1,
+                            Seen::Other => {}
+                            Seen::Reply(r) => replies.push(client_frame(1, r.as_bytes())),
+                        },
+                        Err(_) => t.errors.push("text frame is not UTF-8".into()),
+                    },
+                    // A WebSocket ping, answered with its payload.
+                    9 => replies.push(client_frame(0xa, p)),
+                    0xa => {}
+                    8 => {
+                        t.errors.push("socket closed".into());
+                        break 'read;
                     }
-                    let Some(msg) = payload.data.map(|d| d.message_events.message) else {
-                        t.errors.push("next without data".into());
-                        continue;
-                    };
-                    if !visible.contains(msg.channel_id.as_ref()) {
-                        t.violations += 1;
-                    }
-                    let sent = Some(msg.content.as_ref())
-                        .filter(|c| c.starts_with(CONTENT_PREFIX))
-                        .and_then(|c| c.rsplit(' ').next())
-                        .and_then(|n| n.parse::<u64>().ok());
-                    if let Some(sent) = sent {
-                        let us = now.saturating_sub(sent) / 1000;
-                        t.latencies_us.push(u32::try_from(us).unwrap_or(u32::MAX));
-                    }
-                    t.count += 1;
-                    received.fetch_add(1, Ordering::Relaxed);
-                    last_frame.fetch_max(now, Ordering::Relaxed);
+                    other => t.errors.push(format!("unexpected opcode {other}")),
                 }
-                "ping" => {
-                    let pong = json!({"type": "pong"}).to_string();
-                    if ws.send(WsMessage::Text(pong.into())).await.is_err() {
-                        t.errors.push("pong failed".into());
-                        break;
-                    }
+                at += len;
+            }
+            buf.copy_within(at..filled, 0);
+            filled -= at;
+            if data > 0 {
+                received.fetch_add(data, Ordering::Relaxed);
+                last_frame.fetch_max(now, Ordering::Relaxed);
+            }
+            for r in replies.drain(..) {
+                if sock.write_all(&r).await.is_err() {
+                    t.errors.push("reply failed".into());
+                    break 'read;
                 }
-                "pong" | "ka" => {}
-                other => t.errors.push(format!("{other}: {text}")),
             }
         }
         t
@@ -1144,18 +1238,28 @@ mod client {
             bail!("expected subscribe, got {cmd:?}");
         }
         let sub = json!({"id": "1", "type": "subscribe", "payload": {"query": SUB}}).to_string();
-        for ws in &mut sockets {
+        // Subscribed, the connections go raw (see `read`): nothing has
+        // arrived since each one's `connection_ack`, as no message is posted
+        // before the server hears "subscribed", so tungstenite holds no
+        // unread bytes.
+        let mut raw = Vec::with_capacity(sockets.len());
+        for mut ws in sockets {
             ws.send(WsMessage::Text(sub.clone().into())).await?;
+            match ws.into_inner() {
+                tokio_tungstenite::MaybeTlsStream::Plain(sock) => raw.push(sock),
+                _ => bail!("the bench speaks plain ws:// only"),
+            }
         }
+        let sockets = raw;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let received = Arc::new(AtomicU64::new(0));
         let last_frame = Arc::new(AtomicU64::new(0));
         let tasks: Vec<_> = sockets
             .into_iter()
             .zip(&conf.viewers)
-            .map(|(ws, v)| {
+            .map(|(sock, v)| {
                 tokio::spawn(read(
-                    ws,
+                    sock,
                     v.visible.iter().cloned().collect(),
                     stop_rx.clone(),
                     received.clone(),
