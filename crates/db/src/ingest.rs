@@ -282,6 +282,14 @@ pub struct BatchStats {
 }
 
 impl BatchStats {
+    /// Nothing done yet for a batch of `ops`.
+    fn of(ops: &[IngestOp]) -> Self {
+        Self {
+            ops: ops.len(),
+            ..Self::default()
+        }
+    }
+
     fn count_event(&mut self, kind: i16) {
         match kind {
             1 => self.events_created += 1,
@@ -524,14 +532,8 @@ pub async fn write_batch_on(session: &mut WorkerConn, ops: &[IngestOp]) -> Resul
         tx.commit().await?;
         return Ok(stats);
     }
-    let mut stats = BatchStats {
-        ops: ops.len(),
-        ..BatchStats::default()
-    };
-    let (merged, revisions) = merge_messages(ops, Utc::now());
-    stats.messages = merged.len();
-    stats.revisions_offered = revisions.len();
-    let mut revisions = Some(Revisions::from(revisions));
+    let mut stats = BatchStats::of(ops);
+    let (merged, mut revisions) = prepare_messages(ops, &mut stats);
     let left = write_rounds(session.conn(), merged, &mut revisions, &mut stats, 0..1).await?;
     if !left.is_empty() {
         let mut tx = session.begin().await?;
@@ -547,6 +549,17 @@ type Merged = (
     BTreeMap<(i64, i64), MsgState>,
     HashSet<(i64, i64, DateTime<Utc>, String)>,
 );
+
+/// The message ops of `ops` merged and counted, ready for [`write_rounds`].
+fn prepare_messages(
+    ops: &[IngestOp],
+    stats: &mut BatchStats,
+) -> (BTreeMap<(i64, i64), MsgState>, Option<Revisions>) {
+    let (merged, revisions) = merge_messages(ops, Utc::now());
+    stats.messages = merged.len();
+    stats.revisions_offered = revisions.len();
+    (merged, Some(Revisions::from(revisions)))
+}
 
 /// Merges the message ops of `ops` (others are skipped), `now` standing for
 /// the time of deletes.
@@ -597,10 +610,7 @@ fn message_states(op: &IngestOp, now: DateTime<Utc>) -> Vec<MsgState> {
 }
 
 async fn write_batch_in(conn: &mut PgConnection, ops: &[IngestOp]) -> Result<BatchStats> {
-    let mut stats = BatchStats {
-        ops: ops.len(),
-        ..BatchStats::default()
-    };
+    let mut stats = BatchStats::of(ops);
     // Access ops apply in order, in runs of one kind; message ops are
     // merged (one state and a set of versions per message) and written last.
     let mut run: Vec<&IngestOp> = Vec::new();
@@ -619,10 +629,7 @@ async fn write_batch_in(conn: &mut PgConnection, ops: &[IngestOp]) -> Result<Bat
         apply_access_run(conn, &run).await?;
     }
 
-    let (merged, revisions) = merge_messages(ops, Utc::now());
-    stats.messages = merged.len();
-    stats.revisions_offered = revisions.len();
-    let mut revisions = Some(Revisions::from(revisions));
+    let (merged, mut revisions) = prepare_messages(ops, &mut stats);
     let left = write_rounds(conn, merged, &mut revisions, &mut stats, 0..ROUNDS).await?;
     settled(&left)?;
     Ok(stats)

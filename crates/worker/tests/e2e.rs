@@ -12,6 +12,23 @@ fn scenario() -> Scenario {
     Scenario::generate(11, GenOptions::default())
 }
 
+/// A simulator with the generated scenario and a worker that has mirrored
+/// every guild of it.
+async fn mirrored(
+    pool: &PgPool,
+    sim_config: SimConfig,
+) -> anyhow::Result<(observer_sim::Simulator, Running)> {
+    init_tracing();
+    let db = db(pool).await?;
+    let sim = sim(sim_config).await?;
+    let sc = scenario();
+    let guilds = sc.guilds.len() as i64;
+    sim.load(sc);
+    let worker = start(config(&sim), db);
+    wait_guilds(pool, guilds).await?;
+    Ok((sim, worker))
+}
+
 async fn wait_ready(worker: &Running, n: u64) -> anyhow::Result<()> {
     eventually(Duration::from_secs(30), "READY", || async {
         let got = worker.metrics.ready_total.get();
@@ -38,14 +55,7 @@ fn first_text_channel(s: &Scenario) -> (u64, u64, u64) {
 
 #[sqlx::test(migrator = "observer_db::MIGRATOR")]
 async fn chaos_traffic_converges_to_ground_truth(pool: PgPool) -> anyhow::Result<()> {
-    init_tracing();
-    let db = db(&pool).await?;
-    let sim = sim(SimConfig::default()).await?;
-    let sc = scenario();
-    let guilds = sc.guilds.len() as i64;
-    sim.load(sc);
-    let worker = start(config(&sim), db);
-    wait_guilds(&pool, guilds).await?;
+    let (sim, worker) = mirrored(&pool, SimConfig::default()).await?;
 
     // Every dispatch up to 3 times, reordered within a window of 16, some
     // updates partial.
@@ -85,18 +95,11 @@ async fn chaos_traffic_converges_to_ground_truth(pool: PgPool) -> anyhow::Result
 
 #[sqlx::test(migrator = "observer_db::MIGRATOR")]
 async fn gateway_faults_lose_nothing(pool: PgPool) -> anyhow::Result<()> {
-    init_tracing();
-    let db = db(&pool).await?;
-    let sim = sim(SimConfig {
+    let sim_config = SimConfig {
         heartbeat_interval_ms: 700,
         ..SimConfig::default()
-    })
-    .await?;
-    let sc = scenario();
-    let guilds = sc.guilds.len() as i64;
-    sim.load(sc);
-    let worker = start(config(&sim), db);
-    wait_guilds(&pool, guilds).await?;
+    };
+    let (sim, worker) = mirrored(&pool, sim_config).await?;
 
     let mut seed = 100;
     let mut step = |sim: &observer_sim::Simulator| {
@@ -158,14 +161,7 @@ async fn gateway_faults_lose_nothing(pool: PgPool) -> anyhow::Result<()> {
 /// on a fresh one, and nothing is lost.
 #[sqlx::test(migrator = "observer_db::MIGRATOR")]
 async fn killed_database_sessions_lose_nothing(pool: PgPool) -> anyhow::Result<()> {
-    init_tracing();
-    let db = db(&pool).await?;
-    let sim = sim(SimConfig::default()).await?;
-    let sc = scenario();
-    let guilds = sc.guilds.len() as i64;
-    sim.load(sc);
-    let worker = start(config(&sim), db);
-    wait_guilds(&pool, guilds).await?;
+    let (sim, worker) = mirrored(&pool, SimConfig::default()).await?;
     sim.run_traffic_steps(21, 100);
     wait_truth(&pool, &sim, Duration::from_secs(60)).await?;
 
