@@ -4,7 +4,8 @@
 //! Layout:
 //! - [`config`]: [`Config`] and [`ShardRange`], plain data the CLI fills in.
 //! - `map`: serenity events and messages → plain `observer_db::ingest::IngestOp`s.
-//! - `batcher`: the single writer; greedy batches, one transaction each.
+//! - `batcher`: the single writer on its own database session; greedy batches,
+//!   each written atomically.
 //! - [`backfill`]: history after the newest stored message, per channel.
 //! - `rest`: rate-limit-aware Discord REST GETs (backfill, re-reads).
 //! - `reread`: debounced REST re-reads of access entities touched by events,
@@ -168,6 +169,10 @@ pub async fn run_with_metrics(
         Arc::clone(&metrics),
         stop.clone(),
     ));
+    // A run that is cancelled (its task aborted) takes the writer, and the
+    // writer's own database session, with it; on the normal path the batcher
+    // has finished by then and this does nothing.
+    let _batcher_guard = AbortOnDrop(batcher.abort_handle());
 
     let api = rest::Rest {
         http: rest,
@@ -284,6 +289,15 @@ pub async fn run_with_metrics(
         tracing::error!(error = %err, "batcher task failed");
     }
     result
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Rows deleted per purge transaction.
