@@ -168,15 +168,18 @@ impl ViewerState {
             .map(|(_, a)| *a)
     }
 
-    /// Whether anything in `scope` is visible; the unscoped subscription
+    /// Whether anything in `scope` is readable; the unscoped subscription
     /// ("everything I may see") is never forbidden, it may simply be quiet.
+    /// A channel listed in the scope counts only if its messages are readable
+    /// (a voice channel without CONNECT is visible, its chat is not); a guild
+    /// scope counts if the guild is visible at all, like its other queries.
     fn scope_visible(&self, scope: &Scope) -> bool {
         match (&scope.channel_ids, scope.guild_id) {
             (None, None) => true,
             (Some(ids), g) => ids.iter().any(|c| {
                 self.visible
                     .get(c)
-                    .is_some_and(|(vg, _)| g.is_none_or(|g| g == *vg))
+                    .is_some_and(|(vg, a)| a.read && g.is_none_or(|g| g == *vg))
             }),
             (None, Some(g)) => self.visible.values().any(|(vg, _)| *vg == g),
         }
