@@ -149,8 +149,8 @@ const JOINED_COLUMNS: &str = "e.xid::text::bigint as ev_xid, e.seq as ev_seq, e.
      e.guild_id, e.message_id, e.channel_id, m.author_id, m.author_username, \
      m.author_display_name, m.author_avatar, coalesce(m.author_bot, false) as author_bot, \
      coalesce(m.content, '') as content, coalesce(m.created_at, e.at) as created_at, \
-     m.edited_at, m.deleted_at, coalesce(m.attachments, '[]'::jsonb) as attachments, \
-     m.reply_to_id";
+     m.edited_at, m.deleted_at, m.deletion_detected_at, \
+     coalesce(m.attachments, '[]'::jsonb) as attachments, m.reply_to_id";
 
 /// Readable message events after `after`, in log order, at most `limit`, with
 /// each message's current row; returns them and the cursor to read from next

@@ -14,6 +14,8 @@
 //!   overwrites, memberships) as `observer_fanout`.
 //! - [`events`]: the event logs for live fan-out and resume (cursors, watermark reads, RLS replay).
 //! - [`ingest`]: writes from the worker (idempotent upserts, event log, NOTIFY).
+//! - [`reconcile`]: a channel's recent window after a gap; deletions detected
+//!   rather than reported.
 //! - [`viewer`]: reads for the API, always under RLS.
 //! - [`auth`]: users, OAuth tokens, API tokens and memberships for the login path.
 //! - [`server`]: a private PostgreSQL cluster from the installed server binaries
@@ -29,6 +31,7 @@ pub mod error;
 pub mod events;
 pub mod ingest;
 pub mod migrate;
+pub mod reconcile;
 pub mod server;
 pub mod tx;
 pub mod viewer;

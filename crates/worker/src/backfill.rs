@@ -39,6 +39,9 @@ pub struct Backfiller {
     pub concurrency: usize,
     pub max_pages: u32,
     pub overlap: Duration,
+    /// Re-read each channel's recent window after its backfill (edits and
+    /// deletions made while the worker was away); None skips it.
+    pub reconcile: Option<crate::reconcile::Reconciler>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +54,8 @@ pub enum BackfillError {
     Status(StatusCode, String),
     #[error("the ingest queue is closed")]
     Closed,
+    #[error("unparseable answer: {0}")]
+    Unparseable(String),
 }
 
 impl Backfiller {
@@ -77,7 +82,15 @@ impl Backfiller {
             futures::stream::iter(req.channels.iter().copied())
                 .map(|ch| {
                     let after = cursors.get(&ch).copied().unwrap_or(0);
-                    async move { (ch, self.channel(req.guild_id, ch, after).await) }
+                    async move {
+                        let fetched = self.channel(req.guild_id, ch, after).await;
+                        // After the forward pass, so the window's newest end
+                        // is already stored and only older changes remain.
+                        if let (Ok(_), Some(rc)) = (&fetched, &self.reconcile) {
+                            self.reconcile_channel(rc, req.guild_id, ch).await;
+                        }
+                        (ch, fetched)
+                    }
                 })
                 .buffer_unordered(self.concurrency.max(1))
                 .collect()
@@ -103,6 +116,25 @@ impl Backfiller {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "backfill finished"
         );
+    }
+
+    /// One channel's reconciliation pass; failures are logged and counted (the
+    /// next snapshot runs it again).
+    async fn reconcile_channel(
+        &self,
+        rc: &crate::reconcile::Reconciler,
+        guild_id: i64,
+        channel_id: i64,
+    ) {
+        match rc.channel(guild_id, channel_id).await {
+            Ok(_) => {
+                self.metrics.reconcile_channels.inc();
+            }
+            Err(err) => {
+                self.metrics.reconcile_errors.inc();
+                tracing::warn!(guild = guild_id, channel = channel_id, error = %err, "reconciliation of a channel failed");
+            }
+        };
     }
 
     /// Per channel, the id to fetch after: the newest stored message older than

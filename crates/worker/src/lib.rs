@@ -7,6 +7,8 @@
 //! - `batcher`: the single writer on its own database session; greedy batches,
 //!   each written atomically.
 //! - [`backfill`]: history after the newest stored message, per channel.
+//! - [`reconcile`]: after a gap, each channel's recent window read again;
+//!   edits become revisions, vanished messages tombstones marked as detected.
 //! - `rest`: rate-limit-aware Discord REST GETs (backfill, re-reads).
 //! - `reread`: debounced REST re-reads of access entities touched by events,
 //!   so out-of-order handling converges to Discord's current state.
@@ -22,6 +24,7 @@ mod batcher;
 pub mod config;
 mod map;
 pub mod metrics;
+pub mod reconcile;
 mod reread;
 mod rest;
 
@@ -190,6 +193,13 @@ pub async fn run_with_metrics(
             concurrency: config.backfill_concurrency,
             max_pages: config.backfill_max_pages,
             overlap: config.backfill_overlap,
+            reconcile: config.reconcile.map(|window| reconcile::Reconciler {
+                rest: api.clone(),
+                db: db.clone(),
+                ops: ops_tx.clone(),
+                metrics: Arc::clone(&metrics),
+                window,
+            }),
         };
         tokio::spawn(bf.run(bf_rx))
     });
