@@ -211,6 +211,15 @@ impl World {
         }
     }
 
+    /// The current time without advancing the virtual clock (permission checks read it; they
+    /// must not change the ids and timestamps a scenario produces).
+    pub fn peek_now(&self) -> DateTime<Utc> {
+        match self.virtual_ms {
+            Some(ms) => snowflake_time(snowflake_at(ms)),
+            None => Utc::now(),
+        }
+    }
+
     /// A fresh snowflake from the current time plus an increment (unique and ordered).
     pub fn next_id(&mut self) -> u64 {
         let now = self.now();
@@ -370,6 +379,36 @@ impl World {
 
     pub fn channel_json(&self, guild_id: u64, c: &Channel) -> Value {
         payload::channel(c, guild_id, &snowflake_time(c.id))
+    }
+
+    /// Discord's permissions of `user_id` (the bot included) in a channel of guild `g`, now.
+    // The REST and dispatch checks of what the bot may read use this next.
+    #[allow(dead_code)]
+    pub fn user_channel_permissions(&self, g: &GuildState, user_id: u64, channel_id: u64) -> u64 {
+        let now = self.peek_now();
+        if user_id == self.bot.id {
+            return g.member_channel_permissions(&self.bot_member(g), channel_id, now);
+        }
+        g.channel_permissions(user_id, channel_id, now)
+    }
+
+    /// Every channel of guild `g` that `user_id` (the bot included) may see, with what they
+    /// may read: the ground truth of what Discord's client would show them.
+    pub fn user_channel_views(
+        &self,
+        g: &GuildState,
+        user_id: u64,
+    ) -> std::collections::BTreeMap<u64, crate::permissions::ChannelView> {
+        let now = self.peek_now();
+        let member = if user_id == self.bot.id {
+            Some(self.bot_member(g))
+        } else {
+            g.members.get(&user_id).cloned()
+        };
+        match member {
+            Some(m) if g.bot_present => g.member_channel_views(&m, now),
+            _ => Default::default(),
+        }
     }
 
     fn bot_member(&self, g: &GuildState) -> Member {
