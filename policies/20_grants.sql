@@ -22,6 +22,11 @@ grant select, insert, update, delete on
 grant usage, select on sequence message_events_seq_seq, access_events_seq_seq to observer_worker;
 -- member removal tombstones: both member writers read and record them.
 grant select, insert, update, delete on member_removals to observer_worker, observer_auth;
+-- thread-member removal tombstones (migrations/0030): only the worker writes
+-- thread memberships.
+revoke all on thread_member_removals
+    from public, observer_api, observer_worker, observer_auth, observer_access, observer_fanout;
+grant select, insert, update, delete on thread_member_removals to observer_worker;
 
 -- access-rule functions' owner: reads what decides access; appends access_events
 -- from the change triggers (40_notify.sql), which run as this role.

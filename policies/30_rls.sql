@@ -35,7 +35,7 @@ begin
         where schemaname = 'public'
           and policyname like 'observer\_%'
           and tablename in ('guilds', 'channels', 'permission_overwrites', 'roles', 'members', 'member_removals',
-                            'thread_members', 'messages', 'message_revisions', 'message_events',
+                            'thread_members', 'thread_member_removals', 'messages', 'message_revisions', 'message_events',
                             'access_events', 'users', 'oauth_tokens', 'api_tokens')
     loop
         execute format('drop policy %I on %I.%I', p.policyname, p.schemaname, p.tablename);
@@ -51,6 +51,7 @@ create policy observer_worker_all on roles for all to observer_worker using (tru
 create policy observer_worker_all on members for all to observer_worker using (true) with check (true);
 create policy observer_worker_all on member_removals for all to observer_worker using (true) with check (true);
 create policy observer_worker_all on thread_members for all to observer_worker using (true) with check (true);
+create policy observer_worker_all on thread_member_removals for all to observer_worker using (true) with check (true);
 create policy observer_worker_all on messages for all to observer_worker using (true) with check (true);
 create policy observer_worker_all on message_revisions for all to observer_worker using (true) with check (true);
 create policy observer_worker_all on message_events for all to observer_worker using (true) with check (true);

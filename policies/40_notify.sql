@@ -132,10 +132,20 @@ begin
             insert into public.access_events (guild_id, user_id)
             select distinct r.guild_id, r.user_id from old_rows r;
         else
+            -- Only the key decides access: an update that only advances
+            -- observed_at (a listing confirming a membership) writes nothing.
             insert into public.access_events (guild_id, user_id)
-            select distinct nr.guild_id, nr.user_id from new_rows nr
+            select distinct nr.guild_id, nr.user_id
+            from new_rows nr
+            left join old_rows o on o.guild_id = nr.guild_id and o.thread_id = nr.thread_id
+                                and o.user_id = nr.user_id
+            where o.guild_id is null
             union
-            select distinct o.guild_id, o.user_id from old_rows o;
+            select distinct o.guild_id, o.user_id
+            from old_rows o
+            left join new_rows nr on nr.guild_id = o.guild_id and nr.thread_id = o.thread_id
+                                 and nr.user_id = o.user_id
+            where nr.guild_id is null;
         end if;
     else
         raise exception 'record_access_change: unexpected table %', TG_TABLE_NAME;

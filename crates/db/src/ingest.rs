@@ -27,7 +27,9 @@ use chrono::{DateTime, TimeZone, Utc};
 use serde_json::Value;
 use sqlx::{PgConnection, Row};
 
-use crate::{Result, WorkerConn, WorkerTx};
+use crate::{ingest_threads, Result, WorkerConn, WorkerTx};
+
+pub use crate::ingest_threads::{purge_thread_member_removals, THREAD_MEMBER_REMOVAL_TTL};
 
 /// Discord's epoch (2015-01-01T00:00:00Z) in Unix milliseconds.
 pub const DISCORD_EPOCH_MS: i64 = 1_420_070_400_000;
@@ -147,6 +149,8 @@ pub struct GuildSnapshot {
     pub threads: Vec<ChannelInfo>,
     /// Usually only some members (Discord sends a subset); upserted, never synced.
     pub members: Vec<MemberInfo>,
+    /// When the GUILD_CREATE was received: orders it against GUILD_DELETE.
+    pub observed_at: DateTime<Utc>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -195,6 +199,8 @@ pub enum IngestOp {
     /// GUILD_DELETE without `unavailable`: the bot left or was removed.
     GuildRemoved {
         guild_id: i64,
+        /// A GUILD_CREATE observed later wins, whichever is written first.
+        observed_at: DateTime<Utc>,
     },
     /// GUILD_DELETE with `unavailable: true`: outage.
     GuildUnavailable {
@@ -212,6 +218,7 @@ pub enum IngestOp {
         guild_id: i64,
         threads: Vec<ChannelInfo>,
         members: Vec<(i64, i64)>,
+        observed_at: DateTime<Utc>,
     },
     /// THREAD_MEMBERS_UPDATE.
     ThreadMembers {
@@ -219,6 +226,22 @@ pub enum IngestOp {
         thread_id: i64,
         added: Vec<i64>,
         removed: Vec<i64>,
+        observed_at: DateTime<Utc>,
+    },
+    /// A complete listing of a thread's members (REST), taken at `observed_at`:
+    /// stored members not listed and observed earlier are removed.
+    ThreadMembersSync {
+        guild_id: i64,
+        thread_id: i64,
+        user_ids: Vec<i64>,
+        observed_at: DateTime<Utc>,
+    },
+    /// A complete listing of a guild's members (REST), taken at `observed_at`:
+    /// stored members not listed and observed earlier are removed.
+    MembersSync {
+        guild_id: i64,
+        members: Vec<MemberInfo>,
+        observed_at: DateTime<Utc>,
     },
     RoleUpsert(RoleInfo),
     RoleDelete {
@@ -733,7 +756,7 @@ async fn apply_access_run(conn: &mut PgConnection, run: &[&IngestOp]) -> Result<
 
 /// Keeps the newest observation per member (the later one on a tie): one
 /// statement may not touch a row twice.
-fn newest_members(mut members: Vec<MemberInfo>) -> Vec<MemberInfo> {
+pub(crate) fn newest_members(mut members: Vec<MemberInfo>) -> Vec<MemberInfo> {
     // Stable: equal times keep their order, so the later op stays last.
     members.sort_by_key(|m| m.observed_at);
     last_by_key(members, |m| (m.guild_id, m.user_id))
@@ -757,19 +780,11 @@ fn last_by_key<T, K: std::hash::Hash + Eq>(items: Vec<T>, key: impl Fn(&T) -> K)
 async fn apply_access(conn: &mut PgConnection, op: &IngestOp) -> Result<()> {
     match op {
         IngestOp::GuildCreate(snap) => guild_snapshot(conn, snap).await,
-        IngestOp::GuildUpdate(g) => upsert_guild(conn, g, false).await,
-        IngestOp::GuildRemoved { guild_id } => {
-            sqlx::query(
-                "insert into guilds (guild_id, removed_at) values ($1, now())
-                 on conflict (guild_id) do update
-                   set removed_at = coalesce(guilds.removed_at, now()), updated_at = now()
-                   where guilds.removed_at is null",
-            )
-            .bind(guild_id)
-            .execute(&mut *conn)
-            .await?;
-            Ok(())
-        }
+        IngestOp::GuildUpdate(g) => upsert_guild(conn, g, None).await,
+        IngestOp::GuildRemoved {
+            guild_id,
+            observed_at,
+        } => ingest_threads::guild_removed(conn, *guild_id, *observed_at).await,
         IngestOp::GuildUnavailable { guild_id } => {
             sqlx::query(
                 "update guilds set unavailable = true, updated_at = now()
@@ -789,31 +804,44 @@ async fn apply_access(conn: &mut PgConnection, op: &IngestOp) -> Result<()> {
             guild_id,
             threads,
             members,
+            observed_at,
         } => {
             upsert_channels(conn, threads).await?;
             let (t, u): (Vec<i64>, Vec<i64>) = members.iter().copied().unzip();
-            add_thread_members(conn, *guild_id, &t, &u).await
+            ingest_threads::add_thread_members(conn, *guild_id, &t, &u, *observed_at).await
         }
         IngestOp::ThreadMembers {
             guild_id,
             thread_id,
             added,
             removed,
+            observed_at,
         } => {
-            if !removed.is_empty() {
-                sqlx::query(
-                    "delete from thread_members
-                     where guild_id = $1 and thread_id = $2 and user_id = any($3)",
-                )
-                .bind(guild_id)
-                .bind(thread_id)
-                .bind(removed)
-                .execute(&mut *conn)
-                .await?;
-            }
+            ingest_threads::remove_thread_members(
+                conn,
+                *guild_id,
+                *thread_id,
+                removed,
+                *observed_at,
+            )
+            .await?;
             let t = vec![*thread_id; added.len()];
-            add_thread_members(conn, *guild_id, &t, added).await
+            ingest_threads::add_thread_members(conn, *guild_id, &t, added, *observed_at).await
         }
+        IngestOp::ThreadMembersSync {
+            guild_id,
+            thread_id,
+            user_ids,
+            observed_at,
+        } => {
+            ingest_threads::sync_thread_members(conn, *guild_id, *thread_id, user_ids, *observed_at)
+                .await
+        }
+        IngestOp::MembersSync {
+            guild_id,
+            members,
+            observed_at,
+        } => ingest_threads::sync_members(conn, *guild_id, members, *observed_at).await,
         IngestOp::RoleUpsert(r) => upsert_roles(conn, std::slice::from_ref(r)).await,
         IngestOp::RolesSync { guild_id, roles } => sync_roles(conn, *guild_id, roles).await,
         IngestOp::RoleDelete { guild_id, role_id } => {
@@ -852,21 +880,32 @@ async fn apply_access(conn: &mut PgConnection, op: &IngestOp) -> Result<()> {
 }
 
 /// Writes a guild's own fields. Only `rejoined` (GUILD_CREATE: the bot is in
-/// the guild and it is available) clears `removed_at` and `unavailable`:
-/// handlers run concurrently, so a GUILD_UPDATE may be written after a
-/// GUILD_DELETE that Discord sent later, and must not resurrect the guild.
-async fn upsert_guild(conn: &mut PgConnection, g: &GuildInfo, rejoined: bool) -> Result<()> {
+/// the guild and it is available, observed at that time) clears `removed_at`
+/// and `unavailable`, and only if no later presence observation (a
+/// GUILD_DELETE received after it) is stored: handlers run concurrently, so a
+/// GUILD_UPDATE or an older GUILD_CREATE may be written after a GUILD_DELETE
+/// that Discord sent later, and must not resurrect the guild.
+async fn upsert_guild(
+    conn: &mut PgConnection,
+    g: &GuildInfo,
+    rejoined: Option<DateTime<Utc>>,
+) -> Result<()> {
     // observer_role_ids and retention are tenant settings: never touched here.
     sqlx::query(
-        "insert into guilds (guild_id, name, icon, owner_id) values ($1, $2, $3, $4)
+        "insert into guilds (guild_id, name, icon, owner_id, presence_observed_at)
+         values ($1, $2, $3, $4, coalesce($5::timestamptz, '-infinity'))
          on conflict (guild_id) do update
            set name = excluded.name, icon = excluded.icon, owner_id = excluded.owner_id,
-               removed_at = case when $5 then null else guilds.removed_at end,
-               unavailable = case when $5 then false else guilds.unavailable end,
+               removed_at = case when $5 > guilds.presence_observed_at then null
+                                 else guilds.removed_at end,
+               unavailable = case when $5 > guilds.presence_observed_at then false
+                                  else guilds.unavailable end,
+               presence_observed_at = greatest(guilds.presence_observed_at,
+                                               coalesce($5, '-infinity')),
                updated_at = now()
            where (guilds.name, guilds.icon, guilds.owner_id) is distinct from
                  (excluded.name, excluded.icon, excluded.owner_id)
-              or ($5 and (guilds.removed_at is not null or guilds.unavailable))",
+              or $5 > guilds.presence_observed_at",
     )
     .bind(g.guild_id)
     .bind(sanitize(&g.name, MAX_NAME_BYTES))
@@ -880,7 +919,7 @@ async fn upsert_guild(conn: &mut PgConnection, g: &GuildInfo, rejoined: bool) ->
 
 async fn guild_snapshot(conn: &mut PgConnection, s: &GuildSnapshot) -> Result<()> {
     let gid = s.guild.guild_id;
-    upsert_guild(conn, &s.guild, true).await?;
+    upsert_guild(conn, &s.guild, Some(s.observed_at)).await?;
 
     sync_roles(conn, gid, &s.roles).await?;
 
@@ -949,7 +988,8 @@ async fn upsert_roles(conn: &mut PgConnection, roles: &[RoleInfo]) -> Result<()>
 /// The one member write, shared by the worker and the login path
 /// ([`crate::auth::replace_memberships`]). A row is written only if it was
 /// observed later than the stored row and than the member's last recorded
-/// removal; `observed_at` advances even when nothing else changed, so an older
+/// removal (or the last complete listing of the guild's members, a tombstone
+/// for user 0: see `ingest_threads`); `observed_at` advances even when nothing else changed, so an older
 /// observation arriving afterwards cannot undo a newer one.
 ///
 /// Left open: a removal and an older add committed by two transactions at
@@ -993,7 +1033,9 @@ pub(crate) async fn upsert_members(conn: &mut PgConnection, members: &[MemberInf
                      $6::timestamptz[], $7::timestamptz[])
               as x(g, u, r, n, j, t, o)
          where not exists (select 1 from member_removals d
-                           where d.guild_id = x.g and d.user_id = x.u and d.observed_at >= x.o)
+                           where d.guild_id = x.g
+                             and ((d.user_id = x.u and d.observed_at >= x.o)
+                                  or (d.user_id = 0 and d.observed_at > x.o)))
          on conflict (guild_id, user_id) do update
            set role_ids = excluded.role_ids, nick = excluded.nick,
                joined_at = coalesce(excluded.joined_at, members.joined_at),
@@ -1211,28 +1253,6 @@ async fn delete_channel_children(
         .bind(ids)
         .execute(&mut *conn)
         .await?;
-    Ok(())
-}
-
-async fn add_thread_members(
-    conn: &mut PgConnection,
-    guild_id: i64,
-    threads: &[i64],
-    users: &[i64],
-) -> Result<()> {
-    if threads.is_empty() {
-        return Ok(());
-    }
-    sqlx::query(
-        "insert into thread_members (guild_id, thread_id, user_id)
-         select $1, t, u from unnest($2::int8[], $3::int8[]) as x(t, u)
-         on conflict do nothing",
-    )
-    .bind(guild_id)
-    .bind(threads)
-    .bind(users)
-    .execute(&mut *conn)
-    .await?;
     Ok(())
 }
 

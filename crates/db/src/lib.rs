@@ -13,7 +13,9 @@
 //! - [`access_data`]: loads that rule's inputs (guilds, roles, channels,
 //!   overwrites, memberships) as `observer_fanout`.
 //! - [`events`]: the event logs for live fan-out and resume (cursors, watermark reads, RLS replay).
-//! - [`ingest`]: writes from the worker (idempotent upserts, event log, NOTIFY).
+//! - [`ingest`]: writes from the worker (idempotent upserts, event log, NOTIFY);
+//!   `ingest_threads`: its observed-at ordering for thread members, complete
+//!   listings and guild presence.
 //! - [`reconcile`]: a channel's recent window after a gap; deletions detected
 //!   rather than reported.
 //! - [`viewer`]: reads for the API, always under RLS.
@@ -30,6 +32,7 @@ pub mod auth;
 pub mod error;
 pub mod events;
 pub mod ingest;
+mod ingest_threads;
 pub mod migrate;
 pub mod reconcile;
 pub mod server;

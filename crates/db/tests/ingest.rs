@@ -476,6 +476,7 @@ async fn access_data_is_mirrored(pool: PgPool) -> anyhow::Result<()> {
         ],
         threads: vec![chan(g, 32, 12, Some(30), vec![])],
         members: vec![member(g, 2, vec![20]), member(g, 3, vec![21])],
+        observed_at: Utc::now(),
     };
     write(&db, &[IngestOp::GuildCreate(Box::new(snap.clone()))]).await?;
     let count = |sql: &'static str| {
@@ -508,6 +509,7 @@ async fn access_data_is_mirrored(pool: PgPool) -> anyhow::Result<()> {
                 thread_id: 32,
                 added: vec![2, 3],
                 removed: vec![],
+                observed_at: Utc::now(),
             },
             IngestOp::MemberUpsert(member(g, 3, vec![])),
             IngestOp::MemberUpsert(member(g, 3, vec![20, 21])),
@@ -538,6 +540,7 @@ async fn access_data_is_mirrored(pool: PgPool) -> anyhow::Result<()> {
                 thread_id: 32,
                 added: vec![],
                 removed: vec![3],
+                observed_at: Utc::now(),
             },
             IngestOp::MemberRemove {
                 guild_id: g,
@@ -586,13 +589,22 @@ async fn access_data_is_mirrored(pool: PgPool) -> anyhow::Result<()> {
         }],
     )
     .await?;
-    write(&db, &[IngestOp::GuildRemoved { guild_id: g }]).await?;
+    write(
+        &db,
+        &[IngestOp::GuildRemoved {
+            guild_id: g,
+            observed_at: Utc::now(),
+        }],
+    )
+    .await?;
     assert_eq!(count("select count(*) from channels").await?, 1);
     assert_eq!(
         count("select count(*) from guilds where removed_at is not null").await?,
         1
     );
-    // The guild coming back clears removed_at.
+    // The guild coming back (observed after the removal) clears removed_at.
+    let mut snap = snap;
+    snap.observed_at = Utc::now();
     write(&db, &[IngestOp::GuildCreate(Box::new(snap))]).await?;
     assert_eq!(
         count("select count(*) from guilds where removed_at is null").await?,
@@ -803,7 +815,14 @@ async fn guild_update_does_not_resurrect_a_removed_guild(pool: PgPool) -> anyhow
         .await
     };
     write(&db, &[IngestOp::GuildUpdate(info("a"))]).await?;
-    write(&db, &[IngestOp::GuildRemoved { guild_id: 10 }]).await?;
+    write(
+        &db,
+        &[IngestOp::GuildRemoved {
+            guild_id: 10,
+            observed_at: Utc::now(),
+        }],
+    )
+    .await?;
     write(&db, &[IngestOp::GuildUpdate(info("b"))]).await?;
     assert_eq!(state().await?, ("b".to_owned(), true, false));
 
@@ -817,6 +836,7 @@ async fn guild_update_does_not_resurrect_a_removed_guild(pool: PgPool) -> anyhow
         channels: vec![],
         threads: vec![],
         members: vec![],
+        observed_at: Utc::now(),
     };
     write(&db, &[IngestOp::GuildCreate(Box::new(snap))]).await?;
     assert_eq!(state().await?, ("d".to_owned(), false, false));

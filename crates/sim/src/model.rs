@@ -242,6 +242,10 @@ pub struct ThreadInfo {
     /// Thread members (user ids). What decides access to a private thread.
     #[serde(with = "sf::vec", default)]
     pub members: Vec<u64>,
+    /// When `archived` last changed (Discord's `archive_timestamp`); `None` means at creation.
+    /// Archived-thread listings page by it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub archive_timestamp: Option<DateTime<Utc>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -86,7 +86,7 @@ pub(crate) fn channel(c: &Channel, guild_id: u64, created: &DateTime<Utc>) -> Va
             json!({
                 "archived": t.archived,
                 "auto_archive_duration": t.auto_archive_duration,
-                "archive_timestamp": ts(created),
+                "archive_timestamp": ts(&t.archive_timestamp.unwrap_or(*created)),
                 "locked": t.locked,
                 "invitable": t.invitable,
                 "create_timestamp": ts(created),
@@ -100,6 +100,12 @@ pub(crate) fn channel(c: &Channel, guild_id: u64, created: &DateTime<Utc>) -> Va
 pub(crate) fn thread_member(thread_id: u64, user_id: u64, joined: &DateTime<Utc>) -> Value {
     json!({"id": thread_id.to_string(), "user_id": user_id.to_string(),
            "join_timestamp": ts(joined), "flags": 0})
+}
+
+/// The bot's own membership inside a GUILD_CREATE thread: Discord omits `id` and `user_id`
+/// there (it can only be the current user's).
+pub(crate) fn own_thread_member(joined: &DateTime<Utc>) -> Value {
+    json!({"join_timestamp": ts(joined), "flags": 0})
 }
 
 /// A guild member; `user` is omitted for the partial member attached to messages.

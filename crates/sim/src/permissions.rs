@@ -243,6 +243,7 @@ mod tests {
             auto_archive_duration: 60,
             invitable: false,
             members: vec![5],
+            archive_timestamp: None,
         });
         g.channels.insert(30, t);
         for (user, roles) in [(5u64, vec![]), (6, vec![]), (7, vec![2u64])] {

@@ -354,6 +354,7 @@ impl Scenario {
                         auto_archive_duration: 1440,
                         invitable: true,
                         members: vec![owner, helper],
+                        archive_timestamp: None,
                     }),
                 });
             }
@@ -374,6 +375,7 @@ impl Scenario {
                     auto_archive_duration: 4320,
                     invitable: false,
                     members: staff_ids.iter().copied().take(2).chain(escalated).collect(),
+                    archive_timestamp: None,
                 }),
             });
             guilds.push(Guild {

@@ -411,6 +411,10 @@ impl World {
         }
     }
 
+    pub fn bot_member_of(&self, g: &GuildState) -> Member {
+        self.bot_member(g)
+    }
+
     fn bot_member(&self, g: &GuildState) -> Member {
         g.members.get(&self.bot.id).cloned().unwrap_or(Member {
             user_id: self.bot.id,
@@ -436,11 +440,19 @@ impl World {
         payload::message(m, self.user_json(m.author_id), member)
     }
 
+    /// When a thread member joined. The simulator keeps no join times; the thread's creation
+    /// time is a real, stable stand-in.
+    pub fn thread_join_time(c: &Channel) -> DateTime<Utc> {
+        snowflake_time(c.id)
+    }
+
+    /// GUILD_CREATE as Discord sends it to a bot without GUILD_PRESENCES: `members` holds only
+    /// the bot (the simulator has no voice states), `member_count` the real count, and each
+    /// active thread carries `member` only for the bot's own membership. Who else is in a
+    /// thread, or in the guild, has to be listed over REST.
     pub fn guild_create_json(&self, g: &GuildState) -> Value {
-        let mut members: Vec<Value> = g.members.values().map(|m| self.member_json(g, m)).collect();
-        if !g.members.contains_key(&self.bot.id) {
-            members.push(self.member_json(g, &self.bot_member(g)));
-        }
+        let members = vec![self.member_json(g, &self.bot_member(g))];
+        let member_count = g.members.len() + usize::from(!g.members.contains_key(&self.bot.id));
         let channels: Vec<Value> = g
             .channels
             .values()
@@ -451,7 +463,20 @@ impl World {
             .channels
             .values()
             .filter(|c| c.kind.is_thread() && !c.thread.as_ref().is_some_and(|t| t.archived))
-            .map(|c| self.channel_json(g.id, c))
+            .map(|c| {
+                let mut v = self.channel_json(g.id, c);
+                let joined = c
+                    .thread
+                    .as_ref()
+                    .is_some_and(|t| t.members.contains(&self.bot.id));
+                if let (true, Some(obj)) = (joined, v.as_object_mut()) {
+                    obj.insert(
+                        "member".into(),
+                        payload::own_thread_member(&Self::thread_join_time(c)),
+                    );
+                }
+                v
+            })
             .collect();
         json!({
             "id": g.id.to_string(),
@@ -484,9 +509,9 @@ impl World {
             "stickers": [],
             "premium_progress_bar_enabled": false,
             "joined_at": payload::ts(&snowflake_time(g.id)),
-            "large": members.len() > 250,
+            "large": member_count > 250,
             "unavailable": false,
-            "member_count": members.len(),
+            "member_count": member_count,
             "voice_states": [],
             "members": members,
             "channels": channels,
@@ -737,6 +762,7 @@ impl World {
                     auto_archive_duration: 1440,
                     invitable: false,
                     members: vec![],
+                    archive_timestamp: None,
                 });
             }
         }
@@ -764,6 +790,15 @@ impl World {
             return Err(SimError::Invalid(
                 "cannot turn a channel into a thread or back".into(),
             ));
+        }
+        let was_archived = old.thread.as_ref().map(|t| t.archived);
+        let mut c = c;
+        if let Some(t) = c.thread.as_mut() {
+            // Discord's archive_timestamp moves whenever the archived flag changes; the
+            // archived-thread listings page by it.
+            if was_archived != Some(t.archived) {
+                t.archive_timestamp = Some(self.now());
+            }
         }
         self.guild_mut(guild_id)?.channels.insert(c.id, c.clone());
         let json = self.channel_json(guild_id, &c);
@@ -830,6 +865,7 @@ impl World {
                 auto_archive_duration: 1440,
                 invitable: !private,
                 members: vec![owner_id],
+                archive_timestamp: None,
             }),
         };
         self.create_channel(guild_id, c)
@@ -1034,6 +1070,12 @@ impl World {
         g.members
             .remove(&user_id)
             .ok_or(SimError::NotAMember { guild_id, user_id })?;
+        // Leaving a guild leaves its threads too (Discord sends no THREAD_MEMBERS_UPDATE for it).
+        for c in g.channels.values_mut() {
+            if let Some(t) = c.thread.as_mut() {
+                t.members.retain(|u| *u != user_id);
+            }
+        }
         let user = self.user_json(user_id);
         self.dispatch(
             guild_id,

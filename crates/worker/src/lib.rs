@@ -12,6 +12,9 @@
 //! - `rest`: rate-limit-aware Discord REST GETs (backfill, re-reads).
 //! - `reread`: debounced REST re-reads of access entities touched by events,
 //!   so out-of-order handling converges to Discord's current state.
+//! - `snapshot`: on every guild snapshot (GUILD_CREATE, THREAD_LIST_SYNC),
+//!   REST listings of what the gateway never sends: guild members, archived
+//!   private threads and private threads' members.
 //! - [`metrics`]: Prometheus registry, `/metrics` endpoint, health log line.
 //! - this file: the raw event handler, client setup, [`run`] and shutdown.
 //!
@@ -27,6 +30,7 @@ pub mod metrics;
 pub mod reconcile;
 mod reread;
 mod rest;
+mod snapshot;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -60,6 +64,7 @@ struct Handler {
     ops: mpsc::Sender<Queued>,
     backfill: Option<mpsc::UnboundedSender<backfill::Request>>,
     reread: Option<mpsc::UnboundedSender<reread::Key>>,
+    snapshot: mpsc::UnboundedSender<snapshot::Request>,
     metrics: Arc<Metrics>,
     stopping: Arc<AtomicBool>,
 }
@@ -116,6 +121,11 @@ impl RawEventHandler for Handler {
                 seen_at: Utc::now(),
             };
             let _ = tx.send(req);
+        }
+        if let Some(req) = mapped.snapshot.filter(|r| !r.is_empty()) {
+            if self.snapshot.send(req).is_ok() {
+                self.metrics.snapshot_pending.inc();
+            }
         }
     }
 }
@@ -215,6 +225,20 @@ pub async fn run_with_metrics(
         tokio::spawn(rr.run(rr_rx))
     });
 
+    // Snapshots always run: without them no member (and no private-thread
+    // member) is ever known, since GUILD_CREATE carries neither.
+    let (snap_tx, snap_rx) = mpsc::unbounded_channel();
+    let mut snapshot_task = Some(tokio::spawn(
+        snapshot::Snapshotter {
+            rest: api.clone(),
+            ops: ops_tx.clone(),
+            metrics: Arc::clone(&metrics),
+            concurrency: config.backfill_concurrency,
+            backfill: config.backfill.then(|| bf_tx.clone()),
+        }
+        .run(snap_rx),
+    ));
+
     let mut purge_task = config
         .purge_interval
         .map(|every| tokio::spawn(purge_loop(db.clone(), every)));
@@ -224,6 +248,7 @@ pub async fn run_with_metrics(
         ops: ops_tx.clone(),
         backfill: config.backfill.then_some(bf_tx),
         reread: config.access_reread.is_some().then_some(rr_tx),
+        snapshot: snap_tx,
         metrics: Arc::clone(&metrics),
         stopping: Arc::clone(&stopping),
     };
@@ -268,6 +293,7 @@ pub async fn run_with_metrics(
         () = shutdown => Outcome::Shutdown(None),
         err = task_ended("backfill", &mut backfill_task, &metrics) => Outcome::Shutdown(Some(err)),
         err = task_ended("reread", &mut reread_task, &metrics) => Outcome::Shutdown(Some(err)),
+        err = task_ended("snapshot", &mut snapshot_task, &metrics) => Outcome::Shutdown(Some(err)),
         err = task_ended("purge", &mut purge_task, &metrics) => Outcome::Shutdown(Some(err)),
     };
     health.abort();
@@ -288,7 +314,7 @@ pub async fn run_with_metrics(
         Outcome::Gateway(Ok(Err(err))) => Err(gateway_error(err)),
         Outcome::Gateway(Err(join)) => Err(anyhow::anyhow!("gateway task failed: {join}")),
     };
-    for t in [backfill_task, reread_task, purge_task]
+    for t in [backfill_task, reread_task, snapshot_task, purge_task]
         .into_iter()
         .flatten()
     {
@@ -357,6 +383,21 @@ async fn purge_loop(db: Db, every: Duration) {
             Ok::<_, observer_db::Error>(n)
         }
         .await;
+        let thread_tombstones = async {
+            let mut tx = db.worker().await?;
+            let n = observer_db::ingest::purge_thread_member_removals(
+                &mut tx,
+                observer_db::ingest::THREAD_MEMBER_REMOVAL_TTL,
+            )
+            .await?;
+            tx.commit().await?;
+            Ok::<_, observer_db::Error>(n)
+        }
+        .await;
+        let tombstones = match (tombstones, thread_tombstones) {
+            (Ok(a), Ok(b)) => Ok(a + b),
+            (Err(e), _) | (_, Err(e)) => Err(e),
+        };
         match tombstones {
             Ok(0) => {}
             Ok(n) => tracing::debug!(n, "old member-removal tombstones forgotten"),
@@ -485,6 +526,7 @@ async fn health_loop(
             backfill_pending = metrics.backfill_channels_pending.get(),
             backfill_done = metrics.backfill_channels_done.get(),
             backfill_messages = metrics.backfill_messages.get(),
+            snapshots_pending = metrics.snapshot_pending.get(),
             db_errors = metrics.db_errors.get(),
             "worker health"
         );

@@ -22,6 +22,9 @@ pub struct Mapped {
     pub ops: Vec<IngestOp>,
     /// GUILD_CREATE: backfill these channels of this guild.
     pub backfill: Option<(i64, Vec<BackfillChannel>)>,
+    /// GUILD_CREATE, THREAD_LIST_SYNC: what to list over REST (members,
+    /// archived private threads, private threads' members).
+    pub snapshot: Option<crate::snapshot::Request>,
 }
 
 fn id(v: u64) -> i64 {
@@ -168,6 +171,9 @@ pub fn event(ev: &Event, received: DateTime<Utc>) -> Mapped {
                     channel_id: c.channel_id,
                 })
                 .collect();
+            out.snapshot = Some(crate::snapshot::Request::guild_create(
+                gid, &channels, &threads,
+            ));
             out.ops.push(IngestOp::GuildCreate(Box::new(GuildSnapshot {
                 guild: GuildInfo {
                     guild_id: gid,
@@ -179,6 +185,7 @@ pub fn event(ev: &Event, received: DateTime<Utc>) -> Mapped {
                 channels,
                 threads,
                 members: g.members.values().map(|m| member(m, received)).collect(),
+                observed_at: received,
             })));
             out.backfill = Some((gid, backfill));
         }
@@ -198,7 +205,10 @@ pub fn event(ev: &Event, received: DateTime<Utc>) -> Mapped {
             out.ops.push(if e.guild.unavailable {
                 IngestOp::GuildUnavailable { guild_id }
             } else {
-                IngestOp::GuildRemoved { guild_id }
+                IngestOp::GuildRemoved {
+                    guild_id,
+                    observed_at: received,
+                }
             });
         }
         Event::ChannelCreate(e) => out.ops.push(IngestOp::ChannelUpsert(channel(&e.channel))),
@@ -215,15 +225,23 @@ pub fn event(ev: &Event, received: DateTime<Utc>) -> Mapped {
             guild_id: id(e.thread.guild_id.get()),
             channel_id: id(e.thread.id.get()),
         }),
-        Event::ThreadListSync(e) => out.ops.push(IngestOp::ThreadListSync {
-            guild_id: id(e.guild_id.get()),
-            threads: e.threads.iter().map(channel).collect(),
-            members: e
-                .members
-                .iter()
-                .map(|m| (id(m.id.get()), id(m.user_id.get())))
-                .collect(),
-        }),
+        Event::ThreadListSync(e) => {
+            let guild_id = id(e.guild_id.get());
+            let threads: Vec<ChannelInfo> = e.threads.iter().map(channel).collect();
+            out.snapshot = Some(crate::snapshot::Request::thread_list_sync(
+                guild_id, &threads,
+            ));
+            out.ops.push(IngestOp::ThreadListSync {
+                guild_id,
+                threads,
+                members: e
+                    .members
+                    .iter()
+                    .map(|m| (id(m.id.get()), id(m.user_id.get())))
+                    .collect(),
+                observed_at: received,
+            });
+        }
         Event::ThreadMembersUpdate(e) => out.ops.push(IngestOp::ThreadMembers {
             guild_id: id(e.guild_id.get()),
             thread_id: id(e.id.get()),
@@ -233,6 +251,7 @@ pub fn event(ev: &Event, received: DateTime<Utc>) -> Mapped {
                 .map(|m| id(m.user_id.get()))
                 .collect(),
             removed: e.removed_member_ids.iter().map(|u| id(u.get())).collect(),
+            observed_at: received,
         }),
         Event::GuildRoleCreate(e) => out.ops.push(IngestOp::RoleUpsert(role(&e.role))),
         Event::GuildRoleUpdate(e) => out.ops.push(IngestOp::RoleUpsert(role(&e.role))),

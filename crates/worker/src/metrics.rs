@@ -58,6 +58,17 @@ pub struct Metrics {
     /// Access re-reads not scheduled because too many were pending.
     pub reread_dropped: Counter,
     pub last_lag_ms: Gauge<f64, AtomicU64>,
+    /// Guild snapshots (member and private-thread listings) queued or running.
+    pub snapshot_pending: Gauge,
+    pub snapshot_done: Counter,
+    /// Members received from complete guild member listings.
+    pub snapshot_members: Counter,
+    /// Private threads whose member list was listed completely.
+    pub snapshot_threads: Counter,
+    /// Archived threads found by the archived-thread listings.
+    pub snapshot_archived_threads: Counter,
+    /// Listings that failed (the next snapshot retries them).
+    pub snapshot_errors: Counter,
 }
 
 impl Metrics {
@@ -93,8 +104,44 @@ impl Metrics {
             task_failures: Family::default(),
             reread_dropped: Counter::default(),
             last_lag_ms: Gauge::default(),
+            snapshot_pending: Gauge::default(),
+            snapshot_done: Counter::default(),
+            snapshot_members: Counter::default(),
+            snapshot_threads: Counter::default(),
+            snapshot_archived_threads: Counter::default(),
+            snapshot_errors: Counter::default(),
             registry: Registry::default(),
         };
+        r.register(
+            "snapshot_pending",
+            "Guild snapshots (member and thread-member listings) queued or running",
+            m.snapshot_pending.clone(),
+        );
+        r.register(
+            "snapshot_done",
+            "Guild snapshots finished",
+            m.snapshot_done.clone(),
+        );
+        r.register(
+            "snapshot_members",
+            "Members received from complete guild member listings",
+            m.snapshot_members.clone(),
+        );
+        r.register(
+            "snapshot_threads",
+            "Private threads whose members were listed completely",
+            m.snapshot_threads.clone(),
+        );
+        r.register(
+            "snapshot_archived_threads",
+            "Archived threads found by archived-thread listings",
+            m.snapshot_archived_threads.clone(),
+        );
+        r.register(
+            "snapshot_errors",
+            "Snapshot listings that failed (retried at the next snapshot)",
+            m.snapshot_errors.clone(),
+        );
         r.register(
             "gateway_events",
             "Gateway dispatches received",
