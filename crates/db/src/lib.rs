@@ -13,6 +13,7 @@
 //! - [`access_data`]: loads that rule's inputs (guilds, roles, channels,
 //!   overwrites, memberships) as `observer_fanout`.
 //! - [`events`]: the event logs for live fan-out and resume (cursors, watermark reads, RLS replay).
+//! - [`bot_access`]: whether the bot itself can read each channel (worker writes, API reads).
 //! - [`ingest`]: writes from the worker (idempotent upserts, event log, NOTIFY).
 //! - [`viewer`]: reads for the API, always under RLS.
 //! - [`auth`]: users, OAuth tokens, API tokens and memberships for the login path.
@@ -25,6 +26,7 @@
 pub mod access;
 pub mod access_data;
 pub mod auth;
+pub mod bot_access;
 pub mod error;
 pub mod events;
 pub mod ingest;

@@ -22,6 +22,7 @@ pub mod perms {
     pub const EMBED_LINKS: u64 = 1 << 14;
     pub const ATTACH_FILES: u64 = 1 << 15;
     pub const READ_MESSAGE_HISTORY: u64 = 1 << 16;
+    pub const CONNECT: u64 = 1 << 20;
     pub const MANAGE_ROLES: u64 = 1 << 28;
     pub const MANAGE_THREADS: u64 = 1 << 34;
     pub const CREATE_PUBLIC_THREADS: u64 = 1 << 35;
@@ -294,6 +295,10 @@ pub struct Guild {
     /// Whether the bot is installed (false after `remove_bot_from_guild`).
     #[serde(default = "default_true")]
     pub bot_present: bool,
+    /// Roles of the bot's own member when `members` does not list the bot (its managed
+    /// integration role, on Discord). Empty: the bot has only @everyone.
+    #[serde(with = "sf::vec", default)]
+    pub bot_roles: Vec<u64>,
 }
 
 /// Everything the simulated Discord knows about: users and guilds.

@@ -7,6 +7,7 @@
 //! - `batcher`: the single writer on its own database session; greedy batches,
 //!   each written atomically.
 //! - [`backfill`]: history after the newest stored message, per channel.
+//! - `botaccess`: channels Discord refuses the bot (403): marked, not retried.
 //! - `rest`: rate-limit-aware Discord REST GETs (backfill, re-reads).
 //! - `reread`: debounced REST re-reads of access entities touched by events,
 //!   so out-of-order handling converges to Discord's current state.
@@ -19,6 +20,7 @@
 
 pub mod backfill;
 mod batcher;
+mod botaccess;
 pub mod config;
 mod map;
 pub mod metrics;
@@ -32,6 +34,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use chrono::Utc;
+use observer_db::ingest::IngestOp;
 use observer_db::Db;
 use serenity::all::{
     ClientBuilder, ConnectionStage, Context, Event, GatewayError, GatewayIntents, HttpBuilder,
@@ -57,6 +60,7 @@ struct Handler {
     ops: mpsc::Sender<Queued>,
     backfill: Option<mpsc::UnboundedSender<backfill::Request>>,
     reread: Option<mpsc::UnboundedSender<reread::Key>>,
+    access: Arc<botaccess::BotAccess>,
     metrics: Arc<Metrics>,
     stopping: Arc<AtomicBool>,
 }
@@ -97,7 +101,14 @@ impl RawEventHandler for Handler {
             self.metrics.event(&name);
         }
         let mapped = map::event(&ev, received);
-        for op in mapped.ops {
+        let mut ops = mapped.ops;
+        if let Some(IngestOp::MessageCreate(m)) = ops.first() {
+            // Discord only sends messages the bot can see.
+            if let Some(op) = self.access.message_seen(m.guild_id, m.channel_id) {
+                ops.push(op);
+            }
+        }
+        for op in ops {
             if let (Some(tx), Some(key)) = (&self.reread, reread::key_for(&op)) {
                 let _ = tx.send(key);
             }
@@ -106,11 +117,12 @@ impl RawEventHandler for Handler {
                 return;
             }
         }
-        if let (Some((guild_id, channels)), Some(tx)) = (mapped.backfill, &self.backfill) {
+        if let (Some(ask), Some(tx)) = (mapped.backfill, &self.backfill) {
             let req = backfill::Request {
-                guild_id,
-                channels: channels.into_iter().map(|c| c.channel_id).collect(),
+                guild_id: ask.guild_id,
+                channels: ask.channels.into_iter().map(|c| c.channel_id).collect(),
                 seen_at: Utc::now(),
+                only_unreadable: ask.only_unreadable,
             };
             let _ = tx.send(req);
         }
@@ -180,6 +192,7 @@ pub async fn run_with_metrics(
         token: token.clone(),
         metrics: Arc::clone(&metrics),
     };
+    let access = botaccess::BotAccess::new(Arc::clone(&metrics));
     let (bf_tx, bf_rx) = mpsc::unbounded_channel();
     let mut backfill_task = config.backfill.then(|| {
         let bf = backfill::Backfiller {
@@ -190,6 +203,7 @@ pub async fn run_with_metrics(
             concurrency: config.backfill_concurrency,
             max_pages: config.backfill_max_pages,
             overlap: config.backfill_overlap,
+            access: Arc::clone(&access),
         };
         tokio::spawn(bf.run(bf_rx))
     });
@@ -201,6 +215,7 @@ pub async fn run_with_metrics(
             ops: ops_tx.clone(),
             delay,
             metrics: Arc::clone(&metrics),
+            access: Arc::clone(&access),
         };
         tokio::spawn(rr.run(rr_rx))
     });
@@ -214,6 +229,7 @@ pub async fn run_with_metrics(
         ops: ops_tx.clone(),
         backfill: config.backfill.then_some(bf_tx),
         reread: config.access_reread.is_some().then_some(rr_tx),
+        access,
         metrics: Arc::clone(&metrics),
         stopping: Arc::clone(&stopping),
     };

@@ -16,12 +16,42 @@ pub struct BackfillChannel {
     pub channel_id: i64,
 }
 
+/// Channels of one guild whose history to fetch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackfillAsk {
+    pub guild_id: i64,
+    pub channels: Vec<BackfillChannel>,
+    /// Only those the bot was refused before (CHANNEL_UPDATE: access may have
+    /// been granted).
+    pub only_unreadable: bool,
+}
+
 /// What one gateway event means for the worker.
 #[derive(Debug, Default)]
 pub struct Mapped {
     pub ops: Vec<IngestOp>,
-    /// GUILD_CREATE: backfill these channels of this guild.
-    pub backfill: Option<(i64, Vec<BackfillChannel>)>,
+    /// GUILD_CREATE (all channels), THREAD_LIST_SYNC (channels the bot gained),
+    /// CHANNEL_UPDATE (a channel it may have gained).
+    pub backfill: Option<BackfillAsk>,
+}
+
+fn backfill_of(
+    guild_id: i64,
+    chans: &[&ChannelInfo],
+    only_unreadable: bool,
+) -> Option<BackfillAsk> {
+    let channels: Vec<BackfillChannel> = chans
+        .iter()
+        .filter(|c| is_backfill_kind(c.kind, c.archived))
+        .map(|c| BackfillChannel {
+            channel_id: c.channel_id,
+        })
+        .collect();
+    (!channels.is_empty()).then_some(BackfillAsk {
+        guild_id,
+        channels,
+        only_unreadable,
+    })
 }
 
 fn id(v: u64) -> i64 {
@@ -123,8 +153,10 @@ fn attachments(list: &[serenity::all::Attachment]) -> Value {
     )
 }
 
+/// Channels that hold messages: text, announcement, voice and stage (their
+/// text chat), and active threads.
 fn is_backfill_kind(kind: i16, archived: bool) -> bool {
-    matches!(kind, 0 | 5) || (matches!(kind, 10..=12) && !archived)
+    matches!(kind, 0 | 2 | 5 | 13) || (matches!(kind, 10..=12) && !archived)
 }
 
 /// A full message (MESSAGE_CREATE or a history page). REST messages carry no
@@ -160,14 +192,8 @@ pub fn event(ev: &Event, received: DateTime<Utc>) -> Mapped {
             let gid = id(g.id.get());
             let channels: Vec<ChannelInfo> = g.channels.values().map(channel).collect();
             let threads: Vec<ChannelInfo> = g.threads.iter().map(channel).collect();
-            let backfill = channels
-                .iter()
-                .chain(threads.iter())
-                .filter(|c| is_backfill_kind(c.kind, c.archived))
-                .map(|c| BackfillChannel {
-                    channel_id: c.channel_id,
-                })
-                .collect();
+            let all: Vec<&ChannelInfo> = channels.iter().chain(threads.iter()).collect();
+            let backfill = backfill_of(gid, &all, false);
             out.ops.push(IngestOp::GuildCreate(Box::new(GuildSnapshot {
                 guild: GuildInfo {
                     guild_id: gid,
@@ -180,7 +206,11 @@ pub fn event(ev: &Event, received: DateTime<Utc>) -> Mapped {
                 threads,
                 members: g.members.values().map(|m| member(m, received)).collect(),
             })));
-            out.backfill = Some((gid, backfill));
+            out.backfill = backfill.or(Some(BackfillAsk {
+                guild_id: gid,
+                channels: vec![],
+                only_unreadable: false,
+            }));
         }
         Event::GuildUpdate(e) => {
             let g = &e.guild;
@@ -202,7 +232,11 @@ pub fn event(ev: &Event, received: DateTime<Utc>) -> Mapped {
             });
         }
         Event::ChannelCreate(e) => out.ops.push(IngestOp::ChannelUpsert(channel(&e.channel))),
-        Event::ChannelUpdate(e) => out.ops.push(IngestOp::ChannelUpsert(channel(&e.channel))),
+        Event::ChannelUpdate(e) => {
+            let c = channel(&e.channel);
+            out.backfill = backfill_of(c.guild_id, &[&c], true);
+            out.ops.push(IngestOp::ChannelUpsert(c));
+        }
         Event::ChannelDelete(e) => out.ops.push(IngestOp::ChannelDelete {
             guild_id: id(e.channel.guild_id.get()),
             channel_id: id(e.channel.id.get()),
@@ -215,15 +249,44 @@ pub fn event(ev: &Event, received: DateTime<Utc>) -> Mapped {
             guild_id: id(e.thread.guild_id.get()),
             channel_id: id(e.thread.id.get()),
         }),
-        Event::ThreadListSync(e) => out.ops.push(IngestOp::ThreadListSync {
-            guild_id: id(e.guild_id.get()),
-            threads: e.threads.iter().map(channel).collect(),
-            members: e
-                .members
+        Event::ThreadListSync(e) => {
+            let guild_id = id(e.guild_id.get());
+            let threads: Vec<ChannelInfo> = e.threads.iter().map(channel).collect();
+            // Sent when the bot gains access to channels: fetch what it could
+            // not read before (the parents' kinds are in the store, not here;
+            // ids of non-message channels answer an error the backfill logs).
+            let mut ids: Vec<i64> = e
+                .channel_ids
                 .iter()
-                .map(|m| (id(m.id.get()), id(m.user_id.get())))
-                .collect(),
-        }),
+                .flatten()
+                .map(|c| id(c.get()))
+                .collect();
+            ids.extend(
+                threads
+                    .iter()
+                    .filter(|t| is_backfill_kind(t.kind, t.archived))
+                    .map(|t| t.channel_id),
+            );
+            if !ids.is_empty() {
+                out.backfill = Some(BackfillAsk {
+                    guild_id,
+                    channels: ids
+                        .into_iter()
+                        .map(|channel_id| BackfillChannel { channel_id })
+                        .collect(),
+                    only_unreadable: false,
+                });
+            }
+            out.ops.push(IngestOp::ThreadListSync {
+                guild_id,
+                threads,
+                members: e
+                    .members
+                    .iter()
+                    .map(|m| (id(m.id.get()), id(m.user_id.get())))
+                    .collect(),
+            });
+        }
         Event::ThreadMembersUpdate(e) => out.ops.push(IngestOp::ThreadMembers {
             guild_id: id(e.guild_id.get()),
             thread_id: id(e.id.get()),
