@@ -13,7 +13,8 @@
 --
 -- Permission bits (discord-protocol.md §4.3):
 --   ADMINISTRATOR 1<<3 = 8, MANAGE_GUILD 1<<5 = 32, VIEW_CHANNEL 1<<10 = 1024,
---   READ_MESSAGE_HISTORY 1<<16 = 65536, MANAGE_THREADS 1<<34 = 17179869184.
+--   READ_MESSAGE_HISTORY 1<<16 = 65536, CONNECT 1<<20 = 1048576,
+--   MANAGE_THREADS 1<<34 = 17179869184.
 
 -- The current viewer, or NULL when none is set. After a transaction that used
 -- set_config(.., true) commits, the pooled connection reads '' (not NULL): both
@@ -33,13 +34,31 @@ as $$
     from (select pg_catalog.current_setting('observer.viewer_id', true) as s) as v
 $$;
 
--- Every channel the current viewer may see (live), with whether stored history
--- is readable too. Channels the viewer may not see are absent.
+-- Every channel the current viewer may see, with whether its messages are
+-- readable live and as stored history. Channels the viewer may not see are absent.
+-- `can_read` differs from `can_view` only in voice and stage channels, whose
+-- text chat needs CONNECT (the channel shows in the list, its messages do not).
 --
 -- PL/pgSQL rather than SQL: a SQL function's body is planned again on every
 -- call, while PL/pgSQL keeps the plan for the session (pooled connections).
+--
+-- The result gained `can_read`; PostgreSQL cannot change a function's result
+-- type in place, so an older shape is dropped first (nothing depends on the
+-- function by catalog: the helpers below are SQL functions that call it by name).
+do $$
+begin
+    if exists (select 1
+               from pg_proc p join pg_namespace n on n.oid = p.pronamespace
+               where n.nspname = 'access' and p.proname = 'viewer_channels'
+                 and pg_get_function_result(p.oid) not like '%can_read boolean%') then
+        drop function access.viewer_channels();
+    end if;
+end
+$$;
+
 create or replace function access.viewer_channels()
-returns table (guild_id bigint, channel_id bigint, can_view boolean, can_read_history boolean)
+returns table (guild_id bigint, channel_id bigint, can_view boolean, can_read boolean,
+               can_read_history boolean)
 language plpgsql
 stable
 security definer
@@ -126,17 +145,26 @@ own as (
     join public.channels c on c.guild_id = gm.guild_id
     left join ow on ow.guild_id = c.guild_id and ow.channel_id = c.channel_id
 ),
--- Timed-out members keep only VIEW_CHANNEL | READ_MESSAGE_HISTORY (owner/admin exempt).
-masked as (
+-- Timed-out members keep only VIEW_CHANNEL | READ_MESSAGE_HISTORY (owner/admin
+-- exempt). Then the implicit denies: in voice (2) and stage (13) channels,
+-- lacking CONNECT leaves only VIEW_CHANNEL (a timeout therefore locks their chat).
+timed as (
     select o.*,
-           case when o.timed_out and not o.is_admin then o.perms & 66560 else o.perms end as eff
+           case when o.timed_out and not o.is_admin then o.perms & 66560 else o.perms end as tperms
     from own o
+),
+masked as (
+    select t.*,
+           case when t.kind in (2, 13) and (t.tperms & 1048576) = 0 then t.tperms & 1024
+                else t.tperms end as eff
+    from timed t
 ),
 -- Threads (10, 11, 12) take their parent's permissions; a private thread (12)
 -- also needs thread membership or MANAGE_THREADS.
 effective as (
     select c.guild_id,
            c.channel_id,
+           c.kind,
            case
                when c.kind in (10, 11, 12) then p.eff
                else c.eff
@@ -157,8 +185,12 @@ effective as (
 select e.guild_id,
        e.channel_id,
        true as can_view,
-       (e.eff & 65536) <> 0 as can_read_history
-from effective e
+       e.readable as can_read,
+       e.readable and (e.eff & 65536) <> 0 as can_read_history
+from (select ef.*,
+             -- The CONNECT mask above leaves a locked voice channel nothing but VIEW_CHANNEL.
+             (ef.kind not in (2, 13) or (ef.eff & 1048576) <> 0) as readable
+      from effective ef) e
 where coalesce(e.eff & 1024, 0) <> 0
   and not e.private_denied;
 end

@@ -10,7 +10,7 @@ import { GraphQLWsClient } from "./gqlws.js";
 const PAGE = 50;
 
 const MESSAGE_FIELDS = `
-  id guildId channelId content createdAt editedAt deletedAt replyToId
+  id guildId channelId content createdAt editedAt deletedAt deletionDetectedAt replyToId
   author { id username displayName bot }
   attachments { id filename url size contentType }
   revisions { content editedAt }
@@ -255,6 +255,12 @@ function renderMessage(m, showChannel) {
   if (m.deletedAt) {
     li.classList.add("deleted");
     head.append(el("span", "badge danger", `deleted ${fmtTime(m.deletedAt)}`));
+  } else if (m.deletionDetectedAt) {
+    // Deleted while the observer was not connected: only when it was noticed is known.
+    li.classList.add("deleted");
+    const badge = el("span", "badge danger", `deleted (noticed ${fmtTime(m.deletionDetectedAt)})`);
+    badge.title = "Deleted in Discord while the observer was offline; the exact time is unknown.";
+    head.append(badge);
   }
   li.append(head);
   li.append(el("div", "content", m.content));

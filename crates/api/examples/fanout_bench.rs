@@ -609,7 +609,9 @@ async fn bench(url: &str, a: &Args) -> anyhow::Result<()> {
                             members.get(&(g.guild_id, *v)),
                             now,
                         )
-                        .into_keys()
+                        .into_iter()
+                        .filter(|(_, a)| a.read)
+                        .map(|(c, _)| c)
                     })
                     .filter(|c| bench.contains(c))
                     .collect()

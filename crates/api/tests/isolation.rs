@@ -36,6 +36,7 @@ fn random_perms(rng: &mut StdRng) -> u64 {
         perms::VIEW_CHANNEL,
         perms::READ_MESSAGE_HISTORY,
         perms::MANAGE_THREADS,
+        perms::CONNECT,
     ] {
         if rng.gen_bool(0.4) {
             p |= bit;
@@ -118,6 +119,18 @@ fn generate(seed: u64) -> World {
                 },
             );
             texts.push(id);
+        }
+        // Voice and stage channels have text chat too; it needs CONNECT.
+        for (id, kind) in [(guild_id + 110, 2), (guild_id + 111, 13)] {
+            channels.insert(
+                id,
+                ChannelData {
+                    channel_id: id,
+                    kind,
+                    parent_id: rng.gen_bool(0.5).then_some(cat),
+                    overwrites: targets(&mut rng),
+                },
+            );
         }
         let public_thread = guild_id + 201;
         let private_thread = guild_id + 202;

@@ -770,3 +770,61 @@ async fn a_failed_access_refresh_is_retried_until_the_revocation_applies(pool: P
     assert_eq!(ids(&drain(&mut staff).await), [2]);
     hub.shutdown();
 }
+
+#[sqlx::test(migrator = "observer_db::MIGRATOR")]
+async fn voice_chat_goes_live_only_to_viewers_who_may_connect(pool: PgPool) {
+    const CONNECT: i64 = 1 << 20;
+    let (db, hub) = setup(&pool, quick()).await;
+    let mut plain = hub.subscribe(11, all(), None).await.unwrap();
+    let mut staff = hub.subscribe(12, all(), None).await.unwrap();
+    // Voice channel 104: everyone in guild 1 sees it (VIEW from @everyone), but
+    // its text chat needs CONNECT, which only role 500 is allowed there.
+    sqlx::raw_sql(&format!(
+        "insert into channels (guild_id, channel_id, kind, name) values (1, 104, 2, 'voice');
+         insert into permission_overwrites (guild_id, channel_id, target_id, kind, allow, deny)
+         values (1, 104, 500, 0, {CONNECT}, 0);"
+    ))
+    .execute(&pool)
+    .await
+    .unwrap();
+    wait_until("the voice channel to be known", REVOKE_DEADLINE, || {
+        hub.viewer_sees(12, 1, 104) == Some(true)
+    })
+    .await;
+    assert_eq!(hub.viewer_sees(11, 1, 104), Some(false));
+    // A subscription scoped to a chat one may not read is refused like a hidden channel.
+    let refused = hub
+        .subscribe(
+            11,
+            Scope {
+                guild_id: None,
+                channel_ids: Some(vec![104]),
+            },
+            None,
+        )
+        .await;
+    assert_eq!(refused.err(), Some(LiveError::Forbidden));
+
+    post(&db, &[(104, 1), (101, 2)]).await;
+    settle(&pool, &hub).await;
+    assert_eq!(ids(&drain(&mut plain).await), [2]);
+    assert_eq!(ids(&drain(&mut staff).await), [1, 2]);
+
+    // A timeout takes CONNECT away: the staff member's voice chat stops too.
+    sqlx::query(
+        "update members set communication_disabled_until = now() + interval '1 hour'
+         where guild_id = 1 and user_id = 12",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    wait_until("the timeout to apply", REVOKE_DEADLINE, || {
+        hub.viewer_sees(12, 1, 104) == Some(false)
+    })
+    .await;
+    post(&db, &[(104, 3), (101, 4)]).await;
+    settle(&pool, &hub).await;
+    assert_eq!(ids(&drain(&mut staff).await), [4]);
+    assert_eq!(ids(&drain(&mut plain).await), [4]);
+    hub.shutdown();
+}

@@ -18,6 +18,8 @@ pub mod perms {
     pub const VIEW_CHANNEL: u64 = 1 << 10;
     pub const SEND_MESSAGES: u64 = 1 << 11;
     pub const READ_MESSAGE_HISTORY: u64 = 1 << 16;
+    /// Voice and stage channels: joining, and implicitly reading their text chat.
+    pub const CONNECT: u64 = 1 << 20;
     pub const MANAGE_THREADS: u64 = 1 << 34;
     /// Every permission (what owners and administrators get).
     pub const ALL: u64 = u64::MAX;
@@ -41,6 +43,11 @@ pub mod kinds {
     /// Threads are computed on their parent channel.
     pub fn is_thread(kind: i16) -> bool {
         matches!(kind, ANNOUNCEMENT_THREAD | PUBLIC_THREAD | PRIVATE_THREAD)
+    }
+
+    /// Channels whose text chat needs CONNECT besides VIEW_CHANNEL.
+    pub fn is_voice(kind: i16) -> bool {
+        matches!(kind, VOICE | STAGE)
     }
 }
 
@@ -117,17 +124,21 @@ pub struct MemberData {
     pub thread_ids: BTreeSet<i64>,
 }
 
-/// What a viewer may do with one channel: `view` for live events, `history` for
-/// stored messages (implies `view`).
+/// What a viewer may do with one channel: `view` to see the channel itself,
+/// `read` for its messages live, `history` for its stored messages. Each implies
+/// the one before; `read` differs from `view` only in voice and stage channels,
+/// whose chat needs CONNECT.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct ChannelAccess {
     pub view: bool,
+    pub read: bool,
     pub history: bool,
 }
 
 impl ChannelAccess {
     pub const NONE: Self = Self {
         view: false,
+        read: false,
         history: false,
     };
 }
@@ -232,6 +243,11 @@ fn own_permissions(guild: &GuildAccessData, s: &Standing<'_>, channel: &ChannelD
     if s.timed_out {
         p &= perms::TIMEOUT_ALLOWLIST;
     }
+    // Implicit deny: in voice and stage channels, lacking CONNECT leaves nothing
+    // but VIEW_CHANNEL (so a timeout, which removes CONNECT, locks their chat).
+    if kinds::is_voice(channel.kind) && p & perms::CONNECT == 0 {
+        p &= perms::VIEW_CHANNEL;
+    }
     p
 }
 
@@ -252,9 +268,11 @@ fn access_in(guild: &GuildAccessData, s: &Standing<'_>, channel: &ChannelData) -
         own_permissions(guild, s, channel)
     };
     let view = p & perms::VIEW_CHANNEL != 0;
+    let read = view && (!kinds::is_voice(channel.kind) || p & perms::CONNECT != 0);
     ChannelAccess {
         view,
-        history: view && p & perms::READ_MESSAGE_HISTORY != 0,
+        read,
+        history: read && p & perms::READ_MESSAGE_HISTORY != 0,
     }
 }
 
@@ -275,8 +293,9 @@ pub fn channel_access(
     }
 }
 
-/// Every channel of the guild that `member` may see live, with whether history is
-/// readable — the same set `access.viewer_channels()` returns for this guild.
+/// Every channel of the guild that `member` may see, with whether its messages
+/// are readable live and as history — the same set `access.viewer_channels()`
+/// returns for this guild.
 pub fn visible_channels(
     guild: &GuildAccessData,
     member: Option<&MemberData>,
@@ -371,6 +390,56 @@ mod tests {
         let mut in_thread = member(&[]);
         in_thread.thread_ids.insert(11);
         assert!(channel_access(&g, Some(&in_thread), 11, now).view);
+    }
+
+    #[test]
+    fn voice_chat_needs_connect_and_a_timeout_locks_it() {
+        let mut g = guild();
+        let now = Utc::now();
+        g.roles.insert(
+            1,
+            perms::VIEW_CHANNEL | perms::READ_MESSAGE_HISTORY | perms::CONNECT,
+        );
+        for (id, kind) in [(20, kinds::VOICE), (21, kinds::STAGE)] {
+            g.channels.insert(
+                id,
+                ChannelData {
+                    channel_id: id,
+                    kind,
+                    parent_id: None,
+                    overwrites: vec![Overwrite {
+                        target_id: 1,
+                        kind: OverwriteKind::Role,
+                        allow: 0,
+                        deny: if id == 20 { perms::CONNECT } else { 0 },
+                    }],
+                },
+            );
+        }
+        let plain = member(&[]);
+        let locked = channel_access(&g, Some(&plain), 20, now);
+        assert_eq!(
+            locked,
+            ChannelAccess {
+                view: true,
+                read: false,
+                history: false
+            }
+        );
+        let open = channel_access(&g, Some(&plain), 21, now);
+        assert!(open.read && open.history);
+        let mut timed_out = member(&[]);
+        timed_out.communication_disabled_until = Some(now + chrono::Duration::hours(1));
+        let stage = channel_access(&g, Some(&timed_out), 21, now);
+        assert!(stage.view && !stage.read && !stage.history);
+        // Text channels keep their history under a timeout.
+        assert!(channel_access(&g, Some(&timed_out), 10, now).history);
+        // The owner is exempt.
+        let owner = MemberData {
+            user_id: 100,
+            ..Default::default()
+        };
+        assert!(channel_access(&g, Some(&owner), 20, now).history);
     }
 
     #[test]

@@ -149,8 +149,8 @@ const JOINED_COLUMNS: &str = "e.xid::text::bigint as ev_xid, e.seq as ev_seq, e.
      e.guild_id, e.message_id, e.channel_id, m.author_id, m.author_username, \
      m.author_display_name, m.author_avatar, coalesce(m.author_bot, false) as author_bot, \
      coalesce(m.content, '') as content, coalesce(m.created_at, e.at) as created_at, \
-     m.edited_at, m.deleted_at, coalesce(m.attachments, '[]'::jsonb) as attachments, \
-     m.reply_to_id";
+     m.edited_at, m.deleted_at, m.deletion_detected_at, \
+     coalesce(m.attachments, '[]'::jsonb) as attachments, m.reply_to_id";
 
 /// Readable message events after `after`, in log order, at most `limit`, with
 /// each message's current row; returns them and the cursor to read from next
@@ -270,28 +270,31 @@ pub async fn member_guild_ids(tx: &mut FanoutTx, user_id: i64) -> Result<Vec<i64
     Ok(ids)
 }
 
-/// One channel the viewer may see live, as RLS's own rule computes it.
+/// One channel the viewer may see, as RLS's own rule computes it: whether its
+/// messages are readable live (`read`) and as history.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct VisibleChannel {
     pub guild_id: i64,
     pub channel_id: i64,
+    pub read: bool,
     pub history: bool,
 }
 
-/// Every channel the viewer may see live (`access.viewer_channels()`, the SQL
-/// twin of [`crate::access::visible_channels`]), ordered by (guild, channel).
+/// Every channel the viewer may see (`access.viewer_channels()`, the SQL twin
+/// of [`crate::access::visible_channels`]), ordered by (guild, channel).
 pub async fn viewer_channels(tx: &mut ViewerTx) -> Result<Vec<VisibleChannel>> {
-    let rows: Vec<(i64, i64, bool)> = sqlx::query_as(
-        "select guild_id, channel_id, can_read_history from access.viewer_channels() \
+    let rows: Vec<(i64, i64, bool, bool)> = sqlx::query_as(
+        "select guild_id, channel_id, can_read, can_read_history from access.viewer_channels() \
          where can_view order by guild_id, channel_id",
     )
     .fetch_all(&mut **tx)
     .await?;
     Ok(rows
         .into_iter()
-        .map(|(guild_id, channel_id, history)| VisibleChannel {
+        .map(|(guild_id, channel_id, read, history)| VisibleChannel {
             guild_id,
             channel_id,
+            read,
             history,
         })
         .collect())

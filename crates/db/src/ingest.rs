@@ -253,6 +253,15 @@ pub enum IngestOp {
     },
     /// What Discord answered when the bot tried to read a channel (see [`crate::bot_access`]).
     ChannelBotAccess(crate::bot_access::BotAccessObservation),
+    /// Reconciliation after a gap found these stored messages missing from a
+    /// contiguous range of Discord's history: deleted while nobody listened.
+    MessagesGone {
+        guild_id: i64,
+        channel_id: i64,
+        message_ids: Vec<i64>,
+        /// When the absence was noticed (not when the deletion happened).
+        detected_at: DateTime<Utc>,
+    },
 }
 
 impl IngestOp {
@@ -264,6 +273,7 @@ impl IngestOp {
                 | IngestOp::MessageUpdate(_)
                 | IngestOp::MessageDelete { .. }
                 | IngestOp::MessageBulkDelete { .. }
+                | IngestOp::MessagesGone { .. }
         )
     }
 }
@@ -634,6 +644,28 @@ async fn write_batch_in(conn: &mut PgConnection, ops: &[IngestOp]) -> Result<Bat
     let (merged, mut revisions) = prepare_messages(ops, &mut stats);
     let left = write_rounds(conn, merged, &mut revisions, &mut stats, 0..ROUNDS).await?;
     settled(&left)?;
+    // After the merge: a deletion reported live in this same batch keeps its
+    // own time (`mark_gone` skips tombstones).
+    for op in ops {
+        if let IngestOp::MessagesGone {
+            guild_id,
+            channel_id,
+            message_ids,
+            detected_at,
+        } = op
+        {
+            let n = crate::reconcile::mark_gone(
+                conn,
+                *guild_id,
+                *channel_id,
+                message_ids,
+                *detected_at,
+            )
+            .await?;
+            stats.messages_changed += usize::try_from(n).unwrap_or(0);
+            stats.events_deleted += usize::try_from(n).unwrap_or(0);
+        }
+    }
     Ok(stats)
 }
 
@@ -830,7 +862,8 @@ async fn apply_access(conn: &mut PgConnection, op: &IngestOp) -> Result<()> {
         IngestOp::MessageCreate(_)
         | IngestOp::MessageUpdate(_)
         | IngestOp::MessageDelete { .. }
-        | IngestOp::MessageBulkDelete { .. } => Ok(()),
+        | IngestOp::MessageBulkDelete { .. }
+        | IngestOp::MessagesGone { .. } => Ok(()),
     }
 }
 

@@ -15,6 +15,8 @@
 //! - [`events`]: the event logs for live fan-out and resume (cursors, watermark reads, RLS replay).
 //! - [`bot_access`]: whether the bot itself can read each channel (worker writes, API reads).
 //! - [`ingest`]: writes from the worker (idempotent upserts, event log, NOTIFY).
+//! - [`reconcile`]: a channel's recent window after a gap; deletions detected
+//!   rather than reported.
 //! - [`viewer`]: reads for the API, always under RLS.
 //! - [`auth`]: users, OAuth tokens, API tokens and memberships for the login path.
 //! - [`server`]: a private PostgreSQL cluster from the installed server binaries
@@ -31,6 +33,7 @@ pub mod error;
 pub mod events;
 pub mod ingest;
 pub mod migrate;
+pub mod reconcile;
 pub mod server;
 pub mod tx;
 pub mod viewer;

@@ -68,7 +68,10 @@ pub struct MessageRow {
     pub content: String,
     pub created_at: DateTime<Utc>,
     pub edited_at: Option<DateTime<Utc>>,
+    /// Deleted while Discord reported it (live): when that was observed.
     pub deleted_at: Option<DateTime<Utc>>,
+    /// Deleted while nobody listened: when reconciliation noticed it gone.
+    pub deletion_detected_at: Option<DateTime<Utc>>,
     pub attachments: serde_json::Value,
     pub reply_to_id: Option<i64>,
 }
@@ -100,7 +103,8 @@ pub struct ApiTokenRow {
 
 const MESSAGE_COLUMNS: &str = "m.guild_id, m.message_id, m.channel_id, m.author_id, \
      m.author_username, m.author_display_name, m.author_avatar, m.author_bot, m.content, \
-     m.created_at, m.edited_at, m.deleted_at, m.attachments, m.reply_to_id";
+     m.created_at, m.edited_at, m.deleted_at, m.deletion_detected_at, m.attachments, \
+     m.reply_to_id";
 
 /// The viewer's own user row (RLS shows no other).
 pub async fn viewer_user(tx: &mut ViewerTx, viewer_id: i64) -> Result<Option<UserRow>> {

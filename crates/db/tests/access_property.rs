@@ -42,14 +42,17 @@ impl Ids {
     }
 }
 
-/// Random permission bits, biased towards the ones the rule reads.
-fn random_perms(
-    rng: &mut ChaCha8Rng,
+/// Probabilities of the bits the rule reads, for [`random_perms`].
+struct Bias {
     view: f64,
     history: f64,
     admin: f64,
     manage_threads: f64,
-) -> u64 {
+    connect: f64,
+}
+
+/// Random permission bits, biased towards the ones the rule reads.
+fn random_perms(rng: &mut ChaCha8Rng, b: &Bias) -> u64 {
     let mut p = 0u64;
     // Noise in every defined bit twilight knows (0..=46), to catch masking slips.
     for _ in 0..rng.gen_range(0..4) {
@@ -58,18 +61,22 @@ fn random_perms(
     p &= !(perms::ADMINISTRATOR
         | perms::VIEW_CHANNEL
         | perms::READ_MESSAGE_HISTORY
-        | perms::MANAGE_THREADS);
-    if rng.gen_bool(view) {
+        | perms::MANAGE_THREADS
+        | perms::CONNECT);
+    if rng.gen_bool(b.view) {
         p |= perms::VIEW_CHANNEL;
     }
-    if rng.gen_bool(history) {
+    if rng.gen_bool(b.history) {
         p |= perms::READ_MESSAGE_HISTORY;
     }
-    if rng.gen_bool(admin) {
+    if rng.gen_bool(b.admin) {
         p |= perms::ADMINISTRATOR;
     }
-    if rng.gen_bool(manage_threads) {
+    if rng.gen_bool(b.manage_threads) {
         p |= perms::MANAGE_THREADS;
+    }
+    if rng.gen_bool(b.connect) {
+        p |= perms::CONNECT;
     }
     if rng.gen_bool(0.15) {
         p |= perms::MANAGE_GUILD;
@@ -88,11 +95,25 @@ fn random_world(
     let users: Vec<i64> = user_pool.choose_multiple(rng, n_users).copied().collect();
 
     let mut roles = BTreeMap::new();
-    roles.insert(guild_id, random_perms(rng, 0.6, 0.6, 0.02, 0.05));
+    let everyone = Bias {
+        view: 0.6,
+        history: 0.6,
+        admin: 0.02,
+        manage_threads: 0.05,
+        connect: 0.6,
+    };
+    roles.insert(guild_id, random_perms(rng, &everyone));
+    let role_bias = Bias {
+        view: 0.35,
+        history: 0.35,
+        admin: 0.08,
+        manage_threads: 0.2,
+        connect: 0.35,
+    };
     let mut role_ids = vec![];
     for _ in 0..rng.gen_range(0..=5) {
         let r = ids.next();
-        roles.insert(r, random_perms(rng, 0.35, 0.35, 0.08, 0.2));
+        roles.insert(r, random_perms(rng, &role_bias));
         role_ids.push(r);
     }
     // A role that members and overwrites reference but that no longer exists.
@@ -172,8 +193,26 @@ fn random_world(
             out.push(Overwrite {
                 target_id,
                 kind,
-                allow: random_perms(rng, 0.3, 0.25, 0.0, 0.15),
-                deny: random_perms(rng, 0.3, 0.25, 0.0, 0.1),
+                allow: random_perms(
+                    rng,
+                    &Bias {
+                        view: 0.3,
+                        history: 0.25,
+                        admin: 0.0,
+                        manage_threads: 0.15,
+                        connect: 0.25,
+                    },
+                ),
+                deny: random_perms(
+                    rng,
+                    &Bias {
+                        view: 0.3,
+                        history: 0.25,
+                        admin: 0.0,
+                        manage_threads: 0.1,
+                        connect: 0.3,
+                    },
+                ),
             });
         }
         out
@@ -204,6 +243,8 @@ fn random_world(
             kinds::FORUM,
             kinds::MEDIA,
             kinds::VOICE,
+            kinds::VOICE,
+            kinds::STAGE,
             kinds::STAGE,
         ]
         .choose(rng)
@@ -287,9 +328,9 @@ fn random_world(
 }
 
 /// The independent reference: twilight's calculator for Discord's channel
-/// computation, plus the rules it does not cover (discord-protocol.md §4–5):
+/// computation, plus the rules it does not cover (discord-protocol.md §4–5, §9):
 /// membership, removed guild, observer gate, threads via parent, private threads,
-/// timeouts.
+/// timeouts, and the implicit deny of voice and stage chat without CONNECT.
 fn reference(
     w: &World,
     user: i64,
@@ -380,8 +421,23 @@ fn reference(
             _ => ChannelType::GuildText,
         };
         let mut p = calc().in_channel(kind, &overwrites);
+        // CONNECT is read in the channel's own type (twilight keeps it for voice
+        // and stage, strips it from text).
+        let voice = matches!(target.kind, 2 | 13);
+        let mut connect = voice
+            && calc()
+                .in_channel(
+                    if target.kind == 2 {
+                        ChannelType::GuildVoice
+                    } else {
+                        ChannelType::GuildStageVoice
+                    },
+                    &overwrites,
+                )
+                .contains(Permissions::CONNECT);
         if timed_out {
             p &= Permissions::VIEW_CHANNEL | Permissions::READ_MESSAGE_HISTORY;
+            connect = false;
         }
         if target
             .overwrites
@@ -405,17 +461,29 @@ fn reference(
         {
             continue;
         }
-        if !p.contains(Permissions::VIEW_CHANNEL) {
+        let view = p.contains(Permissions::VIEW_CHANNEL);
+        // Voice and stage chat: without CONNECT only the channel itself shows.
+        let read = view && (!voice || connect);
+        let history = read && p.contains(Permissions::READ_MESSAGE_HISTORY);
+        if !view {
             cov.hidden += 1;
-        } else if !p.contains(Permissions::READ_MESSAGE_HISTORY) {
+        } else if voice && !read {
+            cov.voice_locked += 1;
+            if timed_out {
+                cov.voice_locked_by_timeout += 1;
+            }
+        } else if voice {
+            cov.voice_readable += 1;
+        } else if !history {
             cov.live_only += 1;
         }
-        if p.contains(Permissions::VIEW_CHANNEL) {
+        if view {
             out.insert(
                 c.channel_id,
                 ChannelAccess {
-                    view: true,
-                    history: p.contains(Permissions::READ_MESSAGE_HISTORY),
+                    view,
+                    read,
+                    history,
                 },
             );
         }
@@ -440,6 +508,9 @@ struct Coverage {
     private_denied: usize,
     live_only: usize,
     hidden: usize,
+    voice_locked: usize,
+    voice_locked_by_timeout: usize,
+    voice_readable: usize,
 }
 
 impl Coverage {
@@ -458,6 +529,9 @@ impl Coverage {
             self.private_denied,
             self.live_only,
             self.hidden,
+            self.voice_locked,
+            self.voice_locked_by_timeout,
+            self.voice_readable,
         ]
         .iter()
         .all(|n| *n > 0)
@@ -595,7 +669,8 @@ fn array_literal(ids: &[i64]) -> String {
     format!("{{{}}}", parts.join(","))
 }
 
-type Visible = BTreeMap<(i64, i64), bool>;
+/// (guild, channel) → (read live, read history), for every visible channel.
+type Visible = BTreeMap<(i64, i64), (bool, bool)>;
 
 #[sqlx::test(migrator = "observer_db::MIGRATOR")]
 async fn sql_rust_and_reference_agree_on_random_guilds(pool: PgPool) -> anyhow::Result<()> {
@@ -666,7 +741,7 @@ async fn sql_rust_and_reference_agree_on_random_guilds(pool: PgPool) -> anyhow::
             }
             let e = expected.entry(u).or_default();
             for (c, a) in rust {
-                e.insert((w.guild.guild_id, c), a.history);
+                e.insert((w.guild.guild_id, c), (a.read, a.history));
             }
         }
     }
@@ -715,12 +790,16 @@ async fn sql_rust_and_reference_agree_on_random_guilds(pool: PgPool) -> anyhow::
     // SQL, as the api role, once per viewer over all guilds at once.
     for (i, (&u, want)) in expected.iter().enumerate() {
         let mut tx = db.viewer(u).await?;
-        let rows: Vec<(i64, i64, bool, bool)> = sqlx::query_as(
-            "select guild_id, channel_id, can_view, can_read_history from access.viewer_channels()",
+        let rows: Vec<(i64, i64, bool, bool, bool)> = sqlx::query_as(
+            "select guild_id, channel_id, can_view, can_read, can_read_history
+             from access.viewer_channels()",
         )
         .fetch_all(&mut *tx)
         .await?;
-        let got: Visible = rows.iter().map(|(g, c, _, h)| ((*g, *c), *h)).collect();
+        let got: Visible = rows
+            .iter()
+            .map(|(g, c, _, r, h)| ((*g, *c), (*r, *h)))
+            .collect();
         assert!(
             rows.iter().all(|r| r.2),
             "can_view is always true in the result"
@@ -761,7 +840,7 @@ async fn sql_rust_and_reference_agree_on_random_guilds(pool: PgPool) -> anyhow::
                     .collect();
             let want_hist: BTreeSet<i64> = want
                 .iter()
-                .filter(|(_, h)| **h)
+                .filter(|(_, (_, h))| *h)
                 .map(|((_, c), _)| *c)
                 .collect();
             assert_eq!(

@@ -87,6 +87,15 @@ pub struct WorkerArgs {
     /// Total number of shards across all worker processes.
     #[arg(long, env = "WORKER_SHARD_COUNT")]
     pub shard_count: Option<u32>,
+    /// After a gap (start, a re-identify, an outage), re-read each channel's
+    /// messages of the last this many hours to catch edits and deletions made
+    /// meanwhile (with WORKER_RECONCILE_MESSAGES, whichever reaches further back).
+    /// Both 0 disable it.
+    #[arg(long, env = "WORKER_RECONCILE_HOURS", default_value_t = 24)]
+    pub reconcile_hours: u64,
+    /// ... and at least this many of each channel's newest messages.
+    #[arg(long, env = "WORKER_RECONCILE_MESSAGES", default_value_t = 500)]
+    pub reconcile_messages: usize,
     /// Seconds between retention purges (messages older than their guild's retention); 0 disables.
     #[arg(long, env = "WORKER_PURGE_INTERVAL_SECS", default_value_t = 600)]
     pub purge_interval_secs: u64,
@@ -205,6 +214,12 @@ impl WorkerArgs {
         config.metrics_addr = parse_addr(&self.metrics_addr)?;
         config.purge_interval = (self.purge_interval_secs > 0)
             .then(|| std::time::Duration::from_secs(self.purge_interval_secs));
+        config.reconcile = (self.reconcile_hours > 0 || self.reconcile_messages > 0).then(|| {
+            observer_worker::reconcile::Window {
+                max_age: std::time::Duration::from_secs(self.reconcile_hours.saturating_mul(3600)),
+                min_messages: self.reconcile_messages,
+            }
+        });
         config.shards = match (&self.shards, self.shard_count) {
             (Some(range), Some(count)) => Some(
                 observer_worker::ShardRange::parse(range, count)

@@ -11,87 +11,69 @@
 
 use std::collections::BTreeSet;
 
-use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
 
-use crate::model::{perms, ChannelKind};
+use crate::model::ChannelKind;
 use crate::payload;
+use crate::permissions::ChannelView;
 use crate::world::{GuildState, World};
 use crate::SimError;
 
-/// What the bot may do in one channel.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct BotAccess {
-    /// Receives its events and may call its routes.
-    pub view: bool,
-    /// Its history route answers messages (not `[]`).
-    pub history: bool,
-}
-
-impl BotAccess {
-    pub fn of(permissions: u64) -> BotAccess {
-        let view = permissions & perms::VIEW_CHANNEL != 0;
-        BotAccess {
-            view,
-            history: view && permissions & perms::READ_MESSAGE_HISTORY != 0,
-        }
-    }
-}
-
-impl GuildState {
-    /// Channels (and threads) `user_id` may view at `now`.
-    pub(crate) fn viewable_by(&self, user_id: u64, now: DateTime<Utc>) -> BTreeSet<u64> {
-        self.channels
-            .keys()
-            .copied()
-            .filter(|c| self.channel_permissions(user_id, *c, now) & perms::VIEW_CHANNEL != 0)
-            .collect()
-    }
-}
-
 impl World {
-    pub(crate) fn bot_access(&self, g: &GuildState, channel_id: u64) -> BotAccess {
-        if !g.bot_present {
-            return BotAccess {
-                view: false,
-                history: false,
-            };
+    /// What the bot may do in one channel of `g` now (nothing in a guild it is not in).
+    pub(crate) fn bot_access(&self, g: &GuildState, channel_id: u64) -> ChannelView {
+        match g.channels.get(&channel_id) {
+            Some(c) if g.bot_present => ChannelView::of(
+                c.kind,
+                self.user_channel_permissions(g, self.bot.id, channel_id),
+            ),
+            _ => ChannelView::default(),
         }
-        BotAccess::of(g.channel_permissions(self.bot.id, channel_id, self.clock()))
     }
 
-    pub(crate) fn bot_can_view(&self, guild_id: u64, channel_id: u64) -> bool {
+    fn bot_may(&self, guild_id: u64, channel_id: u64, f: impl Fn(ChannelView) -> bool) -> bool {
         self.guilds
             .get(&guild_id)
-            .is_some_and(|g| self.bot_access(g, channel_id).view)
+            .is_some_and(|g| f(self.bot_access(g, channel_id)))
     }
 
-    /// Every channel and thread whose history the bot can read (view + READ_MESSAGE_HISTORY, and
-    /// CONNECT in voice and stage channels), over all guilds it is in.
+    /// Every channel and thread whose history the bot can read (VIEW_CHANNEL and
+    /// READ_MESSAGE_HISTORY, and CONNECT in voice and stage channels), over all its guilds.
     pub(crate) fn bot_readable_channels(&self) -> BTreeSet<u64> {
         self.guilds
             .values()
-            .filter(|g| g.bot_present)
             .flat_map(|g| {
-                g.channels
-                    .values()
-                    .filter(|c| c.kind.is_textual() && self.bot_access(g, c.id).history)
-                    .map(|c| c.id)
+                self.user_channel_views(g, self.bot.id)
+                    .into_iter()
+                    .filter(|(_, v)| v.history)
+                    .map(|(c, _)| c)
             })
             .collect()
     }
 
-    /// Every channel and thread the bot can view (receives events from).
+    /// Every channel and thread the bot can view (receives their channel events).
     pub(crate) fn bot_viewable_channels(&self) -> BTreeSet<u64> {
-        let now = self.clock();
         self.guilds
-            .values()
-            .filter(|g| g.bot_present)
-            .flat_map(|g| g.viewable_by(self.bot.id, now))
+            .keys()
+            .flat_map(|g| self.bot_view_set(*g))
             .collect()
     }
 
-    /// Dispatches an event about `channel_id` only if the bot can view that channel.
+    /// Dispatches a message event of `channel_id` only if the bot can read it live there
+    /// (VIEW_CHANNEL; in voice and stage channels also CONNECT).
+    pub(crate) fn dispatch_message(
+        &mut self,
+        guild_id: u64,
+        channel_id: u64,
+        t: &'static str,
+        d: &Value,
+    ) {
+        if self.bot_may(guild_id, channel_id, |v| v.read) {
+            self.dispatch(guild_id, t, d);
+        }
+    }
+
+    /// Dispatches a thread event only if the bot can view the thread.
     pub(crate) fn dispatch_in(
         &mut self,
         guild_id: u64,
@@ -99,15 +81,18 @@ impl World {
         t: &'static str,
         d: &Value,
     ) {
-        if self.bot_can_view(guild_id, channel_id) {
+        if self.bot_may(guild_id, channel_id, |v| v.view) {
             self.dispatch(guild_id, t, d);
         }
     }
 
     fn bot_view_set(&self, guild_id: u64) -> BTreeSet<u64> {
         match self.guilds.get(&guild_id) {
-            Some(g) if g.bot_present => g.viewable_by(self.bot.id, self.clock()),
-            _ => BTreeSet::new(),
+            Some(g) => self
+                .user_channel_views(g, self.bot.id)
+                .into_keys()
+                .collect(),
+            None => BTreeSet::new(),
         }
     }
 
@@ -144,7 +129,7 @@ impl World {
         if parents.is_empty() {
             return None;
         }
-        let now = self.clock();
+        let now = self.peek_now();
         let threads: Vec<&crate::Channel> = g
             .channels
             .values()

@@ -25,13 +25,12 @@
 //! ```
 
 mod botview;
-#[path = "perms.rs"]
-mod channel_perms;
 mod control;
 mod gateway;
 pub mod model;
 mod oauth;
 mod payload;
+mod permissions;
 mod rest;
 mod scenario;
 mod traffic;
@@ -54,6 +53,7 @@ pub use model::{
     perms, Attachment, AttachmentSpec, Channel, ChannelKind, Guild, Member, MessageState,
     Overwrite, OverwriteKind, PostOptions, Revision, Role, Scenario, ThreadInfo, User,
 };
+pub use permissions::ChannelView;
 pub use scenario::GenOptions;
 pub use traffic::{TrafficHandle, TrafficOptions};
 
@@ -301,6 +301,22 @@ impl Simulator {
     /// truth to compare a database mirror with.
     pub fn access_truth(&self) -> Scenario {
         self.world().snapshot()
+    }
+
+    /// Ground truth of access: every channel (threads included) of `guild_id` that `user_id`
+    /// may see in Discord, with whether they may read its messages live and its history.
+    /// Empty for non-members, unknown guilds and guilds without the bot. The bot's own id
+    /// answers for the bot.
+    pub fn user_channel_access(
+        &self,
+        guild_id: u64,
+        user_id: u64,
+    ) -> std::collections::BTreeMap<u64, ChannelView> {
+        let w = self.world();
+        match w.guilds.get(&guild_id) {
+            Some(g) => w.user_channel_views(g, user_id),
+            None => Default::default(),
+        }
     }
 
     pub fn add_user(&self, user: User) {

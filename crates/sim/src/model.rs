@@ -22,6 +22,7 @@ pub mod perms {
     pub const EMBED_LINKS: u64 = 1 << 14;
     pub const ATTACH_FILES: u64 = 1 << 15;
     pub const READ_MESSAGE_HISTORY: u64 = 1 << 16;
+    /// Voice and stage channels: joining, and (implicitly) reading their text chat.
     pub const CONNECT: u64 = 1 << 20;
     pub const MANAGE_ROLES: u64 = 1 << 28;
     pub const MANAGE_THREADS: u64 = 1 << 34;
@@ -39,6 +40,7 @@ pub mod perms {
         | EMBED_LINKS
         | ATTACH_FILES
         | READ_MESSAGE_HISTORY
+        | CONNECT
         | CREATE_PUBLIC_THREADS
         | SEND_MESSAGES_IN_THREADS;
 }

@@ -260,7 +260,7 @@ fn visible_channel(w: &World, id: u64) -> Result<(&GuildState, &crate::Channel),
 /// chat is unreadable), and READ_MESSAGE_HISTORY (without it Discord answers an empty page).
 /// Ok(false) means "answer `[]`".
 fn history_readable(w: &World, g: &GuildState, c: &crate::Channel) -> Result<bool, ApiError> {
-    let p = g.channel_permissions(w.bot.id, c.id, w.clock());
+    let p = w.user_channel_permissions(g, w.bot.id, c.id);
     if matches!(c.kind, ChannelKind::Voice | ChannelKind::Stage) && p & perms::CONNECT == 0 {
         return Err(ApiError::missing_access());
     }

@@ -214,9 +214,9 @@ impl World {
         }
     }
 
-    /// The current time without advancing a virtual clock: for permission checks, which must not
-    /// change the ids a reproducible run allocates.
-    pub fn clock(&self) -> DateTime<Utc> {
+    /// The current time without advancing the virtual clock (permission checks read it; they
+    /// must not change the ids and timestamps a scenario produces).
+    pub fn peek_now(&self) -> DateTime<Utc> {
         match self.virtual_ms {
             Some(ms) => snowflake_time(snowflake_at(ms)),
             None => Utc::now(),
@@ -382,6 +382,34 @@ impl World {
 
     pub fn channel_json(&self, guild_id: u64, c: &Channel) -> Value {
         payload::channel(c, guild_id, &snowflake_time(c.id))
+    }
+
+    /// Discord's permissions of `user_id` (the bot included) in a channel of guild `g`, now.
+    pub fn user_channel_permissions(&self, g: &GuildState, user_id: u64, channel_id: u64) -> u64 {
+        let now = self.peek_now();
+        if user_id == self.bot.id {
+            return g.member_channel_permissions(&self.bot_member(g), channel_id, now);
+        }
+        g.channel_permissions(user_id, channel_id, now)
+    }
+
+    /// Every channel of guild `g` that `user_id` (the bot included) may see, with what they
+    /// may read: the ground truth of what Discord's client would show them.
+    pub fn user_channel_views(
+        &self,
+        g: &GuildState,
+        user_id: u64,
+    ) -> std::collections::BTreeMap<u64, crate::permissions::ChannelView> {
+        let now = self.peek_now();
+        let member = if user_id == self.bot.id {
+            Some(self.bot_member(g))
+        } else {
+            g.members.get(&user_id).cloned()
+        };
+        match member {
+            Some(m) if g.bot_present => g.member_channel_views(&m, now),
+            _ => Default::default(),
+        }
     }
 
     fn bot_member(&self, g: &GuildState) -> Member {
@@ -607,7 +635,7 @@ impl World {
             .or_default()
             .insert(id, m.clone());
         self.message_channel.insert(id, channel_id);
-        self.dispatch_in(guild_id, channel_id, "MESSAGE_CREATE", &json);
+        self.dispatch_message(guild_id, channel_id, "MESSAGE_CREATE", &json);
         Ok(m)
     }
 
@@ -642,7 +670,7 @@ impl World {
         } else {
             self.message_json(&m)
         };
-        self.dispatch_in(m.guild_id, m.channel_id, "MESSAGE_UPDATE", &json);
+        self.dispatch_message(m.guild_id, m.channel_id, "MESSAGE_UPDATE", &json);
         Ok(m)
     }
 
@@ -652,7 +680,7 @@ impl World {
         m.deleted = true;
         m.deleted_at = Some(now);
         let (g, c) = (m.guild_id, m.channel_id);
-        self.dispatch_in(
+        self.dispatch_message(
             g,
             c,
             "MESSAGE_DELETE",
@@ -681,7 +709,7 @@ impl World {
                 "no live messages of this channel among the ids".into(),
             ));
         }
-        self.dispatch_in(
+        self.dispatch_message(
             guild_id,
             channel_id,
             "MESSAGE_DELETE_BULK",

@@ -44,6 +44,9 @@ pub struct Backfiller {
     pub max_pages: u32,
     pub overlap: Duration,
     pub access: Arc<crate::botaccess::BotAccess>,
+    /// Re-read each channel's recent window after its backfill (edits and
+    /// deletions made while the worker was away); None skips it.
+    pub reconcile: Option<crate::reconcile::Reconciler>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +59,8 @@ pub enum BackfillError {
     Status(StatusCode, String),
     #[error("the ingest queue is closed")]
     Closed,
+    #[error("unparseable answer: {0}")]
+    Unparseable(String),
 }
 
 impl Backfiller {
@@ -88,7 +93,18 @@ impl Backfiller {
             futures::stream::iter(req.channels.iter().copied())
                 .map(|ch| {
                     let after = cursors.get(&ch).copied().unwrap_or(0);
-                    async move { (ch, self.channel(req.guild_id, ch, after).await) }
+                    async move {
+                        let fetched = self.channel(req.guild_id, ch, after).await;
+                        // After the forward pass, so the window's newest end
+                        // is already stored and only older changes remain.
+                        // A channel Discord just refused is not asked again.
+                        if let (Ok(_), Some(rc)) = (&fetched, &self.reconcile) {
+                            if !self.access.is_unreadable(ch) {
+                                self.reconcile_channel(rc, req.guild_id, ch).await;
+                            }
+                        }
+                        (ch, fetched)
+                    }
                 })
                 .buffer_unordered(self.concurrency.max(1))
                 .collect()
@@ -114,6 +130,25 @@ impl Backfiller {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "backfill finished"
         );
+    }
+
+    /// One channel's reconciliation pass; failures are logged and counted (the
+    /// next snapshot runs it again).
+    async fn reconcile_channel(
+        &self,
+        rc: &crate::reconcile::Reconciler,
+        guild_id: i64,
+        channel_id: i64,
+    ) {
+        match rc.channel(guild_id, channel_id).await {
+            Ok(_) => {
+                self.metrics.reconcile_channels.inc();
+            }
+            Err(err) => {
+                self.metrics.reconcile_errors.inc();
+                tracing::warn!(guild = guild_id, channel = channel_id, error = %err, "reconciliation of a channel failed");
+            }
+        };
     }
 
     /// Per channel, the id to fetch after: the newest stored message older than

@@ -64,6 +64,10 @@ pub struct Config {
     /// to close gaps left by ops that were queued but never committed (a killed
     /// worker, out-of-order handlers). Rewrites are idempotent.
     pub backfill_overlap: Duration,
+    /// After each channel's backfill, re-read this recent window of it to find
+    /// edits and deletions made while the worker was away (see `reconcile`).
+    /// None disables it.
+    pub reconcile: Option<crate::reconcile::Window>,
     /// Re-read a member / role set / channel over REST this long after an
     /// event touched it, so out-of-order handling cannot leave access data
     /// stale. None disables it.
@@ -87,6 +91,7 @@ impl Config {
             backfill_concurrency: 4,
             backfill_max_pages: 0,
             backfill_overlap: Duration::from_secs(30),
+            reconcile: Some(crate::reconcile::Window::default()),
             access_reread: Some(Duration::from_secs(2)),
             purge_interval: Some(Duration::from_secs(600)),
         }

@@ -8,6 +8,8 @@
 //!   each written atomically.
 //! - [`backfill`]: history after the newest stored message, per channel.
 //! - `botaccess`: channels Discord refuses the bot (403): marked, not retried.
+//! - [`reconcile`]: after a gap, each channel's recent window read again;
+//!   edits become revisions, vanished messages tombstones marked as detected.
 //! - `rest`: rate-limit-aware Discord REST GETs (backfill, re-reads).
 //! - `reread`: debounced REST re-reads of access entities touched by events,
 //!   so out-of-order handling converges to Discord's current state.
@@ -24,6 +26,7 @@ mod botaccess;
 pub mod config;
 mod map;
 pub mod metrics;
+pub mod reconcile;
 mod reread;
 mod rest;
 
@@ -204,6 +207,13 @@ pub async fn run_with_metrics(
             max_pages: config.backfill_max_pages,
             overlap: config.backfill_overlap,
             access: Arc::clone(&access),
+            reconcile: config.reconcile.map(|window| reconcile::Reconciler {
+                rest: api.clone(),
+                db: db.clone(),
+                ops: ops_tx.clone(),
+                metrics: Arc::clone(&metrics),
+                window,
+            }),
         };
         tokio::spawn(bf.run(bf_rx))
     });

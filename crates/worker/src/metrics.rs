@@ -43,6 +43,14 @@ pub struct Metrics {
     pub backfill_pages: Counter,
     pub backfill_rate_limited: Counter,
     pub backfill_errors: Counter,
+    /// Channels whose recent window was reconciled after a gap.
+    pub reconcile_channels: Counter,
+    pub reconcile_pages: Counter,
+    /// Messages Discord returned inside reconciled windows.
+    pub reconcile_checked: Counter,
+    /// Stored messages found deleted (tombstones marked as detected).
+    pub reconcile_gone: Counter,
+    pub reconcile_errors: Counter,
     /// REST requests abandoned after too many 429 answers.
     pub rest_rate_limit_give_ups: Counter,
     /// REST answers 403 (the bot lacks access; never retried).
@@ -80,6 +88,11 @@ impl Metrics {
             backfill_pages: Counter::default(),
             backfill_rate_limited: Counter::default(),
             backfill_errors: Counter::default(),
+            reconcile_channels: Counter::default(),
+            reconcile_pages: Counter::default(),
+            reconcile_checked: Counter::default(),
+            reconcile_gone: Counter::default(),
+            reconcile_errors: Counter::default(),
             rest_rate_limit_give_ups: Counter::default(),
             rest_forbidden: Counter::default(),
             bot_unreadable_channels: Gauge::default(),
@@ -183,6 +196,31 @@ impl Metrics {
             "backfill_errors",
             "Backfill requests that failed",
             m.backfill_errors.clone(),
+        );
+        r.register(
+            "reconcile_channels",
+            "Channels whose recent window was reconciled after a gap",
+            m.reconcile_channels.clone(),
+        );
+        r.register(
+            "reconcile_pages",
+            "History pages read by reconciliation",
+            m.reconcile_pages.clone(),
+        );
+        r.register(
+            "reconcile_checked",
+            "Messages compared by reconciliation",
+            m.reconcile_checked.clone(),
+        );
+        r.register(
+            "reconcile_detected_deletions",
+            "Stored messages found deleted by reconciliation",
+            m.reconcile_gone.clone(),
+        );
+        r.register(
+            "reconcile_errors",
+            "Channel reconciliations that failed (retried at the next snapshot)",
+            m.reconcile_errors.clone(),
         );
         r.register(
             "rest_rate_limit_give_ups",

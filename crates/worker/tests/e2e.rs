@@ -437,3 +437,148 @@ async fn reordered_access_events_converge(pool: PgPool) -> anyhow::Result<()> {
     sim.shutdown().await;
     Ok(())
 }
+
+/// One stored message: content, live deletion, detected deletion.
+async fn stored(pool: &PgPool, id: u64) -> anyhow::Result<(String, bool, bool)> {
+    Ok(sqlx::query_as(
+        "select content, deleted_at is not null, deletion_detected_at is not null
+         from messages where message_id = $1",
+    )
+    .bind(id as i64)
+    .fetch_one(pool)
+    .await?)
+}
+
+#[sqlx::test(migrator = "observer_db::MIGRATOR")]
+async fn edits_and_deletions_while_away_are_reconciled_within_the_window(
+    pool: PgPool,
+) -> anyhow::Result<()> {
+    init_tracing();
+    let db = db(&pool).await?;
+    let sim = sim(SimConfig::default()).await?;
+    let sc = scenario();
+    let guilds = sc.guilds.len() as i64;
+    let (_g, ch, author) = first_text_channel(&sc);
+    sim.load(sc);
+    // The window: the newest 20 messages (age 0 adds nothing) — in practice
+    // the first history page, 100 messages.
+    let mut cfg = config(&sim);
+    // No backfill overlap: it would re-read every message of this quick test.
+    cfg.backfill_overlap = Duration::ZERO;
+    cfg.reconcile = Some(observer_worker::reconcile::Window {
+        max_age: Duration::ZERO,
+        min_messages: 20,
+    });
+
+    let worker = start(cfg.clone(), db.clone());
+    wait_guilds(&pool, guilds).await?;
+    let mut posted = Vec::new();
+    for i in 0..150 {
+        posted.push(
+            sim.post_message(ch, author, format!("m{i}"), PostOptions::default())?
+                .id,
+        );
+    }
+    wait_truth(&pool, &sim, Duration::from_secs(60)).await?;
+    worker.stop().await?;
+
+    // While nobody listens: changes among the newest 100 (inside the window)
+    // and among the oldest 10 of these 150 (outside it).
+    let (outside, inside) = (&posted[..10], &posted[posted.len() - 20..]);
+    sim.edit_message(inside[0], "edited while away")?;
+    sim.edit_message(outside[0], "edited outside the window")?;
+    for id in &inside[1..4] {
+        sim.delete_message(*id)?;
+    }
+    sim.bulk_delete(ch, &inside[4..6])?;
+    sim.delete_message(outside[1])?;
+    let gone_inside: Vec<u64> = inside[1..6].to_vec();
+
+    // A new worker process cannot resume: it identifies, gets GUILD_CREATE,
+    // backfills and reconciles.
+    let worker = start(cfg.clone(), db.clone());
+    eventually(Duration::from_secs(60), "reconciled", || async {
+        let (content, _, _) = stored(&pool, inside[0]).await?;
+        let mut detected = 0;
+        for id in &gone_inside {
+            detected += usize::from(stored(&pool, *id).await?.2);
+        }
+        Ok(
+            if content == "edited while away" && detected == gone_inside.len() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "content {content:?}, {detected} deletions detected"
+                ))
+            },
+        )
+    })
+    .await?;
+    for id in &gone_inside {
+        let (_, live_deleted, detected) = stored(&pool, *id).await?;
+        assert!(detected && !live_deleted, "message {id}: only detected");
+    }
+    let revisions: Vec<String> =
+        sqlx::query_scalar("select content from message_revisions where message_id = $1")
+            .bind(inside[0] as i64)
+            .fetch_all(&pool)
+            .await?;
+    assert!(revisions.contains(&"m130".to_owned()), "{revisions:?}");
+    // Outside the window nothing is invented: the stored state stays.
+    assert_eq!(
+        stored(&pool, outside[0]).await?,
+        ("m0".into(), false, false)
+    );
+    assert_eq!(
+        stored(&pool, outside[1]).await?,
+        ("m1".into(), false, false)
+    );
+    // Every other message of the window is untouched.
+    for id in inside[6..].iter().chain(&posted[50..60]) {
+        let (_, deleted, detected) = stored(&pool, *id).await?;
+        assert!(!deleted && !detected, "message {id} kept");
+    }
+    assert!(worker.metrics.reconcile_gone.get() >= gone_inside.len() as u64);
+    let events = |pool: PgPool, ids: Vec<i64>| async move {
+        sqlx::query_scalar::<_, i64>(
+            "select count(*) from message_events where kind = 3 and message_id = any($1)",
+        )
+        .bind(ids)
+        .fetch_one(&pool)
+        .await
+    };
+    let ids: Vec<i64> = gone_inside.iter().map(|i| *i as i64).collect();
+    assert_eq!(events(pool.clone(), ids.clone()).await?, ids.len() as i64);
+
+    // Running it again (another restart) changes nothing: one event each still.
+    worker.stop().await?;
+    let worker = start(cfg, db);
+    let channels: i64 = sqlx::query_scalar(
+        "select count(*) from channels
+         where kind in (0, 5) or (kind in (10, 11, 12) and not archived)",
+    )
+    .fetch_one(&pool)
+    .await?;
+    eventually(
+        Duration::from_secs(60),
+        "every channel reconciled again",
+        || async {
+            let n = worker.metrics.reconcile_channels.get();
+            Ok(if n >= channels as u64 {
+                Ok(())
+            } else {
+                Err(format!("{n} of {channels} channels"))
+            })
+        },
+    )
+    .await?;
+    assert_eq!(events(pool.clone(), ids.clone()).await?, ids.len() as i64);
+    assert_eq!(
+        worker.metrics.reconcile_gone.get(),
+        0,
+        "nothing new is gone"
+    );
+    worker.stop().await?;
+    sim.shutdown().await;
+    Ok(())
+}

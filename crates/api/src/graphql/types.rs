@@ -232,7 +232,13 @@ pub struct Message {
     pub content: String,
     pub created_at: DateTime<Utc>,
     pub edited_at: Option<DateTime<Utc>>,
+    /// When Discord reported the deletion (observed live; null if not deleted,
+    /// or if the deletion was only detected later).
     pub deleted_at: Option<DateTime<Utc>>,
+    /// When the observer noticed that Discord no longer has this message: it was
+    /// deleted at an unknown earlier time, while the worker was not connected.
+    /// Null unless the deletion was detected that way (then `deletedAt` is null).
+    pub deletion_detected_at: Option<DateTime<Utc>>,
     pub attachments: Vec<Attachment>,
     pub reply_to_id: Option<ID>,
     #[graphql(skip)]
@@ -265,6 +271,7 @@ impl From<MessageRow> for Message {
             created_at: m.created_at,
             edited_at: m.edited_at,
             deleted_at: m.deleted_at,
+            deletion_detected_at: m.deletion_detected_at,
             attachments: Attachment::parse_list(&m.attachments),
             reply_to_id: m.reply_to_id.map(id),
             key: (m.guild_id, m.message_id),

@@ -131,7 +131,8 @@ struct ViewerState {
     subs: usize,
     /// guild id → membership (absent: not a member).
     members: HashMap<i64, MemberData>,
-    /// channel id → (guild id, access), live-visible channels only.
+    /// channel id → (guild id, access), visible channels only (`read` decides
+    /// delivery: a voice channel without CONNECT is visible, its chat is not).
     visible: HashMap<i64, (i64, ChannelAccess)>,
     /// Earliest future timeout end among the memberships: access may widen then.
     next_expiry: Option<DateTime<Utc>>,
@@ -163,19 +164,22 @@ impl ViewerState {
     fn access(&self, guild_id: i64, channel_id: i64) -> Option<ChannelAccess> {
         self.visible
             .get(&channel_id)
-            .filter(|(g, a)| *g == guild_id && a.view)
+            .filter(|(g, a)| *g == guild_id && a.read)
             .map(|(_, a)| *a)
     }
 
-    /// Whether anything in `scope` is visible; the unscoped subscription
+    /// Whether anything in `scope` is readable; the unscoped subscription
     /// ("everything I may see") is never forbidden, it may simply be quiet.
+    /// A channel listed in the scope counts only if its messages are readable
+    /// (a voice channel without CONNECT is visible, its chat is not); a guild
+    /// scope counts if the guild is visible at all, like its other queries.
     fn scope_visible(&self, scope: &Scope) -> bool {
         match (&scope.channel_ids, scope.guild_id) {
             (None, None) => true,
             (Some(ids), g) => ids.iter().any(|c| {
                 self.visible
                     .get(c)
-                    .is_some_and(|(vg, _)| g.is_none_or(|g| g == *vg))
+                    .is_some_and(|(vg, a)| a.read && g.is_none_or(|g| g == *vg))
             }),
             (None, Some(g)) => self.visible.values().any(|(vg, _)| *vg == g),
         }
@@ -239,7 +243,7 @@ impl State {
                 continue;
             };
             for (c, (g, a)) in &v.visible {
-                if a.view && sub.wants(*g, *c) {
+                if a.read && sub.wants(*g, *c) {
                     idx.entry(*c).or_default().push(*id);
                 }
             }
@@ -639,13 +643,13 @@ async fn load_viewer(db: &Db, viewer: i64) -> observer_db::Result<LoadedViewer> 
     })
 }
 
-/// The live set the Rust rule computes from `l`, as (guild, channel, history).
-fn rust_visible(l: &LoadedViewer, now: DateTime<Utc>) -> BTreeSet<(i64, i64, bool)> {
+/// The visible set the Rust rule computes from `l`, as (guild, channel, read, history).
+fn rust_visible(l: &LoadedViewer, now: DateTime<Utc>) -> BTreeSet<(i64, i64, bool, bool)> {
     let mut out = BTreeSet::new();
     for (gid, m) in &l.members {
         if let Some(g) = l.guilds.get(gid) {
             for (cid, a) in visible_channels(g, Some(m), now) {
-                out.insert((*gid, cid, a.history));
+                out.insert((*gid, cid, a.read, a.history));
             }
         }
     }
@@ -662,7 +666,7 @@ async fn cross_check(db: &Db, viewer: i64, l: &LoadedViewer) -> anyhow::Result<(
         tx.commit().await?;
         Ok::<_, observer_db::Error>(
             rows.into_iter()
-                .map(|c| (c.guild_id, c.channel_id, c.history))
+                .map(|c| (c.guild_id, c.channel_id, c.read, c.history))
                 .collect::<BTreeSet<_>>(),
         )
     };

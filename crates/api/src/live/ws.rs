@@ -423,6 +423,7 @@ mod tests {
             created_at: at,
             edited_at: None,
             deleted_at: None,
+            deletion_detected_at: None,
             attachments: serde_json::Value::Null,
             reply_to_id: None,
         };

@@ -123,7 +123,7 @@ pub async fn compare_truth(
 ) -> anyhow::Result<Result<(), String>> {
     let rows: Vec<Row> = sqlx::query_as(
         "select message_id, guild_id, channel_id, author_id, content, created_at, edited_at,
-                deleted_at is not null, attachments, reply_to_id
+                (deleted_at is not null or deletion_detected_at is not null), attachments, reply_to_id
          from messages",
     )
     .fetch_all(pool)
