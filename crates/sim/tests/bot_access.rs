@@ -244,6 +244,31 @@ async fn gateway_sends_only_viewable_channels_events_and_syncs_threads_on_gain()
     )
     .unwrap();
     sim.add_thread_member(hidden_thread.id, s.staff).unwrap();
+    // A voice channel the bot may view but not join: its chat is not sent either.
+    let locked = sim
+        .create_channel(
+            s.guild,
+            Channel {
+                id: 0,
+                kind: ChannelKind::Voice,
+                name: "locked room".into(),
+                parent_id: None,
+                position: 9,
+                topic: None,
+                overwrites: vec![Overwrite {
+                    id: s.observer_role,
+                    kind: OverwriteKind::Role,
+                    allow: 0,
+                    deny: perms::CONNECT,
+                }],
+                thread: None,
+            },
+        )
+        .unwrap();
+    assert_eq!(dispatch(&mut ws).await["t"], "CHANNEL_CREATE");
+    assert!(sim.bot_viewable_channels().contains(&locked.id));
+    sim.post_message(locked.id, s.staff, "voice chat", PostOptions::default())
+        .unwrap();
     let seen = sim
         .post_message(s.seen, s.staff, "visible", PostOptions::default())
         .unwrap();
