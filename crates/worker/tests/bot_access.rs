@@ -4,11 +4,45 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
 use observer_sim::{perms, GenOptions, Overwrite, OverwriteKind, PostOptions, Scenario, SimConfig};
 use sqlx::PgPool;
+
+/// Counts error-level events of our own crates (serenity's are its business),
+/// and all of our events (to know the counter is really installed).
+struct CountErrors(Arc<AtomicUsize>, Arc<AtomicUsize>);
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for CountErrors {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        let meta = event.metadata();
+        if meta.target().starts_with("observer") {
+            self.1.fetch_add(1, Ordering::SeqCst);
+        }
+        if *meta.level() == tracing::Level::ERROR && meta.target().starts_with("observer") {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// This binary's only test owns the global subscriber: every thread's logs are counted.
+fn count_errors() -> (Arc<AtomicUsize>, Arc<AtomicUsize>) {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    use tracing_subscriber::Layer as _;
+    let (errors, all) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_test_writer()
+        .with_filter(tracing_subscriber::EnvFilter::from_default_env());
+    let _ = tracing_subscriber::registry()
+        .with(CountErrors(Arc::clone(&errors), Arc::clone(&all)))
+        .with(fmt)
+        .try_init();
+    (errors, all)
+}
 
 async fn bot_can_read(pool: &PgPool, channel: u64) -> anyhow::Result<Option<Option<bool>>> {
     Ok(
@@ -32,7 +66,7 @@ async fn stored_in(pool: &PgPool, channel: u64) -> anyhow::Result<i64> {
 async fn unreadable_channels_are_marked_not_retried_and_backfilled_once_granted(
     pool: PgPool,
 ) -> anyhow::Result<()> {
-    init_tracing();
+    let (errors, all) = count_errors();
     let db = db(&pool).await?;
     let sim = sim(SimConfig::default()).await?;
     let sc = Scenario::generate(21, GenOptions::default());
@@ -143,6 +177,11 @@ async fn unreadable_channels_are_marked_not_retried_and_backfilled_once_granted(
     .await?;
     assert_eq!(worker.metrics.backfill_errors.get(), 0);
     worker.stop().await?;
+    assert!(
+        all.load(Ordering::SeqCst) > 0,
+        "the log counter saw nothing"
+    );
+    assert_eq!(errors.load(Ordering::SeqCst), 0, "error-level logs");
     sim.shutdown().await;
     Ok(())
 }
