@@ -72,6 +72,15 @@ impl Backfiller {
 
     async fn guild(&self, mut req: Request) {
         let started = std::time::Instant::now();
+        // Before any database work: most CHANNEL_UPDATEs concern channels the
+        // bot reads already. (The set holds the database's marks from the
+        // session's first snapshot on, which precedes any CHANNEL_UPDATE.)
+        if req.only_unreadable {
+            req.channels.retain(|c| self.access.is_unreadable(*c));
+            if req.channels.is_empty() {
+                return;
+            }
+        }
         let cursors = match self.cursors(&req).await {
             Ok(c) => c,
             Err(err) => {
@@ -80,12 +89,6 @@ impl Backfiller {
                 return;
             }
         };
-        if req.only_unreadable {
-            req.channels.retain(|c| self.access.is_unreadable(*c));
-            if req.channels.is_empty() {
-                return;
-            }
-        }
         let n = req.channels.len();
         self.metrics.backfill_channels_pending.inc_by(n as i64);
         tracing::info!(guild = req.guild_id, channels = n, "backfill started");
