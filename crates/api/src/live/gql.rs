@@ -11,7 +11,6 @@
 //! [`Lane`]): per delivery, what is left is splicing it into a frame.
 
 use std::borrow::Cow;
-use std::fmt::Write as _;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context as TaskContext, Poll};
@@ -69,35 +68,88 @@ pub fn to_message_event(ev: &LiveEvent) -> MessageEvent {
     }
 }
 
-/// What a subscription's events are rendered with: a digest of its whole
-/// operation (fragments included), its variables and the subscribed field's
-/// position. Equal keys render any event identically.
+/// What a subscription's events are rendered with: a digest of a canonical
+/// form we own of the request — the document text, the operation name and the
+/// variables as canonical JSON (object keys sorted). Equal keys render any
+/// event identically, because the rendering depends on nothing else (see the
+/// module note; `tests/schema.rs` holds the fields under `MessageEvent` to a
+/// reviewed list). Two spellings of one selection get two keys: that only
+/// costs sharing, never correctness.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SelectionKey([u8; 32]);
 
 impl SelectionKey {
-    /// The key of the field being resolved in `ctx`. Uses the executor's
-    /// parsed document (`query_env`, public but undocumented): the parsed
-    /// form rather than the text, so it covers exactly what execution sees.
-    pub fn of(ctx: &async_graphql::Context<'_>) -> Self {
-        struct Hashing(Sha256);
-        impl std::fmt::Write for Hashing {
-            fn write_str(&mut self, s: &str) -> std::fmt::Result {
-                self.0.update(s.as_bytes());
-                Ok(())
+    /// The key of a subscription request, computed by the WebSocket loop before
+    /// execution and handed to the resolver as request data.
+    pub fn of_request(
+        query: &str,
+        operation_name: Option<&str>,
+        variables: &serde_json::Value,
+    ) -> Self {
+        let mut canonical = String::new();
+        canonical_json(variables, &mut canonical);
+        let mut h = Sha256::new();
+        h.update(b"selection-v1\0");
+        h.update(query.as_bytes());
+        h.update(b"\0");
+        // An absent name and an empty one are different requests.
+        match operation_name {
+            Some(name) => {
+                h.update(b"some:");
+                h.update(name.as_bytes());
             }
+            None => h.update(b"none"),
         }
-        let env = &ctx.query_env;
-        let mut fragments: Vec<_> = env.fragments.iter().collect();
-        fragments.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
-        let mut h = Hashing(Sha256::new());
-        // Writing into a hasher cannot fail.
-        let _ = write!(
-            h,
-            "{:?}\u{0}{:?}\u{0}{:?}\u{0}{:?}\u{0}{:?}",
-            env.operation_name, env.operation, fragments, env.variables, ctx.item.pos
-        );
-        Self(h.0.finalize().into())
+        h.update(b"\0");
+        h.update(canonical.as_bytes());
+        Self(h.finalize().into())
+    }
+
+    /// The key of the subscription being resolved in `ctx`: the one its
+    /// transport computed, or a key of its own (no sharing) when it came by a
+    /// path that computed none.
+    pub fn of(ctx: &async_graphql::Context<'_>) -> Self {
+        if let Some(k) = ctx.data_opt::<SelectionKey>() {
+            return *k;
+        }
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut h = Sha256::new();
+        h.update(b"unshared\0");
+        h.update(n.to_le_bytes());
+        Self(h.finalize().into())
+    }
+}
+
+/// `v` as JSON text with every object's keys sorted, whatever order the
+/// client sent (or a map type keeps): the same variables give the same text.
+fn canonical_json(v: &serde_json::Value, out: &mut String) {
+    match v {
+        serde_json::Value::Object(map) => {
+            let mut entries: Vec<_> = map.iter().collect();
+            entries.sort_by(|a, b| a.0.cmp(b.0));
+            out.push('{');
+            for (i, (k, v)) in entries.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&serde_json::Value::String(k.clone()).to_string());
+                out.push(':');
+                canonical_json(v, out);
+            }
+            out.push('}');
+        }
+        serde_json::Value::Array(items) => {
+            out.push('[');
+            for (i, v) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                canonical_json(v, out);
+            }
+            out.push(']');
+        }
+        scalar => out.push_str(&scalar.to_string()),
     }
 }
 
@@ -396,6 +448,38 @@ pub fn to_error(e: &LiveError) -> async_graphql::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn selection_keys_depend_on_exactly_the_request_text_name_and_variables() {
+        let q = "subscription($c: [ID!]) { messageEvents(channelIds: $c) { cursor } }";
+        let vars =
+            |json: &str| -> serde_json::Value { serde_json::from_str(json).unwrap_or_default() };
+        let key =
+            |q: &str, name: Option<&str>, v: &str| SelectionKey::of_request(q, name, &vars(v));
+        let base = key(q, None, r#"{"c": ["1"], "x": {"b": 1, "a": 2}}"#);
+        // Key order is not a difference.
+        assert_eq!(base, key(q, None, r#"{"x": {"a": 2, "b": 1}, "c": ["1"]}"#));
+        // Anything that can change the rendering is.
+        assert_ne!(base, key(q, None, r#"{"c": ["2"], "x": {"b": 1, "a": 2}}"#));
+        assert_ne!(
+            base,
+            key(q, None, r#"{"c": ["1"], "x": {"b": 1, "a": "2"}}"#)
+        );
+        assert_ne!(
+            base,
+            key(q, Some(""), r#"{"c": ["1"], "x": {"b": 1, "a": 2}}"#)
+        );
+        assert_ne!(
+            base,
+            key(
+                &q.replace("cursor", "kind"),
+                None,
+                r#"{"c": ["1"], "x": {"b": 1, "a": 2}}"#
+            )
+        );
+        // Text and name are not confused with one another.
+        assert_ne!(key("a", Some("b"), "{}"), key("ab", None, "{}"));
+    }
 
     #[test]
     fn cursors_round_trip_and_junk_is_refused() {

@@ -34,7 +34,7 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures::stream::BoxStream;
 use futures::{SinkExt, StreamExt};
 
-use super::gql::{Lane, LaneItem};
+use super::gql::{Lane, LaneItem, SelectionKey};
 use crate::error::Code;
 
 /// Most frames written per flush (bounds the time between flushes).
@@ -141,7 +141,13 @@ where
                     return Step::Close(4409, format!("Subscriber for {id} already exists"));
                 }
                 let lane = Arc::new(Lane::default());
-                let request = payload.data(Arc::clone(&lane));
+                let variables = serde_json::to_value(&payload.variables).unwrap_or_default();
+                let key = SelectionKey::of_request(
+                    &payload.query,
+                    payload.operation_name.as_deref(),
+                    &variables,
+                );
+                let request = payload.data(Arc::clone(&lane)).data(key);
                 let stream = self.executor.execute_stream(request, Some(data));
                 self.subs.push(Sub {
                     id,
