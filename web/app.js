@@ -153,6 +153,11 @@ function channelButton(c, depth) {
   b.dataset.kind = c.kind;
   b.append(el("span", "icon", CHANNEL_ICON[c.kind] || "#"), el("span", "name", c.name));
   if (c.kind === "PRIVATE_THREAD") b.append(el("span", "tag", "private"));
+  // Only managers get a non-null botCanRead: tell them why the channel stays empty.
+  if (c.botCanRead === false) {
+    b.append(el("span", "tag", "bot cannot read"));
+    b.title = "The bot cannot read this channel: Discord denies it VIEW_CHANNEL (or CONNECT)";
+  }
   if (c.id === state.channelId) b.classList.add("selected");
   b.addEventListener("click", () => selectChannel(c.id));
   return b;
@@ -487,7 +492,7 @@ function refreshChannelsSoon(channelId) {
 
 async function loadGuilds() {
   const data = await gql(
-    `{ guilds { id name iconUrl channels { id guildId parentId name kind position } } }`,
+    `{ guilds { id name iconUrl channels { id guildId parentId name kind position botCanRead } } }`,
   );
   state.guilds = data.guilds;
   state.channels.clear();
@@ -540,7 +545,9 @@ function selectChannel(channelId, guildId) {
   markSelected();
   $("view-title").textContent = c ? `${CHANNEL_ICON[c.kind] || "#"} ${c.name}` : channelId;
   const g = state.guilds.find((x) => x.id === gid);
-  $("view-sub").textContent = g ? g.name : "";
+  $("view-sub").textContent =
+    (g ? g.name : "") +
+    (c && c.botCanRead === false ? " · the bot cannot read this channel" : "");
   updateLocation();
   state.hasMore = true;
   // Subscribe first, then read history: nothing falls between the two, and

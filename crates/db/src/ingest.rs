@@ -274,6 +274,8 @@ pub enum IngestOp {
         channel_id: i64,
         message_ids: Vec<i64>,
     },
+    /// What Discord answered when the bot tried to read a channel (see [`crate::bot_access`]).
+    ChannelBotAccess(crate::bot_access::BotAccessObservation),
     /// Reconciliation after a gap found these stored messages missing from a
     /// contiguous range of Discord's history: deleted while nobody listened.
     MessagesGone {
@@ -706,7 +708,10 @@ fn settled(left: &BTreeMap<(i64, i64), MsgState>) -> Result<()> {
 fn batchable(op: &IngestOp) -> bool {
     matches!(
         op,
-        IngestOp::ChannelUpsert(_) | IngestOp::RoleUpsert(_) | IngestOp::MemberUpsert(_)
+        IngestOp::ChannelUpsert(_)
+            | IngestOp::RoleUpsert(_)
+            | IngestOp::MemberUpsert(_)
+            | IngestOp::ChannelBotAccess(_)
     )
 }
 
@@ -734,6 +739,16 @@ async fn apply_access_run(conn: &mut PgConnection, run: &[&IngestOp]) -> Result<
                 })
                 .collect();
             upsert_roles(conn, &last_by_key(roles, |r| (r.guild_id, r.role_id))).await
+        }
+        IngestOp::ChannelBotAccess(_) => {
+            let obs: Vec<&crate::bot_access::BotAccessObservation> = run
+                .iter()
+                .filter_map(|op| match op {
+                    IngestOp::ChannelBotAccess(o) => Some(o),
+                    _ => None,
+                })
+                .collect();
+            crate::bot_access::apply(conn, &obs).await
         }
         IngestOp::MemberUpsert(_) => {
             let members: Vec<MemberInfo> = run
@@ -864,6 +879,7 @@ async fn apply_access(conn: &mut PgConnection, op: &IngestOp) -> Result<()> {
             Ok(())
         }
         IngestOp::MemberUpsert(m) => upsert_members(conn, std::slice::from_ref(m)).await,
+        IngestOp::ChannelBotAccess(o) => crate::bot_access::apply(conn, &[o]).await,
         IngestOp::MemberRemove {
             guild_id,
             user_id,

@@ -13,6 +13,7 @@
 //! - [`access_data`]: loads that rule's inputs (guilds, roles, channels,
 //!   overwrites, memberships) as `observer_fanout`.
 //! - [`events`]: the event logs for live fan-out and resume (cursors, watermark reads, RLS replay).
+//! - [`bot_access`]: whether the bot itself can read each channel (worker writes, API reads).
 //! - [`ingest`]: writes from the worker (idempotent upserts, event log, NOTIFY);
 //!   `ingest_threads`: its observed-at ordering for thread members, complete
 //!   listings and guild presence.
@@ -29,6 +30,7 @@
 pub mod access;
 pub mod access_data;
 pub mod auth;
+pub mod bot_access;
 pub mod error;
 pub mod events;
 pub mod ingest;

@@ -44,7 +44,16 @@ pub struct ChannelRow {
     pub name: String,
     pub parent_id: Option<i64>,
     pub position: i32,
+    /// Whether the bot can read the channel (see [`crate::bot_access`]); only
+    /// for viewers who may manage its guild, None for everyone else.
+    pub bot_can_read: Option<bool>,
 }
+
+/// Channel columns; `bot_can_read` only where the viewer may manage the guild
+/// (an InitPlan: the manager set is computed once per statement).
+const CHANNEL_COLUMNS: &str = "guild_id, channel_id, kind, name, parent_id, position, \
+     case when guild_id = any ((select access.manageable_guild_ids())::bigint[]) \
+          then bot_can_read end as bot_can_read";
 
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct MessageRow {
@@ -134,24 +143,23 @@ pub async fn guild(tx: &mut ViewerTx, guild_id: i64) -> Result<Option<GuildRow>>
 
 /// Visible channels of the given guilds, ordered for display (position, then id).
 pub async fn channels_of_guilds(tx: &mut ViewerTx, guild_ids: &[i64]) -> Result<Vec<ChannelRow>> {
-    let rows = sqlx::query_as::<_, ChannelRow>(
-        "select guild_id, channel_id, kind, name, parent_id, position from channels \
-         where guild_id = any($1) order by guild_id, position, channel_id",
-    )
-    .bind(guild_ids)
-    .fetch_all(&mut **tx)
-    .await?;
+    let sql = format!(
+        "select {CHANNEL_COLUMNS} from channels \
+         where guild_id = any($1) order by guild_id, position, channel_id"
+    );
+    let rows = sqlx::query_as::<_, ChannelRow>(&sql)
+        .bind(guild_ids)
+        .fetch_all(&mut **tx)
+        .await?;
     Ok(rows)
 }
 
 pub async fn channel(tx: &mut ViewerTx, channel_id: i64) -> Result<Option<ChannelRow>> {
-    let row = sqlx::query_as::<_, ChannelRow>(
-        "select guild_id, channel_id, kind, name, parent_id, position from channels \
-         where channel_id = $1",
-    )
-    .bind(channel_id)
-    .fetch_optional(&mut **tx)
-    .await?;
+    let sql = format!("select {CHANNEL_COLUMNS} from channels where channel_id = $1");
+    let row = sqlx::query_as::<_, ChannelRow>(&sql)
+        .bind(channel_id)
+        .fetch_optional(&mut **tx)
+        .await?;
     Ok(row)
 }
 

@@ -24,6 +24,7 @@
 //! # let _ = truth; sim.shutdown().await; Ok(()) }
 //! ```
 
+mod botview;
 mod control;
 mod gateway;
 pub mod model;
@@ -35,6 +36,7 @@ mod scenario;
 mod traffic;
 mod world;
 
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -324,6 +326,28 @@ impl Simulator {
     /// Every message ever posted, in id order, with final content, revisions and deletion.
     pub fn ground_truth(&self) -> Vec<MessageState> {
         self.world().ground_truth()
+    }
+
+    /// Channels and threads whose history the bot can read now (VIEW_CHANNEL and
+    /// READ_MESSAGE_HISTORY, plus CONNECT in voice and stage channels): the only ones whose
+    /// messages a mirror can hold.
+    pub fn bot_readable_channels(&self) -> BTreeSet<u64> {
+        self.world().bot_readable_channels()
+    }
+
+    /// Channels and threads the bot can view now (it receives their events).
+    pub fn bot_viewable_channels(&self) -> BTreeSet<u64> {
+        self.world().bot_viewable_channels()
+    }
+
+    /// [`Simulator::ground_truth`] restricted to the channels the bot can read now.
+    pub fn bot_readable_truth(&self) -> Vec<MessageState> {
+        let w = self.world();
+        let readable = w.bot_readable_channels();
+        w.ground_truth()
+            .into_iter()
+            .filter(|m| readable.contains(&m.channel_id))
+            .collect()
     }
 
     pub fn message(&self, id: u64) -> Option<MessageState> {

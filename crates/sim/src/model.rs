@@ -301,6 +301,10 @@ pub struct Guild {
     /// Whether the bot is installed (false after `remove_bot_from_guild`).
     #[serde(default = "default_true")]
     pub bot_present: bool,
+    /// Roles of the bot's own member when `members` does not list the bot (its managed
+    /// integration role, on Discord). Empty: the bot has only @everyone.
+    #[serde(with = "sf::vec", default)]
+    pub bot_roles: Vec<u64>,
 }
 
 /// Everything the simulated Discord knows about: users and guilds.

@@ -186,6 +186,7 @@ mod tests {
             channels: BTreeMap::new(),
             members: BTreeMap::new(),
             bot_present: true,
+            bot_roles: vec![],
         };
         g.roles.insert(
             1,

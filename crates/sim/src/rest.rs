@@ -16,7 +16,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use crate::model::ChannelKind;
+use crate::model::{perms, ChannelKind};
 use crate::world::{GuildState, World};
 use crate::{PostOptions, Shared, SimError};
 
@@ -246,12 +246,25 @@ fn visible_guild(w: &World, id: u64) -> Result<&GuildState, ApiError> {
     Ok(g)
 }
 
+/// A channel the bot can view (VIEW_CHANNEL from its own member's permissions): Discord answers
+/// 403 Missing Access on every route of any other channel of a guild it is in.
 fn visible_channel(w: &World, id: u64) -> Result<(&GuildState, &crate::Channel), ApiError> {
     let (g, c) = w.channel(id)?;
-    if !g.bot_present {
+    if !w.bot_access(g, id).view {
         return Err(ApiError::missing_access());
     }
     Ok((g, c))
+}
+
+/// History needs more than a view: CONNECT in voice and stage channels (403 without, as their
+/// chat is unreadable), and READ_MESSAGE_HISTORY (without it Discord answers an empty page).
+/// Ok(false) means "answer `[]`".
+fn history_readable(w: &World, g: &GuildState, c: &crate::Channel) -> Result<bool, ApiError> {
+    let p = w.user_channel_permissions(g, w.bot.id, c.id);
+    if matches!(c.kind, ChannelKind::Voice | ChannelKind::Stage) && p & perms::CONNECT == 0 {
+        return Err(ApiError::missing_access());
+    }
+    Ok(p & perms::READ_MESSAGE_HISTORY != 0)
 }
 
 /// Query pairs; tolerates serenity's `?&limit=..` (empty pairs are skipped).
@@ -380,13 +393,16 @@ async fn history(
         id_param(&q, "around")?,
     );
     let w = sh.world();
-    let (_, c) = visible_channel(&w, id)?;
+    let (g, c) = visible_channel(&w, id)?;
     if !c.kind.is_textual() {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             50024,
             "Cannot execute action on this channel type",
         ));
+    }
+    if !history_readable(&w, g, c)? {
+        return Ok(Json(Value::Array(vec![])));
     }
     let empty = Default::default();
     let msgs = w.messages.get(&id).unwrap_or(&empty);
@@ -436,7 +452,14 @@ async fn one_message(
 ) -> ApiResult {
     require_bot(&sh, &headers)?;
     let w = sh.world();
-    visible_channel(&w, id)?;
+    let (g, c) = visible_channel(&w, id)?;
+    if !history_readable(&w, g, c)? {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            50013,
+            "Missing Permissions",
+        ));
+    }
     match w
         .messages
         .get(&id)
@@ -703,6 +726,7 @@ async fn active_threads(
         .channels
         .values()
         .filter(|c| c.kind.is_thread() && !c.thread.as_ref().is_some_and(|t| t.archived))
+        .filter(|c| w.bot_access(g, c.id).view)
         .collect();
     Ok(Json(threads_json(&w, g, threads)))
 }

@@ -148,6 +148,8 @@ impl Scenario {
             };
             let (admin, moderator, staff, customer) =
                 (ids.next(), ids.next(), ids.next(), ids.next());
+            // The bot's own managed role: what an install link with these permissions creates.
+            let observer = ids.next();
             let roles = vec![
                 Role {
                     id: gid,
@@ -195,6 +197,18 @@ impl Scenario {
                     permissions: 0,
                     position: 1,
                     color: 0x95A5A6,
+                    hoist: false,
+                    mentionable: false,
+                },
+                Role {
+                    id: observer,
+                    name: "Observer".into(),
+                    permissions: perms::VIEW_CHANNEL
+                        | perms::READ_MESSAGE_HISTORY
+                        | perms::CONNECT
+                        | perms::MANAGE_THREADS,
+                    position: 5,
+                    color: 0,
                     hoist: false,
                     mentionable: false,
                 },
@@ -257,6 +271,10 @@ impl Scenario {
                 ow(staff, OverwriteKind::Role, perms::VIEW_CHANNEL, 0),
                 ow(moderator, OverwriteKind::Role, perms::VIEW_CHANNEL, 0),
             ];
+            // Staff areas the organisation lets the observer mirror; `leadership` stays
+            // private to people, so every guild has a channel the bot cannot read.
+            let mut staff_observed = staff_only.clone();
+            staff_observed.push(ow(observer, OverwriteKind::Role, perms::VIEW_CHANNEL, 0));
             let mut channels = vec![
                 Channel {
                     kind: ChannelKind::Category,
@@ -313,8 +331,25 @@ impl Scenario {
                     "staff-chat",
                     Some(staff_cat),
                     0,
+                    staff_observed.clone(),
+                ),
+                text(
+                    ids.next(),
+                    "leadership",
+                    Some(staff_cat),
+                    2,
                     staff_only.clone(),
                 ),
+                Channel {
+                    kind: ChannelKind::Voice,
+                    ..text(
+                        ids.next(),
+                        "Support call",
+                        Some(support_cat),
+                        7,
+                        vec![ow(gid, OverwriteKind::Role, perms::CONNECT, 0)],
+                    )
+                },
             ];
             let escalations = ids.next();
             channels.push(text(
@@ -322,7 +357,7 @@ impl Scenario {
                 "escalations",
                 Some(staff_cat),
                 1,
-                staff_only,
+                staff_observed,
             ));
             let forum = ids.next();
             channels.push(Channel {
@@ -386,6 +421,7 @@ impl Scenario {
                 channels,
                 members,
                 bot_present: true,
+                bot_roles: vec![observer],
             });
         }
         Scenario { users, guilds }

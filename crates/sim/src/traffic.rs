@@ -170,6 +170,8 @@ impl Generator {
 
     fn refresh(&mut self, sim: &Simulator) {
         let truth = sim.access_truth();
+        // The bot is a member too, but people write the traffic.
+        let bot = sim.config().bot_user_id;
         self.views = truth
             .guilds
             .iter()
@@ -209,7 +211,7 @@ impl Generator {
                     })
                     .map(|r| r.id)
                     .collect();
-                for m in &g.members {
+                for m in g.members.iter().filter(|m| m.user_id != bot) {
                     if m.user_id == g.owner_id || m.roles.iter().any(|r| staff_roles.contains(r)) {
                         v.staff.push(m.user_id);
                     } else if m.communication_disabled_until.is_none() {

@@ -103,6 +103,8 @@ pub(crate) struct GuildState {
     pub channels: BTreeMap<u64, Channel>,
     pub members: BTreeMap<u64, Member>,
     pub bot_present: bool,
+    /// Roles the bot's member gets when it joins (see `Guild::bot_roles`).
+    pub bot_roles: Vec<u64>,
 }
 
 impl GuildState {
@@ -115,6 +117,7 @@ impl GuildState {
             channels: self.channels.values().cloned().collect(),
             members: self.members.values().cloned().collect(),
             bot_present: self.bot_present,
+            bot_roles: self.bot_roles.clone(),
         }
     }
 
@@ -382,8 +385,6 @@ impl World {
     }
 
     /// Discord's permissions of `user_id` (the bot included) in a channel of guild `g`, now.
-    // The REST and dispatch checks of what the bot may read use this next.
-    #[allow(dead_code)]
     pub fn user_channel_permissions(&self, g: &GuildState, user_id: u64, channel_id: u64) -> u64 {
         let now = self.peek_now();
         if user_id == self.bot.id {
@@ -418,7 +419,7 @@ impl World {
     fn bot_member(&self, g: &GuildState) -> Member {
         g.members.get(&self.bot.id).cloned().unwrap_or(Member {
             user_id: self.bot.id,
-            roles: vec![],
+            roles: g.bot_roles.clone(),
             nick: None,
             joined_at: snowflake_time(g.id),
             communication_disabled_until: None,
@@ -459,10 +460,12 @@ impl World {
             .filter(|c| !c.kind.is_thread())
             .map(|c| self.channel_json(g.id, c))
             .collect();
+        // Every channel, but only the active threads the bot can view (as Discord does).
         let threads: Vec<Value> = g
             .channels
             .values()
             .filter(|c| c.kind.is_thread() && !c.thread.as_ref().is_some_and(|t| t.archived))
+            .filter(|c| self.bot_access(g, c.id).view)
             .map(|c| {
                 let mut v = self.channel_json(g.id, c);
                 let joined = c
@@ -551,7 +554,7 @@ impl World {
                 channels.insert(c.id, c);
             }
             let was_present = self.guilds.get(&g.id).is_some_and(|old| old.bot_present);
-            let state = GuildState {
+            let mut state = GuildState {
                 id: g.id,
                 name: g.name,
                 owner_id: g.owner_id,
@@ -559,7 +562,13 @@ impl World {
                 channels,
                 members: g.members.into_iter().map(|m| (m.user_id, m)).collect(),
                 bot_present: g.bot_present,
+                bot_roles: g.bot_roles,
             };
+            // The bot is a real member of the guilds it is in: its permissions decide what it sees.
+            if state.bot_present && !state.members.contains_key(&self.bot.id) {
+                let m = self.bot_member(&state);
+                state.members.insert(m.user_id, m);
+            }
             self.last_id = self.last_id.max(g.id);
             let json = state.bot_present.then(|| self.guild_create_json(&state));
             self.guilds.insert(g.id, state);
@@ -651,7 +660,7 @@ impl World {
             .or_default()
             .insert(id, m.clone());
         self.message_channel.insert(id, channel_id);
-        self.dispatch(guild_id, "MESSAGE_CREATE", &json);
+        self.dispatch_message(guild_id, channel_id, "MESSAGE_CREATE", &json);
         Ok(m)
     }
 
@@ -686,7 +695,7 @@ impl World {
         } else {
             self.message_json(&m)
         };
-        self.dispatch(m.guild_id, "MESSAGE_UPDATE", &json);
+        self.dispatch_message(m.guild_id, m.channel_id, "MESSAGE_UPDATE", &json);
         Ok(m)
     }
 
@@ -696,8 +705,9 @@ impl World {
         m.deleted = true;
         m.deleted_at = Some(now);
         let (g, c) = (m.guild_id, m.channel_id);
-        self.dispatch(
+        self.dispatch_message(
             g,
+            c,
             "MESSAGE_DELETE",
             &json!({"id": id.to_string(), "channel_id": c.to_string(), "guild_id": g.to_string()}),
         );
@@ -724,8 +734,9 @@ impl World {
                 "no live messages of this channel among the ids".into(),
             ));
         }
-        self.dispatch(
+        self.dispatch_message(
             guild_id,
+            channel_id,
             "MESSAGE_DELETE_BULK",
             &json!({"ids": deleted, "channel_id": channel_id.to_string(), "guild_id": guild_id.to_string()}),
         );
@@ -776,7 +787,7 @@ impl World {
             if let Some(obj) = json.as_object_mut() {
                 obj.insert("newly_created".into(), Value::Bool(true));
             }
-            self.dispatch(guild_id, "THREAD_CREATE", &json);
+            self.dispatch_in(guild_id, c.id, "THREAD_CREATE", &json);
         } else {
             self.dispatch(guild_id, "CHANNEL_CREATE", &json);
         }
@@ -784,6 +795,12 @@ impl World {
     }
 
     pub fn update_channel(&mut self, c: Channel) -> Result<Channel, SimError> {
+        let (g, _) = self.channel(c.id)?;
+        let guild_id = g.id;
+        self.syncing_access(guild_id, |w| w.update_channel_inner(c))
+    }
+
+    fn update_channel_inner(&mut self, c: Channel) -> Result<Channel, SimError> {
         let (g, old) = self.channel(c.id)?;
         let guild_id = g.id;
         if old.kind.is_thread() != c.kind.is_thread() {
@@ -802,12 +819,11 @@ impl World {
         }
         self.guild_mut(guild_id)?.channels.insert(c.id, c.clone());
         let json = self.channel_json(guild_id, &c);
-        let t = if c.kind.is_thread() {
-            "THREAD_UPDATE"
+        if c.kind.is_thread() {
+            self.dispatch_in(guild_id, c.id, "THREAD_UPDATE", &json);
         } else {
-            "CHANNEL_UPDATE"
-        };
-        self.dispatch(guild_id, t, &json);
+            self.dispatch(guild_id, "CHANNEL_UPDATE", &json);
+        }
         Ok(c)
     }
 
@@ -815,9 +831,12 @@ impl World {
         let (g, c) = self.channel(id)?;
         let guild_id = g.id;
         let c = c.clone();
+        let bot_saw_it = self.bot_access(g, id).view;
         self.guild_mut(guild_id)?.channels.remove(&id);
         self.channel_guild.remove(&id);
-        if c.kind.is_thread() {
+        if c.kind.is_thread() && !bot_saw_it {
+            // Discord tells the bot nothing about threads it could not see.
+        } else if c.kind.is_thread() {
             self.dispatch(
                 guild_id,
                 "THREAD_DELETE",
@@ -916,7 +935,7 @@ impl World {
             json!({"id": thread_id.to_string(), "guild_id": guild_id.to_string(), "member_count": count.min(50),
                    "removed_member_ids": [user_id.to_string()]})
         };
-        self.dispatch(guild_id, "THREAD_MEMBERS_UPDATE", &d);
+        self.dispatch_in(guild_id, thread_id, "THREAD_MEMBERS_UPDATE", &d);
         Ok(())
     }
 
@@ -945,6 +964,10 @@ impl World {
     }
 
     pub fn update_role(&mut self, guild_id: u64, r: Role) -> Result<Role, SimError> {
+        self.syncing_access(guild_id, |w| w.update_role_inner(guild_id, r))
+    }
+
+    fn update_role_inner(&mut self, guild_id: u64, r: Role) -> Result<Role, SimError> {
         let g = self.guild_mut(guild_id)?;
         if !g.roles.contains_key(&r.id) {
             return Err(SimError::UnknownRole(r.id));
@@ -975,6 +998,10 @@ impl World {
     }
 
     pub fn delete_role(&mut self, guild_id: u64, role_id: u64) -> Result<(), SimError> {
+        self.syncing_access(guild_id, |w| w.delete_role_inner(guild_id, role_id))
+    }
+
+    fn delete_role_inner(&mut self, guild_id: u64, role_id: u64) -> Result<(), SimError> {
         if role_id == guild_id {
             return Err(SimError::Invalid("@everyone cannot be deleted".into()));
         }
@@ -995,6 +1022,13 @@ impl World {
     }
 
     fn member_updated(&mut self, guild_id: u64, m: Member) -> Result<Member, SimError> {
+        if m.user_id == self.bot.id {
+            return self.syncing_access(guild_id, |w| w.member_updated_inner(guild_id, m));
+        }
+        self.member_updated_inner(guild_id, m)
+    }
+
+    fn member_updated_inner(&mut self, guild_id: u64, m: Member) -> Result<Member, SimError> {
         self.guild_mut(guild_id)?
             .members
             .insert(m.user_id, m.clone());
@@ -1105,11 +1139,15 @@ impl World {
     }
 
     pub fn add_bot_to_guild(&mut self, guild_id: u64) -> Result<(), SimError> {
+        let bot = self.guilds.get(&guild_id).map(|g| self.bot_member(g));
         let g = self.guild_mut(guild_id)?;
         if g.bot_present {
             return Ok(());
         }
         g.bot_present = true;
+        if let Some(m) = bot {
+            g.members.entry(m.user_id).or_insert(m);
+        }
         let json = self.guild_create_json(self.guild(guild_id)?);
         self.dispatch(guild_id, "GUILD_CREATE", &json);
         Ok(())

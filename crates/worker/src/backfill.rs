@@ -19,6 +19,7 @@ use tokio::sync::mpsc;
 use crate::batcher::Queued;
 use crate::map;
 use crate::metrics::Metrics;
+use crate::rest::{Fetched, RestError};
 
 pub const PAGE: usize = 100;
 
@@ -28,6 +29,9 @@ pub struct Request {
     pub channels: Vec<i64>,
     /// When the guild (re)appeared on the gateway: everything newer arrives live.
     pub seen_at: DateTime<Utc>,
+    /// Only those of `channels` the bot was refused before (a CHANNEL_UPDATE may
+    /// have granted access; readable channels are current already).
+    pub only_unreadable: bool,
 }
 
 #[derive(Clone)]
@@ -39,6 +43,7 @@ pub struct Backfiller {
     pub concurrency: usize,
     pub max_pages: u32,
     pub overlap: Duration,
+    pub access: Arc<crate::botaccess::BotAccess>,
     /// Re-read each channel's recent window after its backfill (edits and
     /// deletions made while the worker was away); None skips it.
     pub reconcile: Option<crate::reconcile::Reconciler>,
@@ -65,8 +70,17 @@ impl Backfiller {
         }
     }
 
-    async fn guild(&self, req: Request) {
+    async fn guild(&self, mut req: Request) {
         let started = std::time::Instant::now();
+        // Before any database work: most CHANNEL_UPDATEs concern channels the
+        // bot reads already. (The set holds the database's marks from the
+        // session's first snapshot on, which precedes any CHANNEL_UPDATE.)
+        if req.only_unreadable {
+            req.channels.retain(|c| self.access.is_unreadable(*c));
+            if req.channels.is_empty() {
+                return;
+            }
+        }
         let cursors = match self.cursors(&req).await {
             Ok(c) => c,
             Err(err) => {
@@ -86,8 +100,11 @@ impl Backfiller {
                         let fetched = self.channel(req.guild_id, ch, after).await;
                         // After the forward pass, so the window's newest end
                         // is already stored and only older changes remain.
+                        // A channel Discord just refused is not asked again.
                         if let (Ok(_), Some(rc)) = (&fetched, &self.reconcile) {
-                            self.reconcile_channel(rc, req.guild_id, ch).await;
+                            if !self.access.is_unreadable(ch) {
+                                self.reconcile_channel(rc, req.guild_id, ch).await;
+                            }
                         }
                         (ch, fetched)
                     }
@@ -147,7 +164,9 @@ impl Backfiller {
         let mut tx = self.db.worker().await?;
         let newest =
             ingest::newest_message_ids(&mut tx, req.guild_id, &req.channels, before).await?;
+        let refused = observer_db::bot_access::unreadable_channels(&mut tx, req.guild_id).await?;
         tx.commit().await?;
+        self.access.remember(refused);
         let overlap = chrono::Duration::from_std(self.overlap).unwrap_or_default();
         Ok(newest
             .into_iter()
@@ -169,10 +188,36 @@ impl Backfiller {
         let mut fetched = 0u64;
         let mut pages = 0u32;
         loop {
-            let Some(page) = self.page(channel_id, after).await? else {
-                // No access (403) or gone (404): nothing to backfill.
-                return Ok(fetched);
+            let path = format!("/channels/{channel_id}/messages?after={after}&limit={PAGE}");
+            let fetched_page = match self.rest.fetch(&path).await {
+                // THREAD_LIST_SYNC names parent channels of every kind; a forum
+                // or category has no history of its own (400, code 50024).
+                Err(RestError::Status(StatusCode::BAD_REQUEST, _)) => {
+                    tracing::debug!(
+                        channel = channel_id,
+                        "not a message channel; nothing to backfill"
+                    );
+                    return Ok(fetched);
+                }
+                other => other?,
             };
+            let page = match fetched_page {
+                Fetched::Ok(Value::Array(page)) => page,
+                Fetched::Ok(_) => return Err(BackfillError::Status(StatusCode::OK, path)),
+                Fetched::Forbidden { code } => {
+                    // Not an error and not worth a retry: recorded, and tried
+                    // again at the next snapshot or access change.
+                    self.send(self.access.refused(guild_id, channel_id, code))
+                        .await?;
+                    return Ok(fetched);
+                }
+                // Deleted meanwhile: its CHANNEL_DELETE removes it.
+                Fetched::NotFound => return Ok(fetched),
+            };
+            if pages == 0 {
+                self.send(self.access.readable(guild_id, channel_id))
+                    .await?;
+            }
             pages += 1;
             self.metrics.backfill_pages.inc();
             let len = page.len();
@@ -191,10 +236,7 @@ impl Backfiller {
                 if let Some(m) = map::message(&msg, Some(guild_id)) {
                     fetched += 1;
                     self.metrics.backfill_messages.inc();
-                    self.ops
-                        .send(Queued::new(IngestOp::MessageCreate(Box::new(m))))
-                        .await
-                        .map_err(|_| BackfillError::Closed)?;
+                    self.send(IngestOp::MessageCreate(Box::new(m))).await?;
                 }
             }
             if len < PAGE || newest == after || (self.max_pages > 0 && pages >= self.max_pages) {
@@ -204,13 +246,10 @@ impl Backfiller {
         }
     }
 
-    /// One history page, newest first; None when the channel is not readable.
-    async fn page(&self, channel_id: i64, after: i64) -> Result<Option<Vec<Value>>, BackfillError> {
-        let path = format!("/channels/{channel_id}/messages?after={after}&limit={PAGE}");
-        match self.rest.get(&path).await? {
-            Some(Value::Array(page)) => Ok(Some(page)),
-            Some(_) => Err(BackfillError::Status(StatusCode::OK, path)),
-            None => Ok(None),
-        }
+    async fn send(&self, op: IngestOp) -> Result<(), BackfillError> {
+        self.ops
+            .send(Queued::new(op))
+            .await
+            .map_err(|_| BackfillError::Closed)
     }
 }

@@ -7,6 +7,7 @@
 //! - `batcher`: the single writer on its own database session; greedy batches,
 //!   each written atomically.
 //! - [`backfill`]: history after the newest stored message, per channel.
+//! - `botaccess`: channels Discord refuses the bot (403): marked, not retried.
 //! - [`reconcile`]: after a gap, each channel's recent window read again;
 //!   edits become revisions, vanished messages tombstones marked as detected.
 //! - `rest`: rate-limit-aware Discord REST GETs (backfill, re-reads).
@@ -24,6 +25,7 @@
 
 pub mod backfill;
 mod batcher;
+mod botaccess;
 pub mod config;
 mod map;
 pub mod metrics;
@@ -39,6 +41,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use chrono::Utc;
+use observer_db::ingest::IngestOp;
 use observer_db::Db;
 use serenity::all::{
     ClientBuilder, ConnectionStage, Context, Event, GatewayError, GatewayIntents, HttpBuilder,
@@ -65,6 +68,7 @@ struct Handler {
     backfill: Option<mpsc::UnboundedSender<backfill::Request>>,
     reread: Option<mpsc::UnboundedSender<reread::Key>>,
     snapshot: mpsc::UnboundedSender<snapshot::Request>,
+    access: Arc<botaccess::BotAccess>,
     metrics: Arc<Metrics>,
     stopping: Arc<AtomicBool>,
 }
@@ -105,7 +109,14 @@ impl RawEventHandler for Handler {
             self.metrics.event(&name);
         }
         let mapped = map::event(&ev, received);
-        for op in mapped.ops {
+        let mut ops = mapped.ops;
+        if let Some(IngestOp::MessageCreate(m)) = ops.first() {
+            // Discord only sends messages the bot can see.
+            if let Some(op) = self.access.message_seen(m.guild_id, m.channel_id) {
+                ops.push(op);
+            }
+        }
+        for op in ops {
             if let (Some(tx), Some(key)) = (&self.reread, reread::key_for(&op)) {
                 let _ = tx.send(key);
             }
@@ -114,11 +125,12 @@ impl RawEventHandler for Handler {
                 return;
             }
         }
-        if let (Some((guild_id, channels)), Some(tx)) = (mapped.backfill, &self.backfill) {
+        if let (Some(ask), Some(tx)) = (mapped.backfill, &self.backfill) {
             let req = backfill::Request {
-                guild_id,
-                channels: channels.into_iter().map(|c| c.channel_id).collect(),
+                guild_id: ask.guild_id,
+                channels: ask.channels.into_iter().map(|c| c.channel_id).collect(),
                 seen_at: Utc::now(),
+                only_unreadable: ask.only_unreadable,
             };
             let _ = tx.send(req);
         }
@@ -193,6 +205,7 @@ pub async fn run_with_metrics(
         token: token.clone(),
         metrics: Arc::clone(&metrics),
     };
+    let access = botaccess::BotAccess::new(Arc::clone(&metrics));
     let (bf_tx, bf_rx) = mpsc::unbounded_channel();
     let mut backfill_task = config.backfill.then(|| {
         let bf = backfill::Backfiller {
@@ -203,6 +216,7 @@ pub async fn run_with_metrics(
             concurrency: config.backfill_concurrency,
             max_pages: config.backfill_max_pages,
             overlap: config.backfill_overlap,
+            access: Arc::clone(&access),
             reconcile: config.reconcile.map(|window| reconcile::Reconciler {
                 rest: api.clone(),
                 db: db.clone(),
@@ -221,6 +235,7 @@ pub async fn run_with_metrics(
             ops: ops_tx.clone(),
             delay,
             metrics: Arc::clone(&metrics),
+            access: Arc::clone(&access),
         };
         tokio::spawn(rr.run(rr_rx))
     });
@@ -249,6 +264,7 @@ pub async fn run_with_metrics(
         backfill: config.backfill.then_some(bf_tx),
         reread: config.access_reread.is_some().then_some(rr_tx),
         snapshot: snap_tx,
+        access,
         metrics: Arc::clone(&metrics),
         stopping: Arc::clone(&stopping),
     };

@@ -16,15 +16,45 @@ pub struct BackfillChannel {
     pub channel_id: i64,
 }
 
+/// Channels of one guild whose history to fetch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackfillAsk {
+    pub guild_id: i64,
+    pub channels: Vec<BackfillChannel>,
+    /// Only those the bot was refused before (CHANNEL_UPDATE: access may have
+    /// been granted).
+    pub only_unreadable: bool,
+}
+
 /// What one gateway event means for the worker.
 #[derive(Debug, Default)]
 pub struct Mapped {
     pub ops: Vec<IngestOp>,
-    /// GUILD_CREATE: backfill these channels of this guild.
-    pub backfill: Option<(i64, Vec<BackfillChannel>)>,
+    /// GUILD_CREATE (all channels), THREAD_LIST_SYNC (channels the bot gained),
+    /// CHANNEL_UPDATE (a channel it may have gained).
+    pub backfill: Option<BackfillAsk>,
     /// GUILD_CREATE, THREAD_LIST_SYNC: what to list over REST (members,
     /// archived private threads, private threads' members).
     pub snapshot: Option<crate::snapshot::Request>,
+}
+
+fn backfill_of(
+    guild_id: i64,
+    chans: &[&ChannelInfo],
+    only_unreadable: bool,
+) -> Option<BackfillAsk> {
+    let channels: Vec<BackfillChannel> = chans
+        .iter()
+        .filter(|c| is_backfill_kind(c.kind, c.archived))
+        .map(|c| BackfillChannel {
+            channel_id: c.channel_id,
+        })
+        .collect();
+    (!channels.is_empty()).then_some(BackfillAsk {
+        guild_id,
+        channels,
+        only_unreadable,
+    })
 }
 
 fn id(v: u64) -> i64 {
@@ -126,8 +156,10 @@ fn attachments(list: &[serenity::all::Attachment]) -> Value {
     )
 }
 
+/// Channels that hold messages: text, announcement, voice and stage (their
+/// text chat), and active threads.
 fn is_backfill_kind(kind: i16, archived: bool) -> bool {
-    matches!(kind, 0 | 5) || (matches!(kind, 10..=12) && !archived)
+    matches!(kind, 0 | 2 | 5 | 13) || (matches!(kind, 10..=12) && !archived)
 }
 
 /// A full message (MESSAGE_CREATE or a history page). REST messages carry no
@@ -163,14 +195,8 @@ pub fn event(ev: &Event, received: DateTime<Utc>) -> Mapped {
             let gid = id(g.id.get());
             let channels: Vec<ChannelInfo> = g.channels.values().map(channel).collect();
             let threads: Vec<ChannelInfo> = g.threads.iter().map(channel).collect();
-            let backfill = channels
-                .iter()
-                .chain(threads.iter())
-                .filter(|c| is_backfill_kind(c.kind, c.archived))
-                .map(|c| BackfillChannel {
-                    channel_id: c.channel_id,
-                })
-                .collect();
+            let all: Vec<&ChannelInfo> = channels.iter().chain(threads.iter()).collect();
+            let backfill = backfill_of(gid, &all, false);
             out.snapshot = Some(crate::snapshot::Request::guild_create(
                 gid, &channels, &threads,
             ));
@@ -187,7 +213,11 @@ pub fn event(ev: &Event, received: DateTime<Utc>) -> Mapped {
                 members: g.members.values().map(|m| member(m, received)).collect(),
                 observed_at: received,
             })));
-            out.backfill = Some((gid, backfill));
+            out.backfill = backfill.or(Some(BackfillAsk {
+                guild_id: gid,
+                channels: vec![],
+                only_unreadable: false,
+            }));
         }
         Event::GuildUpdate(e) => {
             let g = &e.guild;
@@ -212,7 +242,11 @@ pub fn event(ev: &Event, received: DateTime<Utc>) -> Mapped {
             });
         }
         Event::ChannelCreate(e) => out.ops.push(IngestOp::ChannelUpsert(channel(&e.channel))),
-        Event::ChannelUpdate(e) => out.ops.push(IngestOp::ChannelUpsert(channel(&e.channel))),
+        Event::ChannelUpdate(e) => {
+            let c = channel(&e.channel);
+            out.backfill = backfill_of(c.guild_id, &[&c], true);
+            out.ops.push(IngestOp::ChannelUpsert(c));
+        }
         Event::ChannelDelete(e) => out.ops.push(IngestOp::ChannelDelete {
             guild_id: id(e.channel.guild_id.get()),
             channel_id: id(e.channel.id.get()),
@@ -231,6 +265,31 @@ pub fn event(ev: &Event, received: DateTime<Utc>) -> Mapped {
             out.snapshot = Some(crate::snapshot::Request::thread_list_sync(
                 guild_id, &threads,
             ));
+            // Sent when the bot gains access to channels: fetch what it could
+            // not read before (the parents' kinds are in the store, not here;
+            // ids of non-message channels answer an error the backfill logs).
+            let mut ids: Vec<i64> = e
+                .channel_ids
+                .iter()
+                .flatten()
+                .map(|c| id(c.get()))
+                .collect();
+            ids.extend(
+                threads
+                    .iter()
+                    .filter(|t| is_backfill_kind(t.kind, t.archived))
+                    .map(|t| t.channel_id),
+            );
+            if !ids.is_empty() {
+                out.backfill = Some(BackfillAsk {
+                    guild_id,
+                    channels: ids
+                        .into_iter()
+                        .map(|channel_id| BackfillChannel { channel_id })
+                        .collect(),
+                    only_unreadable: false,
+                });
+            }
             out.ops.push(IngestOp::ThreadListSync {
                 guild_id,
                 threads,

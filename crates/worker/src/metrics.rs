@@ -53,6 +53,10 @@ pub struct Metrics {
     pub reconcile_errors: Counter,
     /// REST requests abandoned after too many 429 answers.
     pub rest_rate_limit_give_ups: Counter,
+    /// REST answers 403 (the bot lacks access; never retried).
+    pub rest_forbidden: Counter,
+    /// Channels this process found the bot cannot read (403 on their routes).
+    pub bot_unreadable_channels: Gauge,
     /// Background tasks (backfill, re-read) that panicked or ended early, by task.
     pub task_failures: Family<Labels, Counter>,
     /// Access re-reads not scheduled because too many were pending.
@@ -101,6 +105,8 @@ impl Metrics {
             reconcile_gone: Counter::default(),
             reconcile_errors: Counter::default(),
             rest_rate_limit_give_ups: Counter::default(),
+            rest_forbidden: Counter::default(),
+            bot_unreadable_channels: Gauge::default(),
             task_failures: Family::default(),
             reread_dropped: Counter::default(),
             last_lag_ms: Gauge::default(),
@@ -267,6 +273,16 @@ impl Metrics {
             "rest_rate_limit_give_ups",
             "REST requests abandoned after too many 429 answers",
             m.rest_rate_limit_give_ups.clone(),
+        );
+        r.register(
+            "rest_forbidden",
+            "REST answers 403 (the bot lacks access to a channel; not retried)",
+            m.rest_forbidden.clone(),
+        );
+        r.register(
+            "bot_unreadable_channels",
+            "Channels the bot was refused (403), as known to this process",
+            m.bot_unreadable_channels.clone(),
         );
         r.register(
             "task_failures",

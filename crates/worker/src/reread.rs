@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use crate::batcher::Queued;
 use crate::map;
 use crate::metrics::Metrics;
-use crate::rest::Rest;
+use crate::rest::{Fetched, Rest};
 
 /// Most entities waiting for a re-read; beyond this, new keys are skipped
 /// (the live events were written already; this is only a correction).
@@ -35,6 +35,7 @@ pub struct Rereader {
     pub ops: mpsc::Sender<Queued>,
     pub delay: Duration,
     pub metrics: Arc<Metrics>,
+    pub access: Arc<crate::botaccess::BotAccess>,
 }
 
 impl Rereader {
@@ -129,15 +130,20 @@ impl Rereader {
             Key::Channel {
                 guild_id,
                 channel_id,
-            } => match self.rest.get(&format!("/channels/{channel_id}")).await? {
-                Some(v) => match serde_json::from_value::<serenity::all::GuildChannel>(v) {
+            } => match self.rest.fetch(&format!("/channels/{channel_id}")).await? {
+                Fetched::Ok(v) => match serde_json::from_value::<serenity::all::GuildChannel>(v) {
                     Ok(c) => vec![IngestOp::ChannelUpsert(map::channel(&c))],
                     Err(err) => {
                         tracing::warn!(channel_id, error = %err, "re-read channel unparseable");
                         vec![]
                     }
                 },
-                None => vec![IngestOp::ChannelDelete {
+                // The channel exists but the bot may not view it: keep the
+                // event's state (viewers' access is computed from it) and mark it.
+                Fetched::Forbidden { code } => {
+                    vec![self.access.refused(guild_id, channel_id, code)]
+                }
+                Fetched::NotFound => vec![IngestOp::ChannelDelete {
                     guild_id,
                     channel_id,
                 }],
@@ -250,6 +256,7 @@ mod tests {
             ops,
             delay: Duration::from_secs(1),
             metrics: Arc::clone(&metrics),
+            access: crate::botaccess::BotAccess::new(Arc::clone(&metrics)),
         };
         let mut pending = HashMap::new();
         let key = |u| Key::Member {

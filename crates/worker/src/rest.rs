@@ -43,6 +43,20 @@ fn wait(candidates: &[Option<f64>]) -> Duration {
     Duration::from_secs_f64(secs)
 }
 
+/// What a GET found. A 403 is not an error: the bot lacks a permission Discord
+/// will not give it by retrying, so callers record it and move on.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Fetched {
+    Ok(Value),
+    /// 403: Missing Access (50001, no VIEW_CHANNEL; voice without CONNECT) or
+    /// Missing Permissions (50013). `code` is Discord's JSON error code.
+    Forbidden {
+        code: Option<u64>,
+    },
+    /// 404: gone (or never existed).
+    NotFound,
+}
+
 #[derive(Clone)]
 pub struct Rest {
     pub http: reqwest::Client,
@@ -53,8 +67,17 @@ pub struct Rest {
 }
 
 impl Rest {
-    /// GETs `{api}{path}`. `Ok(None)` for 403/404 (no access, or gone).
+    /// GETs `{api}{path}`. `Ok(None)` for 403/404 (no access, or gone); see
+    /// [`Rest::fetch`] to tell them apart.
     pub async fn get(&self, path: &str) -> Result<Option<Value>, RestError> {
+        Ok(match self.fetch(path).await? {
+            Fetched::Ok(v) => Some(v),
+            Fetched::Forbidden { .. } | Fetched::NotFound => None,
+        })
+    }
+
+    /// GETs `{api}{path}`: retries transient failures and rate limits, never a 403.
+    pub async fn fetch(&self, path: &str) -> Result<Fetched, RestError> {
         let url = format!("{}{path}", self.api);
         let mut transient = 0u32;
         let mut limited = 0u32;
@@ -100,8 +123,15 @@ impl Rest {
                 tokio::time::sleep(pause).await;
                 continue;
             }
-            if status == StatusCode::FORBIDDEN || status == StatusCode::NOT_FOUND {
-                return Ok(None);
+            if status == StatusCode::FORBIDDEN {
+                self.metrics.rest_forbidden.inc();
+                let body: Value = resp.json().await.unwrap_or(Value::Null);
+                return Ok(Fetched::Forbidden {
+                    code: body.get("code").and_then(Value::as_u64),
+                });
+            }
+            if status == StatusCode::NOT_FOUND {
+                return Ok(Fetched::NotFound);
             }
             if status.is_server_error() && transient < 5 {
                 transient += 1;
@@ -115,7 +145,7 @@ impl Rest {
             if header_f64("x-ratelimit-remaining") == Some(0.0) {
                 tokio::time::sleep(wait(&[header_f64("x-ratelimit-reset-after")])).await;
             }
-            return Ok(Some(body));
+            return Ok(Fetched::Ok(body));
         }
     }
 }
@@ -191,6 +221,26 @@ mod tests {
         assert_eq!(hits.load(Ordering::SeqCst), 2);
         // Both unusable waits fell back to the default, not to zero or forever.
         assert!(started.elapsed() >= Duration::from_secs_f64(2.0 * DEFAULT_WAIT_SECS));
+    }
+
+    const FORBIDDEN: &str = "HTTP/1.1 403 Forbidden\r\ncontent-type: application/json\r\n\
+        content-length: 44\r\nconnection: close\r\n\r\n{\"code\": 50001, \"message\": \"Missing Access\"}";
+    const NOT_FOUND: &str = "HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\n\
+        content-length: 45\r\nconnection: close\r\n\r\n{\"code\": 10003, \"message\": \"Unknown Channel\"}";
+
+    #[tokio::test]
+    async fn a_403_is_one_request_counted_and_told_apart_from_a_404() {
+        let (api, hits) = serve(vec![FORBIDDEN]).await;
+        let r = rest(api);
+        let got = r.fetch("/channels/1/messages").await.unwrap();
+        assert_eq!(got, Fetched::Forbidden { code: Some(50001) });
+        assert_eq!(hits.load(Ordering::SeqCst), 1, "never retried");
+        assert_eq!(r.metrics.rest_forbidden.get(), 1);
+
+        let (api, _) = serve(vec![NOT_FOUND]).await;
+        let r = rest(api);
+        assert_eq!(r.fetch("/channels/1").await.unwrap(), Fetched::NotFound);
+        assert_eq!(r.metrics.rest_forbidden.get(), 0);
     }
 
     #[tokio::test]

@@ -269,6 +269,7 @@ impl Snapshotter {
                 guild_id: g,
                 channels: archived_ids,
                 seen_at: Utc::now(),
+                only_unreadable: false,
             });
         }
         threads.sort_unstable();

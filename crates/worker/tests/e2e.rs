@@ -259,7 +259,7 @@ async fn stop_and_kill_then_backfill_closes_the_gap(pool: PgPool) -> anyhow::Res
         "every live message stored",
         || async {
             let want: Vec<i64> = sim
-                .ground_truth()
+                .bot_readable_truth()
                 .iter()
                 .filter(|m| !m.deleted)
                 .map(|m| m.id as i64)

@@ -136,6 +136,12 @@ pub struct Channel {
     pub name: String,
     pub kind: ChannelKind,
     pub position: i32,
+    /// Whether the bot can read this channel's messages: false when Discord
+    /// refused it (the bot lacks VIEW_CHANNEL, or CONNECT in a voice or stage
+    /// channel), so the mirror holds none of them; true once it read the
+    /// channel; null when not known yet, and always null for viewers who
+    /// cannot manage the guild (owner, ADMINISTRATOR or MANAGE_GUILD).
+    pub bot_can_read: Option<bool>,
 }
 
 impl From<ChannelRow> for Channel {
@@ -147,6 +153,7 @@ impl From<ChannelRow> for Channel {
             name: c.name,
             kind: ChannelKind::from_discord(c.kind),
             position: c.position,
+            bot_can_read: c.bot_can_read,
         }
     }
 }
