@@ -189,6 +189,9 @@ struct ArchivedPage {
     has_more: bool,
 }
 
+/// An archived thread found by a listing: its id and channel type.
+type Found = (i64, i16);
+
 #[derive(Debug, Clone, Copy)]
 enum Archived {
     Private,
@@ -241,7 +244,7 @@ impl Snapshotter {
             listings.push((*p, Archived::Private));
             listings.push((*p, Archived::Public));
         }
-        let archived: Vec<(i64, Result<Vec<(i64, i16)>, SnapshotError>)> = futures::stream::iter(
+        let archived: Vec<(i64, Result<Vec<Found>, SnapshotError>)> = futures::stream::iter(
             listings,
         )
         .map(|(parent, which)| async move { (parent, self.archived(g, parent, which).await) })
@@ -370,7 +373,7 @@ impl Snapshotter {
         guild_id: i64,
         parent: i64,
         which: Archived,
-    ) -> Result<Vec<(i64, i16)>, SnapshotError> {
+    ) -> Result<Vec<Found>, SnapshotError> {
         let mut ids = Vec::new();
         let mut before: Option<String> = None;
         let which = match which {
