@@ -247,7 +247,7 @@ mod tests {
             archive_timestamp: None,
         });
         g.channels.insert(30, t);
-        for (user, roles) in [(5u64, vec![]), (6, vec![]), (7, vec![2u64])] {
+        for (user, roles) in [(5u64, vec![]), (6, vec![]), (7, vec![2u64]), (99, vec![])] {
             g.members.insert(
                 user,
                 Member {
