@@ -162,8 +162,8 @@ async fn viewers(db: &Db, s: &Scenario) -> Vec<(u64, String)> {
     out
 }
 
-/// What one user sees through the API: guild → visible channels, and the private-thread
-/// messages they may read.
+/// What one user sees through the API: guild → visible channels, and the messages of
+/// `threads` (any message channels) they may read, tombstones left out.
 async fn seen(
     base: &str,
     token: &str,
@@ -197,13 +197,27 @@ async fn seen(
         let (_, body) = gql_raw(
             base,
             Some(token),
-            "query($c: ID!) { messages(channelId: $c, first: 100) { edges { node { id } } } }",
+            "query($c: ID!) { messages(channelId: $c, first: 100) {
+               edges { node { id deletedAt deletionDetectedAt } } } }",
             json!({"c": t.to_string()}),
         )
         .await;
+        // A channel the user may not read answers NOT_FOUND, like one that does not exist.
+        assert!(
+            body["errors"].is_null() || body["errors"][0]["extensions"]["code"] == "NOT_FOUND",
+            "messages of {t}: {body}"
+        );
         let ids: BTreeSet<u64> = body["data"]["messages"]["edges"]
             .as_array()
-            .map(|e| e.iter().map(|n| id(&n["node"]["id"])).collect())
+            .map(|e| {
+                e.iter()
+                    .filter(|n| {
+                        n["node"]["deletedAt"].is_null()
+                            && n["node"]["deletionDetectedAt"].is_null()
+                    })
+                    .map(|n| id(&n["node"]["id"]))
+                    .collect()
+            })
             .unwrap_or_default();
         if !ids.is_empty() {
             messages.insert(*t, ids);
@@ -252,7 +266,20 @@ async fn setup(pool: PgPool) -> (Simulator, Scenario, common::TestApi, Vec<u64>)
     );
     sim.load(s.clone());
     let threads = seed(&sim, &s);
-    let api = start(pool, common::config()).await;
+    // Each check reads every channel as every user, again and again until it
+    // converges: far beyond a browser's request rate, which is not under test here.
+    let api = start(
+        pool,
+        observer_api::Config {
+            limits: observer_api::Limits {
+                rate_burst: 100_000,
+                rate_per_sec: 100_000.0,
+                ..observer_api::Limits::default()
+            },
+            ..common::config()
+        },
+    )
+    .await;
     (sim, s, api, threads)
 }
 
@@ -325,10 +352,44 @@ async fn membership_changed_while_stopped_converges_after_a_fresh_start(pool: Pg
         }
     })
     .await;
+    // Chat in the voice room and in a text channel, mirrored before the stop.
+    let voice = find(&s, 0, "Support call");
+    let text = find(&s, 0, "general-help");
+    let author = s.guilds[0].members[0].user_id;
+    let mut posted = Vec::new();
+    for (ch, what) in [
+        (voice, "in the call"),
+        (text, "one"),
+        (text, "two"),
+        (text, "three"),
+    ] {
+        posted.push(
+            sim.post_message(ch, author, what, PostOptions::default())
+                .unwrap()
+                .id,
+        );
+    }
+    eventually(Duration::from_secs(60), "chat mirrored", || {
+        let (pool, ids) = (&pool, &posted);
+        async move {
+            let ids: Vec<i64> = ids.iter().map(|i| *i as i64).collect();
+            let n: i64 =
+                sqlx::query_scalar("select count(*) from messages where message_id = any($1)")
+                    .bind(&ids)
+                    .fetch_one(pool)
+                    .await
+                    .unwrap();
+            (n == ids.len() as i64)
+                .then_some(())
+                .ok_or(format!("{n} of {} stored", ids.len()))
+        }
+    })
+    .await;
     worker.stop().await;
 
-    // While nobody listens: removals and additions in an active and an archived thread, and a
-    // member who leaves the guild.
+    // While nobody listens: removals and additions in an active and an archived thread, a
+    // member who leaves the guild, the voice room locked (@everyone loses CONNECT, so its
+    // chat, stored already, is no longer theirs to read), one message edited, one deleted.
     let members: Vec<u64> = s.guilds[0].members.iter().map(|m| m.user_id).collect();
     let (active, archived) = (seeded[0], seeded[1]);
     sim.remove_thread_member(active, members[3]).unwrap();
@@ -336,6 +397,19 @@ async fn membership_changed_while_stopped_converges_after_a_fresh_start(pool: Pg
     sim.remove_thread_member(archived, members[4]).unwrap();
     sim.add_thread_member(archived, members[8]).unwrap();
     sim.remove_member(s.guilds[0].id, members[5]).unwrap();
+    sim.set_overwrite(
+        voice,
+        observer_sim::Overwrite {
+            id: s.guilds[0].id,
+            kind: observer_sim::OverwriteKind::Role,
+            allow: 0,
+            deny: observer_sim::perms::CONNECT,
+        },
+    )
+    .unwrap();
+    sim.edit_message(posted[2], "two, edited while away")
+        .unwrap();
+    sim.delete_message(posted[3]).unwrap();
     // Discord would not let the old session resume either.
     sim.invalidate_sessions(false);
 
@@ -362,6 +436,53 @@ async fn membership_changed_while_stopped_converges_after_a_fresh_start(pool: Pg
     assert!(
         !stored.contains(&(members[5] as i64)),
         "the leaver's member row is gone"
+    );
+    // Every user's view through the API is Discord's again: channels, the private threads,
+    // the locked voice room and the text channel with its edit and deletion.
+    let users = viewers(&api.db, &s).await;
+    let mut channels: Vec<u64> = private_threads(&sim).into_keys().collect();
+    channels.extend([voice, text]);
+    let base = api.base.clone();
+    eventually(
+        Duration::from_secs(60),
+        "every user sees Discord's view again",
+        || {
+            let (sim, users, channels, base) = (&sim, &users, &channels, &base);
+            async move {
+                for (u, token) in users {
+                    let want = truth(sim, *u, channels);
+                    let got = seen(base, token, channels).await;
+                    if got != want {
+                        return Err(format!("user {u}: want {want:?}, got {got:?}"));
+                    }
+                }
+                Ok(())
+            }
+        },
+    )
+    .await;
+    // The voice room still shows for a plain member, its chat does not.
+    let plain = users.iter().map(|(u, _)| *u).find(|u| {
+        let v = sim.user_channel_access(s.guilds[0].id, *u);
+        v.get(&voice).is_some_and(|v| v.view && !v.read)
+    });
+    assert!(
+        plain.is_some(),
+        "some user sees the locked room without its chat"
+    );
+    let (edited, detected): (String, bool) = sqlx::query_as(
+        "select (select content from messages where message_id = $1),
+                (select deletion_detected_at is not null from messages where message_id = $2)",
+    )
+    .bind(posted[2] as i64)
+    .bind(posted[3] as i64)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(edited, "two, edited while away");
+    assert!(
+        detected,
+        "the deletion made while away is a detected tombstone"
     );
     worker.stop().await;
     sim.shutdown().await;

@@ -46,6 +46,8 @@ pub struct Metrics {
     /// Channels whose recent window was reconciled after a gap.
     pub reconcile_channels: Counter,
     pub reconcile_pages: Counter,
+    /// Single messages asked for by reconciliation (newer than its pages).
+    pub reconcile_probes: Counter,
     /// Messages Discord returned inside reconciled windows.
     pub reconcile_checked: Counter,
     /// Stored messages found deleted (tombstones marked as detected).
@@ -101,6 +103,7 @@ impl Metrics {
             backfill_errors: Counter::default(),
             reconcile_channels: Counter::default(),
             reconcile_pages: Counter::default(),
+            reconcile_probes: Counter::default(),
             reconcile_checked: Counter::default(),
             reconcile_gone: Counter::default(),
             reconcile_errors: Counter::default(),
@@ -253,6 +256,11 @@ impl Metrics {
             "reconcile_pages",
             "History pages read by reconciliation",
             m.reconcile_pages.clone(),
+        );
+        r.register(
+            "reconcile_probes",
+            "Single messages asked for by reconciliation",
+            m.reconcile_probes.clone(),
         );
         r.register(
             "reconcile_checked",

@@ -14,13 +14,18 @@
 //!   when the last page came back short). A stored message inside that range
 //!   that Discord did not return was deleted meanwhile: it becomes a tombstone
 //!   marked as *detected* (`deletion_detected_at`, the time it was noticed, not
-//!   when it happened).
+//!   when it happened);
+//! - a stored message newer than the newest one Discord returned was either
+//!   deleted (the channel's latest messages) or posted after the first page was
+//!   read (live traffic during the pass). No clock can tell the two apart, so
+//!   each is asked for by id (`GET /channels/{id}/messages/{message.id}`, at
+//!   most [`MAX_PROBES`] per pass): 404 means deleted, an answer means it
+//!   exists, a 403 ends the probing (the bot may not read single messages).
 //!
 //! The window is the last `max_age` of the channel or its last `min_messages`
-//! messages, whichever reaches further back. Outside it nothing changes: an
-//! older message edited or deleted during the gap keeps its stored state.
-//! A message posted after the first page was read has a larger id than any in
-//! the range, so live traffic during the pass is never mistaken for a gap.
+//! messages, whichever reaches further back, in whole pages of 100. Outside it
+//! nothing changes: an older message edited or deleted during the gap keeps
+//! its stored state, and so do stored messages beyond the probe limit.
 //! An interrupted pass (a crash, a restart) is simply run again at the next
 //! snapshot; every step is idempotent.
 
@@ -39,7 +44,7 @@ use crate::backfill::{BackfillError, PAGE};
 use crate::batcher::Queued;
 use crate::map;
 use crate::metrics::Metrics;
-use crate::rest::Rest;
+use crate::rest::{Fetched, Rest};
 
 /// How much of each channel's recent history is re-read after a gap.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,6 +82,10 @@ pub struct Reconciler {
     pub metrics: Arc<Metrics>,
     pub window: Window,
 }
+
+/// Stored messages newer than everything Discord returned that are asked for
+/// one by one in a pass; more are left as they are until the next pass.
+pub const MAX_PROBES: usize = 50;
 
 /// The one field a message must have for the range check: a message serenity
 /// cannot parse still proves that its id exists.
@@ -145,20 +154,24 @@ impl Reconciler {
             }
             before = seen.first().copied();
         }
-        let (Some(&oldest), Some(&newest)) = (seen.first(), seen.last()) else {
-            // An empty channel (or one whose history the bot may not read:
-            // Discord answers `[]`): no range, nothing to decide.
-            return Ok(Outcome::default());
+        // From the channel's start when the last page was short (an empty
+        // first page included): whatever is stored below the oldest message
+        // Discord has is gone too.
+        let low = match (reached_start, seen.first()) {
+            (false, Some(&oldest)) => oldest,
+            _ => 0,
         };
-        // From the channel's start when the last page was short: whatever is
-        // stored below the oldest message Discord has is gone too.
-        let low = if reached_start { 0 } else { oldest };
+        let newest = seen.last().copied().unwrap_or(0);
         let mut tx = self.db.worker().await?;
         let stored =
-            observer_db::reconcile::live_message_ids(&mut tx, guild_id, channel_id, low, newest)
+            observer_db::reconcile::live_message_ids(&mut tx, guild_id, channel_id, low, i64::MAX)
                 .await?;
         tx.commit().await?;
-        let gone: Vec<i64> = stored.into_iter().filter(|id| !seen.contains(id)).collect();
+        let (mut gone, above): (Vec<i64>, Vec<i64>) = stored
+            .into_iter()
+            .filter(|id| !seen.contains(id))
+            .partition(|id| *id <= newest);
+        gone.extend(self.probe(guild_id, channel_id, &above).await?);
         let outcome = Outcome {
             checked: seen.len() as u64,
             gone: gone.len() as u64,
@@ -183,5 +196,39 @@ impl Reconciler {
                 .map_err(|_| BackfillError::Closed)?;
         }
         Ok(outcome)
+    }
+
+    /// Asks for each of `ids` (stored, newer than anything the history pages
+    /// returned) and returns those Discord no longer has.
+    async fn probe(
+        &self,
+        guild_id: i64,
+        channel_id: i64,
+        ids: &[i64],
+    ) -> Result<Vec<i64>, BackfillError> {
+        let mut gone = Vec::new();
+        for id in ids.iter().take(MAX_PROBES) {
+            self.metrics.reconcile_probes.inc();
+            match self
+                .rest
+                .fetch(&format!("/channels/{channel_id}/messages/{id}"))
+                .await?
+            {
+                Fetched::NotFound => gone.push(*id),
+                Fetched::Forbidden { .. } => break,
+                Fetched::Ok(raw) => {
+                    // Still there (posted during the pass, or edited): store what it is now.
+                    if let Ok(msg) = serde_json::from_value::<serenity::all::Message>(raw) {
+                        if let Some(m) = map::message(&msg, Some(guild_id)) {
+                            self.ops
+                                .send(Queued::new(IngestOp::MessageCreate(Box::new(m))))
+                                .await
+                                .map_err(|_| BackfillError::Closed)?;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(gone)
     }
 }
