@@ -568,6 +568,17 @@ fn archived(
         .transpose()?;
     let w = sh.world();
     let (g, _) = visible_channel(&w, id)?;
+    // Listing archived threads needs READ_MESSAGE_HISTORY, and MANAGE_THREADS too for private
+    // ones (discord-protocol.md §9).
+    let p = w.user_channel_permissions(g, w.bot.id, id);
+    let needed = perms::READ_MESSAGE_HISTORY | if private { perms::MANAGE_THREADS } else { 0 };
+    if p & needed != needed {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            50013,
+            "Missing Permissions",
+        ));
+    }
     let mut threads: Vec<&crate::Channel> = g
         .channels
         .values()

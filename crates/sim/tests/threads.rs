@@ -326,5 +326,33 @@ async fn archived_threads_page_by_archive_time() {
         .await;
         assert_eq!(status, 400, "{bad}");
     }
+
+    // Listing needs READ_MESSAGE_HISTORY, and MANAGE_THREADS for private threads.
+    let bot = sim.config().bot_user_id;
+    let deny = |perms: u64| observer_sim::Overwrite {
+        id: bot,
+        kind: observer_sim::OverwriteKind::Member,
+        allow: 0,
+        deny: perms,
+    };
+    sim.set_overwrite(f.parent, deny(observer_sim::perms::MANAGE_THREADS))
+        .unwrap();
+    let private = format!("/channels/{}/threads/archived/private", f.parent);
+    let public = format!("/channels/{}/threads/archived/public", f.parent);
+    let (status, body) = get(sim, &private).await;
+    assert_eq!(
+        (status, body["code"].clone()),
+        (403, 50013.into()),
+        "{body}"
+    );
+    assert_eq!(get(sim, &public).await.0, 200);
+    sim.set_overwrite(f.parent, deny(observer_sim::perms::READ_MESSAGE_HISTORY))
+        .unwrap();
+    let (status, body) = get(sim, &public).await;
+    assert_eq!(
+        (status, body["code"].clone()),
+        (403, 50013.into()),
+        "{body}"
+    );
     f.sim.shutdown().await;
 }
