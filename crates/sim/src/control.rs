@@ -10,8 +10,8 @@ use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use crate::http::{ApiError, ApiResult};
 use crate::model::{sf, Channel, Overwrite, PostOptions, Role, Scenario, User};
-use crate::rest::{ApiError, ApiResult};
 use crate::{GenOptions, Shared, Simulator, TrafficOptions};
 
 fn sim(sh: &Arc<Shared>) -> Simulator {

@@ -5,9 +5,15 @@
 //! - `model`    — scenario and ground-truth types (serde, snowflakes as strings), permission bits.
 //! - `payload`  — Discord JSON shapes built to pass serenity's strict deserializers.
 //! - `world`    — the state behind one mutex; every mutation dispatches its gateway event.
+//!   `world/sessions` (gateway sessions, dispatch, chaos), `views` (lookups, JSON views),
+//!   `messages`, `channels` (and threads, overwrites), `members` (and roles, the bot's guilds).
+//! - `permissions`, `botview` — Discord's permission algorithm and what the bot may see.
 //! - `gateway`  — WebSocket: HELLO/IDENTIFY/READY/GUILD_CREATE, heartbeats, RESUME replay, faults.
-//! - `rest`     — `/api/v10` REST (history, guild objects, users/@me) and Discord-style rate limits.
-//! - `oauth`    — `/oauth2/authorize`, `/api/oauth2/token` (PKCE S256, refresh), revoke, scopes.
+//! - `http`     — what every `/api` route shares: Discord JSON errors, bot auth, query parameters.
+//! - `rest`     — `/api/v10` bot REST: `rest/messages`, `threads`, `guilds`, `access` (what the
+//!   bot may see), and `limits`: Discord's rate limits (global, per-route, invalid-request bans).
+//! - `oauth`    — `/oauth2/authorize`, `/api/oauth2/token` (PKCE S256, refresh), revoke, and the
+//!   bearer routes (`/users/@me...`, `/oauth2/@me`) with scope checks.
 //! - `control`  — the `/_sim/` JSON control API, thin over [`Simulator`]'s methods.
 //! - `scenario` — [`Scenario::generate`]: a realistic support organisation from a seed.
 //! - `traffic`  — synthetic support conversations, by wall-clock rate or by step count.
@@ -27,6 +33,7 @@
 mod botview;
 mod control;
 mod gateway;
+mod http;
 pub mod model;
 mod oauth;
 mod payload;
