@@ -18,8 +18,8 @@ use rand::Rng;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
+use crate::http::{query_map, require_bot, ApiError, ApiResult};
 use crate::model::perms;
-use crate::rest::{query_map, ApiError, ApiResult};
 use crate::Shared;
 
 struct CodeGrant {
@@ -55,14 +55,29 @@ fn random_token(n: usize) -> String {
         .collect()
 }
 
-pub(crate) fn router() -> Router<Arc<Shared>> {
-    Router::new()
-        .route("/oauth2/authorize", get(authorize))
-        .route("/api/oauth2/authorize", get(authorize))
+pub(crate) fn router(sh: Arc<Shared>) -> Router<Arc<Shared>> {
+    // The token endpoints and the bearer routes are API routes, rate limited like the rest; the
+    // authorize page is the website's. `/users/@me` also answers the bot token.
+    let api = Router::new()
+        .route("/api/v10/users/@me", get(users_me))
+        .route("/api/v10/users/@me/guilds", get(users_me_guilds))
+        .route(
+            "/api/v10/users/@me/guilds/{id}/member",
+            get(users_me_member),
+        )
+        .route("/api/v10/oauth2/@me", get(oauth_me))
         .route("/api/oauth2/token", post(token))
         .route("/api/v10/oauth2/token", post(token))
         .route("/api/oauth2/token/revoke", post(revoke))
         .route("/api/v10/oauth2/token/revoke", post(revoke))
+        .route_layer(axum::middleware::from_fn_with_state(
+            sh,
+            crate::rest::rate_limit,
+        ));
+    Router::new()
+        .route("/oauth2/authorize", get(authorize))
+        .route("/api/oauth2/authorize", get(authorize))
+        .merge(api)
 }
 
 fn html_escape(s: &str) -> String {
@@ -363,8 +378,8 @@ fn bearer(sh: &Shared, headers: &HeaderMap, scope: &str) -> Result<(u64, Vec<Str
     Ok((auth.user_id, auth.scopes.clone()))
 }
 
-pub(crate) async fn users_me(State(sh): State<Arc<Shared>>, headers: HeaderMap) -> ApiResult {
-    if crate::rest::require_bot(&sh, &headers).is_ok() {
+async fn users_me(State(sh): State<Arc<Shared>>, headers: HeaderMap) -> ApiResult {
+    if require_bot(&sh, &headers).is_ok() {
         let w = sh.world();
         return Ok(Json(crate::payload::user(&w.bot)));
     }
@@ -389,10 +404,7 @@ pub(crate) async fn users_me(State(sh): State<Arc<Shared>>, headers: HeaderMap) 
 }
 
 /// The user's guilds (whether or not the bot is in them), with guild-level permissions.
-pub(crate) async fn users_me_guilds(
-    State(sh): State<Arc<Shared>>,
-    headers: HeaderMap,
-) -> ApiResult {
+async fn users_me_guilds(State(sh): State<Arc<Shared>>, headers: HeaderMap) -> ApiResult {
     let (uid, _) = bearer(&sh, &headers, "guilds")?;
     let w = sh.world();
     let guilds: Vec<Value> = w
@@ -408,7 +420,7 @@ pub(crate) async fn users_me_guilds(
     Ok(Json(Value::Array(guilds)))
 }
 
-pub(crate) async fn users_me_member(
+async fn users_me_member(
     State(sh): State<Arc<Shared>>,
     headers: HeaderMap,
     Path(id): Path<u64>,
@@ -423,7 +435,7 @@ pub(crate) async fn users_me_member(
     Ok(Json(w.member_json(g, m)))
 }
 
-pub(crate) async fn oauth_me(State(sh): State<Arc<Shared>>, headers: HeaderMap) -> ApiResult {
+async fn oauth_me(State(sh): State<Arc<Shared>>, headers: HeaderMap) -> ApiResult {
     let (uid, scopes) = bearer(&sh, &headers, "")?;
     let w = sh.world();
     let mut v = json!({
