@@ -213,16 +213,7 @@ pub async fn graphql_post(
     auth: AuthSession,
     req: Request,
 ) -> Response {
-    let is_json = req
-        .headers()
-        .get(CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.split(';')
-                .next()
-                .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
-        });
-    if !is_json {
+    if !is_json(req.headers()) {
         return reject(
             &state,
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -286,20 +277,31 @@ pub async fn graphql_post(
         resp = error_response(Code::Internal, "internal error");
     }
     ensure_codes(&mut resp);
+    count_error_codes(&state, &resp);
+    gql_json(StatusCode::OK, &resp)
+}
+
+/// Whether the media type is `application/json` (parameters such as
+/// `charset` allowed).
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(';')
+                .next()
+                .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
+        })
+}
+
+/// Counts each error of an executed request by its `extensions.code`.
+fn count_error_codes(state: &AppState, resp: &async_graphql::Response) {
     for e in &resp.errors {
-        if let Some(code) =
-            e.extensions
-                .as_ref()
-                .and_then(|x| x.get("code"))
-                .and_then(|c| match c {
-                    async_graphql::Value::String(s) => Some(s.clone()),
-                    _ => None,
-                })
-        {
-            state.metrics.graphql_error(&code);
+        let code = e.extensions.as_ref().and_then(|x| x.get("code"));
+        if let Some(async_graphql::Value::String(code)) = code {
+            state.metrics.graphql_error(code);
         }
     }
-    gql_json(StatusCode::OK, &resp)
 }
 
 fn rate_limited(state: &AppState) -> Response {
