@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use secrecy::SecretString;
+
 /// Everything the API needs besides the database handle and the listener.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -10,8 +12,9 @@ pub struct Config {
     pub public_url: String,
     /// `DISCORD_CLIENT_ID`.
     pub discord_client_id: String,
-    /// `DISCORD_CLIENT_SECRET`.
-    pub discord_client_secret: String,
+    /// `DISCORD_CLIENT_SECRET` (redacted in `Debug`; read with `expose_secret()`
+    /// only where the OAuth client is built).
+    pub discord_client_secret: SecretString,
     /// `DISCORD_API_BASE_URL`: REST `{base}/api/v10/...`, token
     /// `{base}/api/oauth2/token`, authorize `{base}/oauth2/authorize`.
     pub discord_api_base_url: String,
@@ -90,7 +93,7 @@ impl Default for Config {
         Self {
             public_url: "http://localhost:3000".into(),
             discord_client_id: String::new(),
-            discord_client_secret: String::new(),
+            discord_client_secret: SecretString::default(),
             discord_api_base_url: "https://discord.com".into(),
             limits: Limits::default(),
             session_ttl: Duration::from_secs(7 * 24 * 3600),
@@ -123,6 +126,17 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn debug_output_never_shows_the_client_secret() {
+        let c = Config {
+            discord_client_secret: "very-secret-value".into(),
+            ..Config::default()
+        };
+        let shown = format!("{c:?} {c:#?}");
+        assert!(!shown.contains("very-secret-value"), "{shown}");
+        assert!(shown.contains("discord_client_secret"), "{shown}");
+    }
 
     #[test]
     fn secure_cookies_follow_the_public_url_scheme_in_any_case() {

@@ -90,7 +90,9 @@ impl Discord {
         let base = config.api_base_trimmed();
         let cfg = |e: url::ParseError| DiscordError::Config(e.to_string());
         let oauth = BasicClient::new(ClientId::new(config.discord_client_id.clone()))
-            .set_client_secret(ClientSecret::new(config.discord_client_secret.clone()))
+            .set_client_secret(ClientSecret::new(
+                secrecy::ExposeSecret::expose_secret(&config.discord_client_secret).to_owned(),
+            ))
             .set_auth_uri(AuthUrl::new(format!("{base}/oauth2/authorize")).map_err(cfg)?)
             .set_token_uri(TokenUrl::new(format!("{base}/api/oauth2/token")).map_err(cfg)?)
             .set_redirect_uri(RedirectUrl::new(config.redirect_url()).map_err(cfg)?);

@@ -6,27 +6,57 @@
 
 use async_graphql::ErrorExtensions;
 
-/// The fixed set of `extensions.code` values (DESIGN.md §7).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Code {
-    Unauthenticated,
-    Forbidden,
-    NotFound,
-    BadRequest,
-    RateLimited,
-    Internal,
+/// Declares [`Code`] and its wire strings in one list, so [`Code::ALL`] cannot
+/// miss a variant (the README test iterates it).
+macro_rules! codes {
+    ($($(#[$doc:meta])* $variant:ident => $wire:literal,)+) => {
+        /// The fixed set of `extensions.code` values (DESIGN.md §7); each one is
+        /// documented in the crate README's error table.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum Code {
+            $($(#[$doc])* $variant,)+
+        }
+
+        impl Code {
+            /// Every code, in declaration order.
+            pub const ALL: &'static [Code] = &[$(Code::$variant,)+];
+
+            pub const fn as_str(self) -> &'static str {
+                match self {
+                    $(Code::$variant => $wire,)+
+                }
+            }
+        }
+    };
 }
 
-impl Code {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Code::Unauthenticated => "UNAUTHENTICATED",
-            Code::Forbidden => "FORBIDDEN",
-            Code::NotFound => "NOT_FOUND",
-            Code::BadRequest => "BAD_REQUEST",
-            Code::RateLimited => "RATE_LIMITED",
-            Code::Internal => "INTERNAL",
-        }
+codes! {
+    /// No (valid) credential for something that needs one; also a revoked
+    /// session or token ending a live subscription.
+    Unauthenticated => "UNAUTHENTICATED",
+    /// Authenticated, but nothing in scope is visible (live subscriptions).
+    Forbidden => "FORBIDDEN",
+    /// Hidden or nonexistent id (the two answer identically).
+    NotFound => "NOT_FOUND",
+    /// The client's request is wrong: parse, validation, depth, complexity, body size.
+    BadRequest => "BAD_REQUEST",
+    /// A per-address or per-viewer token bucket is empty.
+    RateLimited => "RATE_LIMITED",
+    /// A server-side failure (cause logged, never shown) or a request timeout.
+    Internal => "INTERNAL",
+    /// A live subscription whose buffer overflowed; `extensions.lastCursor`
+    /// says where to resume.
+    SlowConsumer => "SLOW_CONSUMER",
+    /// Live events cannot be served right now (e.g. the database LISTEN is
+    /// down); resume from `extensions.lastCursor` when present.
+    Unavailable => "UNAVAILABLE",
+    /// The connection or the viewer already has as many subscriptions open as allowed.
+    TooManySubscriptions => "TOO_MANY_SUBSCRIPTIONS",
+}
+
+impl std::fmt::Display for Code {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 

@@ -73,22 +73,24 @@ pub fn app(state: AppState) -> Router {
     };
     let auth = AuthManagerLayerBuilder::new(backend, sessions).build();
 
-    Router::new()
+    let routes = Router::new()
         .route("/", get(pages::dashboard))
-        .route("/graphql", post(http::graphql_post).get(http::graphql_get))
         .route("/assets/{*path}", get(pages::asset))
         .route("/auth/login", get(login::login))
         .route("/auth/callback", get(login::callback))
         .route("/auth/logout", post(login::logout))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics::handler))
+        .route("/metrics", get(metrics::handler));
+    let routes = http::bounded(routes, &state.config.limits)
+        .route("/graphql", http::graphql_route(&state))
         .layer(auth)
         .layer(axum::middleware::from_fn_with_state(
             state.metrics.clone(),
             metrics::track,
         ))
-        .with_state(state)
+        .with_state(state);
+    http::outer_layers(routes)
 }
 
 pub(crate) fn time_duration(d: Duration) -> tower_sessions::cookie::time::Duration {

@@ -1,12 +1,11 @@
 //! Pages served from the binary: GraphiQL at `GET /graphql` (vendored from npm,
 //! see `assets/graphiql/README.md`) and the dashboard at `/` (plain ES modules
 //! from `web/`). No CDN: every byte comes from here, and a Content-Security-Policy
-//! without inline scripts keeps it that way.
+//! without inline scripts keeps it that way. `X-Content-Type-Options` and
+//! `Referrer-Policy` come from the layers every route has (`http::outer_layers`).
 
 use axum::extract::Path;
-use axum::http::header::{
-    CACHE_CONTROL, CONTENT_SECURITY_POLICY, CONTENT_TYPE, REFERRER_POLICY, X_CONTENT_TYPE_OPTIONS,
-};
+use axum::http::header::{CACHE_CONTROL, CONTENT_SECURITY_POLICY, CONTENT_TYPE};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 
@@ -35,8 +34,6 @@ fn page(body: &'static str, csp: &'static str) -> Response {
             (CONTENT_TYPE, "text/html; charset=utf-8"),
             (CONTENT_SECURITY_POLICY, csp),
             (CACHE_CONTROL, REVALIDATE),
-            (X_CONTENT_TYPE_OPTIONS, "nosniff"),
-            (REFERRER_POLICY, "same-origin"),
         ],
         body,
     )
@@ -124,11 +121,7 @@ const ASSETS: &[Asset] = &[
 pub async fn asset(Path(path): Path<String>) -> Response {
     match ASSETS.iter().find(|a| a.path == path) {
         Some(a) => (
-            [
-                (CONTENT_TYPE, a.content_type),
-                (CACHE_CONTROL, a.cache),
-                (X_CONTENT_TYPE_OPTIONS, "nosniff"),
-            ],
+            [(CONTENT_TYPE, a.content_type), (CACHE_CONTROL, a.cache)],
             a.body,
         )
             .into_response(),

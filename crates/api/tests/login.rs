@@ -51,7 +51,7 @@ async fn env(pool: PgPool) -> Env {
     let api = start_with(pool.clone(), move |addr| observer_api::Config {
         public_url: format!("http://{addr}"),
         discord_client_id: client_id,
-        discord_client_secret: client_secret,
+        discord_client_secret: client_secret.into(),
         discord_api_base_url: sim_base,
         ..observer_api::Config::default()
     })

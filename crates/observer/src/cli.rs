@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use secrecy::{ExposeSecret as _, SecretString};
 
 use crate::telemetry::LogFormat;
 
@@ -41,14 +42,14 @@ pub enum Command {
 
 #[derive(Debug, Args)]
 pub struct DbArgs {
-    /// PostgreSQL connection string.
-    #[arg(long, env = "DATABASE_URL")]
-    pub database_url: String,
+    /// PostgreSQL connection string (may hold a password: never shown in `--help` or `Debug`).
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true, value_parser = secret)]
+    pub database_url: SecretString,
 }
 
 impl DbArgs {
     pub async fn connect(&self, max_connections: u32) -> anyhow::Result<observer_db::Db> {
-        observer_db::Db::connect(&self.database_url, max_connections)
+        observer_db::Db::connect(self.database_url.expose_secret(), max_connections)
             .await
             .context("connecting to DATABASE_URL")
     }
@@ -79,8 +80,8 @@ pub struct WorkerArgs {
     #[command(flatten)]
     pub discord: DiscordArgs,
     /// Bot token (without the `Bot ` prefix).
-    #[arg(long, env = "DISCORD_TOKEN", hide_env_values = true)]
-    pub discord_token: String,
+    #[arg(long, env = "DISCORD_TOKEN", hide_env_values = true, value_parser = secret)]
+    pub discord_token: SecretString,
     /// Shard ids this process runs, e.g. `0-3` or `5` (needs --shard-count). Default: shard 0 of 1.
     #[arg(long, env = "WORKER_SHARDS", requires = "shard_count")]
     pub shards: Option<String>,
@@ -114,8 +115,8 @@ pub struct ApiArgs {
     #[arg(long, env = "DISCORD_CLIENT_ID")]
     pub discord_client_id: String,
     /// OAuth application secret.
-    #[arg(long, env = "DISCORD_CLIENT_SECRET", hide_env_values = true)]
-    pub discord_client_secret: String,
+    #[arg(long, env = "DISCORD_CLIENT_SECRET", hide_env_values = true, value_parser = secret)]
+    pub discord_client_secret: SecretString,
     /// Where browsers reach the API; the OAuth redirect is `{PUBLIC_URL}/auth/callback`; cookies are
     /// `Secure` when it is https.
     #[arg(long, env = "PUBLIC_URL", default_value = "http://localhost:3000")]
@@ -179,8 +180,8 @@ pub struct SimArgs {
 #[derive(Debug, Args)]
 pub struct DemoArgs {
     /// Use this PostgreSQL instead of starting a private one.
-    #[arg(long, env = "DATABASE_URL")]
-    pub database_url: Option<String>,
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true, value_parser = secret)]
+    pub database_url: Option<SecretString>,
     /// API / dashboard port.
     #[arg(long, env = "PORT", default_value_t = 3000)]
     pub port: u16,
@@ -196,6 +197,12 @@ pub struct DemoArgs {
     /// Seed for the generated scenario and traffic.
     #[arg(long, env = "SIM_SEED", default_value_t = 1)]
     pub seed: u64,
+}
+
+/// Parses a flag or environment value into a secret, so it stays out of
+/// `Debug` output from the start.
+fn secret(s: &str) -> Result<SecretString, std::convert::Infallible> {
+    Ok(SecretString::from(s))
 }
 
 pub fn parse_addr(s: &str) -> anyhow::Result<Option<SocketAddr>> {
@@ -370,6 +377,56 @@ mod tests {
         assert!(worker(&["--metrics-addr", "not an address"]).is_err());
         assert_eq!(worker(&["--metrics-addr", ""])?.metrics_addr, None);
         Ok(())
+    }
+
+    /// Secrets set in the environment appear neither in `--help` nor in the
+    /// parsed arguments' `Debug` output.
+    #[test]
+    fn secrets_stay_out_of_help_and_debug() {
+        use clap::CommandFactory;
+        let secrets = [
+            ("DATABASE_URL", "postgres://u:db-pass-sentinel@h/d"),
+            ("DISCORD_TOKEN", "token-sentinel"),
+            ("DISCORD_CLIENT_SECRET", "client-secret-sentinel"),
+        ];
+        let mut cmd = Cli::command();
+        for sub in ["migrate", "worker", "api", "demo"] {
+            let sub = cmd.find_subcommand_mut(sub).expect("subcommand");
+            for arg in sub.get_arguments() {
+                if let Some(env) = arg.get_env().and_then(|e| e.to_str()) {
+                    if secrets.iter().any(|(name, _)| *name == env) {
+                        assert!(arg.is_hide_env_values_set(), "{env} shown in --help");
+                    }
+                }
+            }
+        }
+        // The rendered help, with the variables really set (clap reads them
+        // when the command is built). Only this test sets them, to sentinels.
+        for (name, value) in secrets {
+            std::env::set_var(name, value);
+        }
+        let mut cmd = Cli::command();
+        for sub in ["migrate", "worker", "api", "demo"] {
+            let help = cmd
+                .find_subcommand_mut(sub)
+                .expect("subcommand")
+                .render_long_help()
+                .to_string();
+            for (name, value) in secrets {
+                assert!(!help.contains(value), "{name} value in `{sub} --help`");
+            }
+        }
+        let parsed = Cli::try_parse_from(["observer", "api", "--discord-client-id", "1"])
+            .expect("parses from env");
+        let worker = Cli::try_parse_from(["observer", "worker"]).expect("parses from env");
+        for (name, _) in secrets {
+            std::env::remove_var(name);
+        }
+        let shown = format!("{parsed:?} {worker:?}");
+        for (name, value) in secrets {
+            assert!(!shown.contains(value), "{name} in Debug output: {shown}");
+        }
+        assert!(shown.contains("database_url"), "{shown}");
     }
 
     #[test]

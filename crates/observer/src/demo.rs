@@ -20,7 +20,7 @@ const DEMO_PG_PORT: u16 = 54329;
 
 pub async fn run(args: DemoArgs, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let (url, private) = match &args.database_url {
-        Some(url) => (url.clone(), None),
+        Some(url) => (secrecy::ExposeSecret::expose_secret(url).to_owned(), None),
         None => {
             let pg = PrivatePostgres::start(&args.data_dir, DEMO_PG_PORT)
                 .await
@@ -81,7 +81,7 @@ async fn run_with_db(
     let api_config = observer_api::Config {
         public_url: public_url.clone(),
         discord_client_id: sim.config().client_id.clone(),
-        discord_client_secret: sim.config().client_secret.clone(),
+        discord_client_secret: sim.config().client_secret.clone().into(),
         discord_api_base_url: sim.base_url(),
         ..observer_api::Config::default()
     };

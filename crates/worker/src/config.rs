@@ -3,6 +3,8 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use secrecy::SecretString;
+
 /// The real Discord. Any other base URL is treated as a Discord-compatible
 /// server reached through serenity's proxy mode.
 pub const DISCORD_BASE_URL: &str = "https://discord.com";
@@ -41,7 +43,8 @@ impl ShardRange {
 #[derive(Debug, Clone)]
 pub struct Config {
     /// Bot token (`DISCORD_TOKEN`), with or without the `Bot ` prefix.
-    pub discord_token: String,
+    /// Redacted in `Debug`; exposed only where the Discord clients are built.
+    pub discord_token: SecretString,
     /// `DISCORD_API_BASE_URL`, default [`DISCORD_BASE_URL`].
     pub api_base_url: String,
     /// `--shards` / `--shard-count`; None runs the single shard 0 of 1.
@@ -78,7 +81,7 @@ pub struct Config {
 }
 
 impl Config {
-    pub fn new(discord_token: impl Into<String>) -> Self {
+    pub fn new(discord_token: impl Into<SecretString>) -> Self {
         Self {
             discord_token: discord_token.into(),
             api_base_url: DISCORD_BASE_URL.to_owned(),
@@ -131,6 +134,14 @@ mod tests {
         assert!(ShardRange::parse("3-1", 8).is_err());
         assert!(ShardRange::parse("0-8", 8).is_err());
         assert!(ShardRange::parse("a-b", 8).is_err());
+    }
+
+    #[test]
+    fn debug_output_never_shows_the_token() {
+        let c = Config::new("Bot very-secret-token");
+        let shown = format!("{c:?} {c:#?}");
+        assert!(!shown.contains("very-secret-token"), "{shown}");
+        assert!(shown.contains("discord_token"), "{shown}");
     }
 
     #[test]

@@ -166,8 +166,7 @@ pub async fn run_with_metrics(
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
-    let token = config
-        .discord_token
+    let token = secrecy::ExposeSecret::expose_secret(&config.discord_token)
         .trim()
         .trim_start_matches("Bot ")
         .to_owned();

@@ -1,19 +1,23 @@
-//! Prometheus metrics and the `/metrics` endpoint.
-//!
-//! The endpoint is a tiny HTTP/1.1 responder on a plain TCP listener: the
-//! worker needs nothing else from HTTP, and HTTP frameworks belong to the API crate.
+//! Prometheus metrics and the `/metrics` endpoint (a one-route axum router
+//! served connection by connection with hyper, see [`serve`]).
 
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
+use axum::extract::State;
+use axum::http::header::CONTENT_TYPE;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use hyper_util::rt::TokioIo;
+use hyper_util::service::TowerToHyperService;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 type Labels = Vec<(String, String)>;
@@ -24,6 +28,8 @@ pub struct Metrics {
     pub events: Family<Labels, Counter>,
     /// Events serenity could not parse (`Event::Unknown`), by event name.
     pub unknown_events: Family<Labels, Counter>,
+    /// The sum of `unknown_events` (a `Family` cannot be summed), not exported.
+    unknown_events_sum: Counter,
     pub ops_queued: Counter,
     pub batches: Counter,
     pub batch_ops: Histogram,
@@ -83,6 +89,7 @@ impl Metrics {
         let m = Metrics {
             events: Family::default(),
             unknown_events: Family::default(),
+            unknown_events_sum: Counter::default(),
             ops_queued: Counter::default(),
             batches: Counter::default(),
             batch_ops: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
@@ -326,18 +333,12 @@ impl Metrics {
         self.unknown_events
             .get_or_create(&vec![("event".to_owned(), name.to_owned())])
             .inc();
+        self.unknown_events_sum.inc();
     }
 
+    /// Events serenity could not parse, over all event names.
     pub fn unknown_total(&self) -> u64 {
-        // Family has no sum; the health line reads it rarely.
-        let mut text = String::new();
-        if encode(&mut text, &self.registry).is_err() {
-            return 0;
-        }
-        text.lines()
-            .filter(|l| l.starts_with("observer_worker_unknown_events_total{"))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum::<f64>() as u64
+        self.unknown_events_sum.get()
     }
 
     pub fn render(&self) -> String {
@@ -349,13 +350,24 @@ impl Metrics {
     }
 }
 
-/// Serves `GET /metrics` until the listener task is dropped. Deliberately
-/// tiny (the worker has no HTTP stack): one request per connection, a head
-/// of at most 4 KiB, [`SCRAPE_TIMEOUT`] for the whole exchange and at most
-/// [`MAX_SCRAPES`] at once, so a slow or hostile client cannot pile up tasks.
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+async fn scrape(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
+    ([(CONTENT_TYPE, OPENMETRICS)], metrics.render())
+}
+
+/// Serves `GET /metrics` until the runtime stops. axum routes; hyper serves
+/// each connection directly (not `axum::serve`) because the endpoint needs
+/// what `axum::serve` does not offer: a bound on the whole exchange
+/// ([`SCRAPE_TIMEOUT`], so a client that connects and says nothing is
+/// dropped) and at most [`MAX_SCRAPES`] connections at once, so a slow or
+/// hostile client cannot pile up tasks.
 pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
+    let app = Router::new()
+        .route("/metrics", get(scrape))
+        .with_state(metrics);
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_SCRAPES));
     tokio::spawn(async move {
         loop {
@@ -372,10 +384,13 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<S
                 // Too many scrapes in flight: drop this one.
                 continue;
             };
-            let metrics = Arc::clone(&metrics);
+            let service = TowerToHyperService::new(app.clone());
             tokio::spawn(async move {
                 let _permit = permit;
-                let _ = tokio::time::timeout(SCRAPE_TIMEOUT, answer(sock, &metrics)).await;
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .keep_alive(false)
+                    .serve_connection(TokioIo::new(sock), service);
+                let _ = tokio::time::timeout(SCRAPE_TIMEOUT, conn).await;
             });
         }
     });
@@ -388,8 +403,11 @@ const SCRAPE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 const MAX_SCRAPES: usize = 16;
 
 /// Reads an HTTP request head: up to the blank line, at most 4 KiB, less if
-/// the peer stops or fails first. A body, if any, is left unread.
+/// the peer stops or fails first. A body, if any, is left unread. Only the
+/// stub HTTP servers of unit tests use it.
+#[cfg(test)]
 pub(crate) async fn read_head(sock: &mut tokio::net::TcpStream) -> Vec<u8> {
+    use tokio::io::AsyncReadExt as _;
     let mut buf = vec![0u8; 4096];
     let mut n = 0;
     while n < buf.len() {
@@ -405,35 +423,14 @@ pub(crate) async fn read_head(sock: &mut tokio::net::TcpStream) -> Vec<u8> {
     buf
 }
 
-async fn answer(mut sock: tokio::net::TcpStream, metrics: &Metrics) {
-    let head = read_head(&mut sock).await;
-    let head = String::from_utf8_lossy(&head);
-    let path = head.split_whitespace().nth(1).unwrap_or("");
-    let (status, ctype, body) = if path == "/metrics" {
-        (
-            "200 OK",
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            metrics.render(),
-        )
-    } else {
-        ("404 Not Found", "text/plain", "not found\n".to_owned())
-    };
-    let resp = format!(
-        "HTTP/1.1 {status}\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let _ = sock.write_all(resp.as_bytes()).await;
-    let _ = sock.shutdown().await;
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    async fn scrape(addr: SocketAddr) -> String {
+    async fn get(addr: SocketAddr, path: &str) -> String {
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-        s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
+        s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
             .await
             .unwrap();
         let mut out = String::new();
@@ -449,14 +446,35 @@ mod tests {
             .await
             .unwrap();
         let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let resp = scrape(addr).await;
+        let resp = get(addr, "/metrics").await;
         assert!(resp.starts_with("HTTP/1.1 200 OK"), "{resp}");
         assert!(resp.contains("observer_worker_batches_total"));
+        assert!(resp.contains("application/openmetrics-text"), "{resp}");
+        let missing = get(addr, "/nope").await;
+        assert!(missing.starts_with("HTTP/1.1 404"), "{missing}");
         let mut buf = [0u8; 16];
         let n = tokio::time::timeout(SCRAPE_TIMEOUT * 2, silent.read(&mut buf))
             .await
             .expect("silent connection still open after the scrape timeout")
             .unwrap_or(0);
         assert_eq!(n, 0, "closed without an answer");
+    }
+}
+
+#[cfg(test)]
+mod counter_tests {
+    use super::*;
+
+    #[test]
+    fn unknown_total_sums_every_event_name() {
+        let m = Metrics::new();
+        assert_eq!(m.unknown_total(), 0);
+        m.unknown("A");
+        m.unknown("B");
+        m.unknown("A");
+        assert_eq!(m.unknown_total(), 3);
+        assert!(m
+            .render()
+            .contains("observer_worker_unknown_events_total{event=\"A\"} 2"));
     }
 }

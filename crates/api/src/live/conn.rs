@@ -27,7 +27,7 @@ use crate::ratelimit::{RateKey, RateLimiter};
 
 /// `extensions.code` of a subscription refused because the connection or the
 /// viewer already has as many open as allowed.
-pub const TOO_MANY_SUBSCRIPTIONS: &str = "TOO_MANY_SUBSCRIPTIONS";
+pub const TOO_MANY_SUBSCRIPTIONS: &str = Code::TooManySubscriptions.as_str();
 
 /// What authenticated a connection, kept so it can be checked again.
 #[derive(Clone, Debug)]

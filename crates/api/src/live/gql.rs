@@ -30,10 +30,10 @@ use crate::graphql::types::{cursor, Message, MessageEvent, MessageEventKind, Rev
 
 /// `extensions.code` of a subscription ended because its buffer overflowed;
 /// `extensions.lastCursor` is where to resume (`after`).
-pub const SLOW_CONSUMER: &str = "SLOW_CONSUMER";
+pub const SLOW_CONSUMER: &str = Code::SlowConsumer.as_str();
 /// `extensions.code` of a subscription the server could not (keep) serving;
 /// resume from `extensions.lastCursor` when present.
-pub const UNAVAILABLE: &str = "UNAVAILABLE";
+pub const UNAVAILABLE: &str = Code::Unavailable.as_str();
 
 /// The client form of an event cursor (versioned, base64url: clients treat it
 /// as a token; same form as part 1's).
