@@ -68,6 +68,7 @@ fn is_ident(c: char) -> bool {
 /// each as segments after `prefix`. Handles nested brace groups.
 fn parse_paths(text: &[char], mut pos: usize, prefix: Vec<String>, out: &mut Vec<Vec<String>>) {
     let mut path = prefix;
+    let base_len = path.len();
     loop {
         while pos < text.len() && text[pos].is_whitespace() {
             pos += 1;
@@ -104,165 +105,219 @@ fn parse_paths(text: &[char], mut pos: usize, prefix: Vec<String>, out: &mut Vec
         if pos == begin {
             break;
         }
-        path.push(text[begin..pos].iter().collect());
+        let segment: String = text[begin..pos].iter().collect();
+        if segment != "self" {
+            path.push(segment);
+        }
         if pos + 1 < text.len() && text[pos] == ':' && text[pos + 1] == ':' {
             pos += 2;
         } else {
             break;
         }
     }
-    out.push(path);
+    // An empty group element (`{a, b,}`) names nothing.
+    if path.len() > base_len {
+        out.push(path);
+    }
 }
 
 /// Absolute paths (from the crate root) that `source`, a file at module path
-/// `here`, refers to. Comments and `#[cfg(test)]` modules are skipped;
-/// inline `mod x { … }` blocks shift what `super`/`self` mean.
-fn references(source: &str, here: &[String]) -> Vec<Vec<String>> {
-    let mut out = Vec::new();
-    // Inline modules: (name, brace depth at which it closes).
+/// `here` whose child modules are `children`, refers to: `crate::`,
+/// `super::` and `self::` paths, and bare paths that start with a child
+/// (`query::Query` in `graphql/mod.rs`). Skipped: comments, `#[cfg(test)]`
+/// modules and re-exports (`pub use`: a facade, not a dependency). Inline
+/// `mod x { … }` blocks shift what `super`/`self` mean.
+fn references(source: &str, here: &[String], children: &BTreeSet<String>) -> Vec<Vec<String>> {
+    // Pass 1: per line, the code that counts and the module it is in.
+    let mut lines: Vec<(String, Vec<String>)> = Vec::new();
     let mut inline: Vec<(String, i32)> = Vec::new();
     let mut depth = 0i32;
     let mut skip_until: Option<i32> = None;
     let mut test_attr = false;
+    let mut in_reexport = false;
     for raw in source.lines() {
-        let line = match raw.find("//") {
+        let code = match raw.find("//") {
             Some(i) => &raw[..i],
             None => raw,
         };
-        let trimmed = line.trim();
-        let opens = line.matches('{').count() as i32;
-        let closes = line.matches('}').count() as i32;
+        let trimmed = code.trim();
+        let opens = code.matches('{').count() as i32;
+        let closes = code.matches('}').count() as i32;
+        let decl = trimmed
+            .trim_start_matches("pub(crate) ")
+            .trim_start_matches("pub(super) ")
+            .trim_start_matches("pub ");
         if skip_until.is_none() {
-            let decl = trimmed
-                .trim_start_matches("pub(crate) ")
-                .trim_start_matches("pub(super) ")
-                .trim_start_matches("pub ");
-            if let Some(rest) = decl.strip_prefix("mod ") {
-                if let Some(name) = rest.strip_suffix('{') {
-                    if test_attr {
-                        skip_until = Some(depth);
-                    } else {
-                        inline.push((name.trim().to_string(), depth));
-                    }
+            if let Some(name) = decl.strip_prefix("mod ").and_then(|r| r.strip_suffix('{')) {
+                if test_attr {
+                    skip_until = Some(depth);
+                } else {
+                    inline.push((name.trim().to_string(), depth));
                 }
             }
         }
         test_attr = trimmed.starts_with("#[cfg(test)]");
-        if skip_until.is_none() {
-            let mut module: Vec<String> = here.to_vec();
-            module.extend(inline.iter().map(|(n, _)| n.clone()));
-            let chars: Vec<char> = line.chars().collect();
-            let mut i = 0;
-            while i < chars.len() {
-                let prev_ident = i > 0 && (is_ident(chars[i - 1]) || chars[i - 1] == ':');
-                let at = |kw: &str| chars[i..].iter().take(kw.len()).copied().eq(kw.chars());
-                if !prev_ident && (at("crate::") || at("super::") || at("self::")) {
-                    let mut base: Vec<String> = module.clone();
-                    let mut j = i;
-                    if at("crate::") {
-                        base.clear();
-                        j += "crate::".len();
-                    } else if at("self::") {
-                        j += "self::".len();
-                    } else {
-                        while chars[j..].iter().take(7).copied().eq("super::".chars()) {
-                            base.pop();
-                            j += "super::".len();
-                        }
-                    }
-                    parse_paths(&chars, j, base, &mut out);
-                    i = j;
-                } else {
-                    i += 1;
-                }
-            }
+        if decl != trimmed && decl.starts_with("use ") {
+            in_reexport = true;
+        }
+        let mut module: Vec<String> = here.to_vec();
+        module.extend(inline.iter().map(|(n, _)| n.clone()));
+        let counts = skip_until.is_none() && !in_reexport;
+        lines.push((if counts { code.to_string() } else { String::new() }, module));
+        if in_reexport && code.contains(';') {
+            in_reexport = false;
         }
         depth += opens - closes;
-        if let Some(d) = skip_until {
-            if depth <= d {
-                skip_until = None;
-            }
+        if skip_until.is_some_and(|d| depth <= d) {
+            skip_until = None;
         }
         while inline.last().is_some_and(|(_, d)| depth <= *d) {
             inline.pop();
         }
     }
+    // Pass 2: the paths, over the joined text (use groups span lines).
+    let mut chars: Vec<char> = Vec::new();
+    let mut line_of: Vec<usize> = Vec::new();
+    for (n, (code, _)) in lines.iter().enumerate() {
+        chars.extend(code.chars());
+        chars.push('\n');
+        line_of.resize(chars.len(), n);
+    }
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < chars.len() {
+        let boundary = i == 0 || !(is_ident(chars[i - 1]) || chars[i - 1] == ':');
+        if !boundary || !is_ident(chars[i]) {
+            i += 1;
+            continue;
+        }
+        let mut end = i;
+        while end < chars.len() && is_ident(chars[end]) {
+            end += 1;
+        }
+        let word: String = chars[i..end].iter().collect();
+        let path_follows = chars.get(end) == Some(&':') && chars.get(end + 1) == Some(&':');
+        if !path_follows {
+            i = end;
+            continue;
+        }
+        let module = &lines[line_of[i]].1;
+        let mut base: Vec<String> = module.clone();
+        let mut j = end + 2;
+        match word.as_str() {
+            "crate" => base.clear(),
+            "self" => {}
+            "super" => {
+                base.pop();
+                while chars[j..].iter().take(7).copied().eq("super::".chars()) {
+                    base.pop();
+                    j += "super::".len();
+                }
+            }
+            w if module.len() == here.len() && children.contains(w) => j = i,
+            _ => {
+                i = end;
+                continue;
+            }
+        }
+        parse_paths(&chars, j, base, &mut out);
+        i = j.max(i + 1);
+    }
     out
 }
 
-/// The module graphs of one crate: top level, and one per top-level module
-/// that has a directory of submodules.
-fn crate_graphs(src: &Path) -> Vec<(String, Graph)> {
+/// The module graph of one crate. Nodes are its top-level modules, except
+/// that a top-level module with a directory is split: its own file is one
+/// node (`graphql`) and each direct submodule another (`graphql::types`);
+/// deeper modules belong to their second-level ancestor.
+fn crate_graph(src: &Path) -> Graph {
     let mut files = Vec::new();
     rust_files(src, &mut files);
     files.sort();
-    let rel_paths: Vec<(PathBuf, Vec<String>)> = files
+    let modules: Vec<(PathBuf, Vec<String>)> = files
         .iter()
-        .filter_map(|f| f.strip_prefix(src).ok().map(|r| (f.clone(), r.to_path_buf())))
-        .map(|(f, r)| (f, module_path(&r)))
+        .filter_map(|f| f.strip_prefix(src).ok().map(|r| (f.clone(), module_path(r))))
         .collect();
-    let top: BTreeSet<String> = rel_paths
-        .iter()
-        .filter_map(|(_, m)| m.first().cloned())
-        .collect();
-    let children = |parent: &str| -> BTreeSet<String> {
-        rel_paths
+    let known: BTreeSet<Vec<String>> = modules.iter().map(|(_, m)| m.clone()).collect();
+    let children = |parent: &[String]| -> BTreeSet<String> {
+        known
             .iter()
-            .filter(|(_, m)| m.len() >= 2 && m[0] == parent)
-            .map(|(_, m)| m[1].clone())
+            .filter(|m| m.len() == parent.len() + 1 && m.starts_with(parent))
+            .map(|m| m[parent.len()].clone())
             .collect()
     };
-    let mut graphs: Vec<(String, Graph)> = vec![("top level".to_string(), Graph::new())];
-    let nested: Vec<(String, BTreeSet<String>)> = top
-        .iter()
-        .map(|t| (t.clone(), children(t)))
-        .filter(|(_, c)| !c.is_empty())
-        .collect();
-    for (parent, _) in &nested {
-        graphs.push((parent.clone(), Graph::new()));
-    }
-    for (file, here) in &rel_paths {
+    let node = |path: &[String]| -> Option<String> {
+        let top = path.first()?;
+        if !known.contains(&vec![top.clone()]) {
+            return None;
+        }
+        match path.get(1) {
+            Some(second) if known.contains(&vec![top.clone(), second.clone()]) => {
+                Some(format!("{top}::{second}"))
+            }
+            _ => Some(top.clone()),
+        }
+    };
+    let mut graph = Graph::new();
+    for (file, here) in &modules {
         let Ok(source) = fs::read_to_string(file) else {
             continue;
         };
+        let Some(from) = node(here) else { continue };
         let witness = file
             .strip_prefix(crates_dir())
             .unwrap_or(file)
             .display()
             .to_string();
-        for target in references(&source, here) {
-            let (Some(from), Some(to)) = (here.first(), target.first()) else {
-                continue;
-            };
-            if from != to && top.contains(to) {
-                graphs[0]
-                    .1
+        for target in references(&source, here, &children(here)) {
+            if let Some(to) = node(&target).filter(|to| *to != from) {
+                graph
                     .entry(from.clone())
                     .or_default()
-                    .entry(to.clone())
+                    .entry(to)
                     .or_insert_with(|| witness.clone());
-            }
-            for (k, (parent, kids)) in nested.iter().enumerate() {
-                if from != parent || to != parent || here.len() < 2 || target.len() < 2 {
-                    continue;
-                }
-                let (a, b) = (&here[1], &target[1]);
-                if a != b && kids.contains(b) {
-                    graphs[k + 1]
-                        .1
-                        .entry(format!("{parent}::{a}"))
-                        .or_default()
-                        .entry(format!("{parent}::{b}"))
-                        .or_insert_with(|| witness.clone());
-                }
             }
         }
     }
-    graphs
+    graph
 }
 
-/// Every elementary cycle found by a depth-first search, each once, as
-/// `a -> b (file) -> a (file)`.
+/// Nodes reachable from `start` (itself included).
+fn reachable(graph: &Graph, start: &str) -> BTreeSet<String> {
+    let mut seen = BTreeSet::from([start.to_string()]);
+    let mut todo = vec![start.to_string()];
+    while let Some(n) = todo.pop() {
+        for next in graph.get(&n).into_iter().flat_map(|e| e.keys()) {
+            if seen.insert(next.clone()) {
+                todo.push(next.clone());
+            }
+        }
+    }
+    seen
+}
+
+/// The strongly connected components with more than one module: each is a
+/// set of modules that all depend on each other, directly or around.
+fn tangles(graph: &Graph) -> Vec<BTreeSet<String>> {
+    let nodes: BTreeSet<&String> = graph.keys().chain(graph.values().flat_map(|e| e.keys())).collect();
+    let reach: BTreeMap<&String, BTreeSet<String>> =
+        nodes.iter().map(|n| (*n, reachable(graph, n))).collect();
+    let mut out: Vec<BTreeSet<String>> = Vec::new();
+    for n in &nodes {
+        let scc: BTreeSet<String> = reach[n]
+            .iter()
+            .filter(|m| reach.get(m).is_some_and(|r| r.contains(*n)))
+            .cloned()
+            .collect();
+        if scc.len() > 1 && !out.contains(&scc) {
+            out.push(scc);
+        }
+    }
+    out
+}
+
+/// Cycles found by a depth-first search (at least one per tangle), each as
+/// `a -> b (file with the edge a->b) ... -> a`.
 fn cycles(graph: &Graph) -> Vec<String> {
     fn visit(
         graph: &Graph,
@@ -309,7 +364,22 @@ fn cycles(graph: &Graph) -> Vec<String> {
     out
 }
 
-fn all_cycles() -> Vec<String> {
+/// Tangles in code this check does not own yet, by crate: each one is a
+/// known debt, named so that no *new* cycle hides behind it. Remove an entry
+/// when its tangle is gone (the test says so).
+const KNOWN: &[(&str, &[&str])] = &[
+    ("sim", &["permissions", "world"]),
+    ("sim", &["oauth", "rest"]),
+    ("worker", &["backfill", "map", "reconcile", "snapshot"]),
+];
+
+struct Found {
+    krate: String,
+    tangle: BTreeSet<String>,
+    cycles: Vec<String>,
+}
+
+fn all_tangles() -> Vec<Found> {
     let mut found = Vec::new();
     let Ok(entries) = fs::read_dir(crates_dir()) else {
         return found;
@@ -325,45 +395,84 @@ fn all_cycles() -> Vec<String> {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        for (scope, graph) in crate_graphs(&src) {
-            for c in cycles(&graph) {
-                found.push(format!("{name} ({scope}): {c}"));
-            }
+        let graph = crate_graph(&src);
+        let cycles = cycles(&graph);
+        for tangle in tangles(&graph) {
+            let within: Vec<String> = cycles
+                .iter()
+                .filter(|c| {
+                    c.split(" -> ")
+                        .map(|part| part.split(' ').next().unwrap_or_default())
+                        .all(|n| tangle.contains(n))
+                })
+                .cloned()
+                .collect();
+            found.push(Found {
+                krate: name.clone(),
+                tangle,
+                cycles: within,
+            });
         }
     }
     found
 }
 
+fn is_known(f: &Found) -> bool {
+    KNOWN.iter().any(|(k, nodes)| {
+        *k == f.krate && nodes.iter().map(|n| n.to_string()).collect::<BTreeSet<_>>() == f.tangle
+    })
+}
+
 #[test]
 fn no_module_cycles() {
-    let found = all_cycles();
+    let found = all_tangles();
+    for (k, nodes) in KNOWN {
+        let gone = !found.iter().any(|f| {
+            f.krate == *k && f.tangle == nodes.iter().map(|n| n.to_string()).collect()
+        });
+        if gone {
+            eprintln!("{k}: {nodes:?} no longer form a cycle: remove it from KNOWN");
+        }
+    }
+    let new: Vec<String> = found
+        .iter()
+        .filter(|f| !is_known(f))
+        .map(|f| format!("{}: {:?}\n  {}", f.krate, f.tangle, f.cycles.join("\n  ")))
+        .collect();
     assert!(
-        found.is_empty(),
-        "modules depend on each other in a circle:\n{}",
-        found.join("\n")
+        new.is_empty(),
+        "modules depend on each other in a circle (move the shared type below \
+         both users):\n{}",
+        new.join("\n")
     );
 }
 
 #[test]
 fn scanner_sees_the_paths_it_must() {
-    let here = vec!["live".to_string(), "conn".to_string()];
-    let src = "use crate::graphql::Viewer;\n\
-               use super::{hub::Hub, gql};\n\
+    let here = vec!["graphql".to_string()];
+    let children: BTreeSet<String> = ["query", "types"].into_iter().map(String::from).collect();
+    let src = "use crate::viewer::Viewer;\n\
+               use crate::live::{\n    hub::Hub,\n    gql,\n};\n\
+               pub use types::Reexported;\n\
+               pub use crate::state::{\n    Facade,\n};\n\
                // use crate::metrics::Ignored;\n\
-               fn f() { crate::state::AppState::new(); }\n\
+               type S = Schema<query::Query>;\n\
+               fn f() { crate::ratelimit::limit(); }\n\
                #[cfg(test)]\n\
                mod tests {\n    use crate::pages::X;\n}\n\
-               pub mod inner {\n    use super::super::ws::Y;\n}\n";
-    let refs: BTreeSet<String> = references(src, &here)
+               pub mod inner {\n    use super::super::login::Y;\n    use self::z::W;\n}\n";
+    let refs: BTreeSet<String> = references(src, &here, &children)
         .into_iter()
         .map(|p| p.join("::"))
         .collect();
     let want: BTreeSet<String> = [
-        "graphql::Viewer",
+        "viewer::Viewer",
         "live::hub::Hub",
         "live::gql",
-        "state::AppState::new",
-        "live::ws::Y",
+        "graphql::query::Query",
+        "ratelimit::limit",
+        "login::Y",
+        "graphql::inner::z::W",
     ]
     .into_iter()
     .map(String::from)
@@ -374,8 +483,11 @@ fn scanner_sees_the_paths_it_must() {
     g.entry("a".into()).or_default().insert("b".into(), "x.rs".into());
     g.entry("b".into()).or_default().insert("c".into(), "y.rs".into());
     g.entry("c".into()).or_default().insert("a".into(), "z.rs".into());
+    g.entry("c".into()).or_default().insert("d".into(), "w.rs".into());
     assert_eq!(
         cycles(&g),
         vec!["a -> b (x.rs) -> c (y.rs) -> a (z.rs)".to_string()]
     );
+    let abc: BTreeSet<String> = ["a", "b", "c"].into_iter().map(String::from).collect();
+    assert_eq!(tangles(&g), vec![abc]);
 }
