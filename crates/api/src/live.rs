@@ -5,6 +5,8 @@
 //!   bounded per-subscriber buffers, gapless resume through RLS.
 //! - [`metrics`]: its Prometheus metrics (registered into [`crate::metrics::Metrics`]).
 //! - [`gql`]: the GraphQL face: event → `MessageEvent`, cursors, error codes.
+//! - [`render`]: selection keys and each event's cache of renderings, held
+//!   by the hub's events and filled by [`gql`] (no GraphQL types).
 //! - [`conn`]: a WebSocket connection's credential (re-checked while its
 //!   subscriptions run) and the caps on how many it may open.
 //! - [`ws`]: the GraphQL WebSocket protocols, pre-rendered frames through each
@@ -14,4 +16,5 @@ pub mod conn;
 pub mod gql;
 pub mod hub;
 pub mod metrics;
+pub mod render;
 pub mod ws;

@@ -163,7 +163,14 @@ fn references(source: &str, here: &[String], children: &BTreeSet<String>) -> Vec
         let mut module: Vec<String> = here.to_vec();
         module.extend(inline.iter().map(|(n, _)| n.clone()));
         let counts = skip_until.is_none() && !in_reexport;
-        lines.push((if counts { code.to_string() } else { String::new() }, module));
+        lines.push((
+            if counts {
+                code.to_string()
+            } else {
+                String::new()
+            },
+            module,
+        ));
         if in_reexport && code.contains(';') {
             in_reexport = false;
         }
@@ -236,7 +243,11 @@ fn crate_graph(src: &Path) -> Graph {
     files.sort();
     let modules: Vec<(PathBuf, Vec<String>)> = files
         .iter()
-        .filter_map(|f| f.strip_prefix(src).ok().map(|r| (f.clone(), module_path(r))))
+        .filter_map(|f| {
+            f.strip_prefix(src)
+                .ok()
+                .map(|r| (f.clone(), module_path(r)))
+        })
         .collect();
     let known: BTreeSet<Vec<String>> = modules.iter().map(|(_, m)| m.clone()).collect();
     let children = |parent: &[String]| -> BTreeSet<String> {
@@ -299,7 +310,10 @@ fn reachable(graph: &Graph, start: &str) -> BTreeSet<String> {
 /// The strongly connected components with more than one module: each is a
 /// set of modules that all depend on each other, directly or around.
 fn tangles(graph: &Graph) -> Vec<BTreeSet<String>> {
-    let nodes: BTreeSet<&String> = graph.keys().chain(graph.values().flat_map(|e| e.keys())).collect();
+    let nodes: BTreeSet<&String> = graph
+        .keys()
+        .chain(graph.values().flat_map(|e| e.keys()))
+        .collect();
     let reach: BTreeMap<&String, BTreeSet<String>> =
         nodes.iter().map(|n| (*n, reachable(graph, n))).collect();
     let mut out: Vec<BTreeSet<String>> = Vec::new();
@@ -427,9 +441,9 @@ fn is_known(f: &Found) -> bool {
 fn no_module_cycles() {
     let found = all_tangles();
     for (k, nodes) in KNOWN {
-        let gone = !found.iter().any(|f| {
-            f.krate == *k && f.tangle == nodes.iter().map(|n| n.to_string()).collect()
-        });
+        let gone = !found
+            .iter()
+            .any(|f| f.krate == *k && f.tangle == nodes.iter().map(|n| n.to_string()).collect());
         if gone {
             eprintln!("{k}: {nodes:?} no longer form a cycle: remove it from KNOWN");
         }
@@ -480,10 +494,18 @@ fn scanner_sees_the_paths_it_must() {
     assert_eq!(refs, want);
 
     let mut g = Graph::new();
-    g.entry("a".into()).or_default().insert("b".into(), "x.rs".into());
-    g.entry("b".into()).or_default().insert("c".into(), "y.rs".into());
-    g.entry("c".into()).or_default().insert("a".into(), "z.rs".into());
-    g.entry("c".into()).or_default().insert("d".into(), "w.rs".into());
+    g.entry("a".into())
+        .or_default()
+        .insert("b".into(), "x.rs".into());
+    g.entry("b".into())
+        .or_default()
+        .insert("c".into(), "y.rs".into());
+    g.entry("c".into())
+        .or_default()
+        .insert("a".into(), "z.rs".into());
+    g.entry("c".into())
+        .or_default()
+        .insert("d".into(), "w.rs".into());
     assert_eq!(
         cycles(&g),
         vec!["a -> b (x.rs) -> c (y.rs) -> a (z.rs)".to_string()]

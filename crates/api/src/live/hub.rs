@@ -87,8 +87,8 @@ pub struct LiveEvent {
     /// Prior versions of the message's content, oldest first.
     pub revisions: Vec<RevisionRow>,
     /// Its GraphQL renderings, shared by the subscribers that asked for the
-    /// same selection (see [`super::gql::Renders`]).
-    pub renders: super::gql::Renders,
+    /// same selection (see [`super::render::Renders`]).
+    pub renders: super::render::Renders,
 }
 
 impl LiveEvent {

@@ -2,13 +2,11 @@
 //! guild membership, bot access. Applied in the order the worker observed
 //! them; runs of one kind go in one statement.
 
-use std::collections::HashMap;
-
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 
 use super::members::{newest_members, remove_members, upsert_members};
-use super::{sanitize, sanitize_opt, MAX_NAME_BYTES, MAX_TOPIC_BYTES, THREAD_KINDS};
+use super::{last_by_key, sanitize, sanitize_opt, MAX_NAME_BYTES, MAX_TOPIC_BYTES, THREAD_KINDS};
 use super::{threads, ChannelInfo, GuildInfo, GuildSnapshot, IngestOp, MemberInfo, RoleInfo};
 use crate::Result;
 
@@ -64,24 +62,6 @@ pub(super) async fn apply_access_run(conn: &mut PgConnection, run: &[&IngestOp])
             Ok(())
         }
     }
-}
-
-/// Keeps the last item per key (one statement may not touch a row twice).
-pub(super) fn last_by_key<T, K: std::hash::Hash + Eq>(
-    items: Vec<T>,
-    key: impl Fn(&T) -> K,
-) -> Vec<T> {
-    let mut idx: HashMap<K, usize> = HashMap::new();
-    let mut out: Vec<Option<T>> = Vec::with_capacity(items.len());
-    for it in items {
-        let k = key(&it);
-        if let Some(&i) = idx.get(&k) {
-            out[i] = None;
-        }
-        idx.insert(k, out.len());
-        out.push(Some(it));
-    }
-    out.into_iter().flatten().collect()
 }
 
 async fn apply_access(conn: &mut PgConnection, op: &IngestOp) -> Result<()> {

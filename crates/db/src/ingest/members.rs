@@ -4,8 +4,7 @@
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 
-use super::access::last_by_key;
-use super::{sanitize_opt, MemberInfo, MAX_NAME_BYTES};
+use super::{last_by_key, sanitize_opt, MemberInfo, MAX_NAME_BYTES};
 use crate::Result;
 
 /// Keeps the newest observation per member (the later one on a tie): one

@@ -40,6 +40,8 @@
 //! Which failures are worth a retry is the error type's call
 //! ([`crate::Error::is_transient`]).
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, TimeZone, Utc};
 
 mod access;
@@ -105,6 +107,24 @@ pub fn sanitize(s: &str, max_bytes: usize) -> String {
 
 pub(super) fn sanitize_opt(s: Option<&str>, max: usize) -> Option<String> {
     s.map(|s| sanitize(s, max))
+}
+
+/// Keeps the last item per key (one statement may not touch a row twice).
+pub(super) fn last_by_key<T, K: std::hash::Hash + Eq>(
+    items: Vec<T>,
+    key: impl Fn(&T) -> K,
+) -> Vec<T> {
+    let mut idx: HashMap<K, usize> = HashMap::new();
+    let mut out: Vec<Option<T>> = Vec::with_capacity(items.len());
+    for it in items {
+        let k = key(&it);
+        if let Some(&i) = idx.get(&k) {
+            out[i] = None;
+        }
+        idx.insert(k, out.len());
+        out.push(Some(it));
+    }
+    out.into_iter().flatten().collect()
 }
 
 /// [`crate::Error::is_transient`], for callers that classify through this
