@@ -5,13 +5,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering;
 
+use super::state::Inner;
+use super::HashMap;
 use chrono::{DateTime, Utc};
 use observer_db::access::{visible_channels, GuildAccessData, MemberData};
 use observer_db::events::{self, AccessEventRow, Cursor};
 use observer_db::{access_data, Db};
-
-use super::state::*;
-use super::*;
 
 /// What a viewer's subscription needs, loaded before registering.
 pub(super) struct LoadedViewer {

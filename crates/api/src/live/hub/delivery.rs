@@ -3,12 +3,11 @@
 
 use std::sync::Arc;
 
+use super::state::{EndReason, Inner};
+use super::LiveEvent;
 use chrono::Utc;
 use observer_db::events::Cursor;
 use tokio::sync::mpsc;
-
-use super::state::*;
-use super::*;
 
 /// Hands each event to every subscriber whose scope and viewer allow it, and
 /// moves the hub's cursor — both under the lock, so a registration sees

@@ -11,7 +11,7 @@ use observer_db::Db;
 use tokio_util::sync::CancellationToken;
 
 use super::reader::read_loop;
-use super::state::*;
+use super::state::Inner;
 
 /// The hub's tasks on `caller`'s runtime, when the hub has no thread of its
 /// own; they still end with `stop`.
@@ -53,7 +53,7 @@ pub(super) async fn listen_loop(weak: Weak<Inner>, db: Db, stop: CancellationTok
 }
 
 /// First wait before reconnecting; doubles per failed attempt up to
-/// [`HubConfig::max_backoff`].
+/// [`super::HubConfig::max_backoff`].
 const MIN_BACKOFF: Duration = Duration::from_millis(50);
 
 /// Waits between LISTEN attempts: exponential, with jitter (each wait is

@@ -2,7 +2,9 @@
 //!
 //! - One LISTEN connection (`observer_events`, `observer_access`) in its own
 //!   task, turning notifications into coalesced wake-ups; reconnects with
-//!   backoff and, after every (re)connect, wakes the reader so it catches up.
+//!   jittered exponential backoff (replicas must not all reconnect at once after
+//!   a PostgreSQL restart) and, after every (re)connect, wakes the reader so
+//!   it catches up.
 //! - One reader task: on a wake-up (or a short tick, the safety net for a lost
 //!   notification or an xmin that advanced silently) it reads new access
 //!   changes and new message events **once**, as `observer_fanout`, whatever
@@ -29,6 +31,10 @@
 //! - `listener`: the LISTEN task. `reader`: the read task. `delivery`: the
 //!   hand-off to subscribers. `access`: loading, refreshing and expiring
 //!   per-viewer access. `subscription`: [`Subscription`] and its stream.
+//!
+//! The listener and reader run on a thread of their own ([`Hub::run`]);
+//! [`Hub::shutdown`] and dropping the hub stop them through one cancellation
+//! token, so no caller ever waits on that thread.
 
 mod access;
 mod delivery;
@@ -51,10 +57,10 @@ use observer_db::Db;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
 
-use self::access::*;
+use self::access::{cross_check, load_viewer, LoadedViewer};
 use self::listener::{run_on, spawn_loops};
-use self::state::*;
-use self::subscription::*;
+use self::state::{EndReason, Inner, Pending, State, Sub, ViewerState};
+use self::subscription::SubGuard;
 use super::metrics::LiveMetrics;
 
 // Every delivery looks up its subscriber, viewer and channel in these maps;

@@ -9,9 +9,10 @@ use observer_db::events::{self, AccessEventRow, Cursor};
 use observer_db::{Db, FanoutConn};
 use tokio_util::sync::CancellationToken;
 
+use super::access::{expire_timeouts, refresh_access};
 use super::delivery::deliver;
-use super::state::*;
-use super::*;
+use super::state::Inner;
+use super::subscription::attach;
 
 pub(super) async fn read_loop(weak: Weak<Inner>, db: Db, stop: CancellationToken) {
     tokio::select! {

@@ -7,14 +7,14 @@ use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
+use super::{HashMap, HashSet, HubConfig, LiveEvent};
+use crate::live::metrics::LiveMetrics;
 use chrono::{DateTime, Utc};
 use observer_db::access::{visible_channels, ChannelAccess, GuildAccessData, MemberData};
 use observer_db::events::{Cursor, Scope};
 use observer_db::Db;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
-
-use super::*;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum EndReason {

@@ -4,13 +4,12 @@
 use std::collections::VecDeque;
 use std::sync::{Arc, OnceLock, Weak};
 
+use super::state::{EndReason, Inner};
+use super::{HashMap, LiveError, LiveEvent};
 use observer_db::events::{self, Cursor, EventRow, Scope};
 use observer_db::viewer::RevisionRow;
 use observer_db::Db;
 use tokio::sync::mpsc;
-
-use super::state::*;
-use super::*;
 
 /// Unregisters its subscription when the stream is dropped.
 pub(super) struct SubGuard {
