@@ -136,3 +136,23 @@ pub(super) fn mark(inner: &Inner, channel: &str) {
         _ => inner.pending.events.store(true, Ordering::SeqCst),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconnect_waits_grow_are_capped_and_jittered() {
+        let max = Duration::from_secs(5);
+        let a: Vec<Duration> = reconnect_policy(max).take(12).collect();
+        let b: Vec<Duration> = reconnect_policy(max).take(12).collect();
+        let mut base = MIN_BACKOFF;
+        for d in &a {
+            // Each wait is its step stretched by up to itself.
+            assert!(*d >= base && *d <= base * 2, "{d:?} outside [{base:?}, 2×]");
+            base = (base * 2).min(max);
+        }
+        // Two replicas that lose the server together wait differently.
+        assert_ne!(a, b);
+    }
+}
