@@ -9,6 +9,7 @@
 //! - [`http`]: `POST /graphql`, `GET /graphql` (WebSocket or query page), auth resolution.
 //! - [`live`]: live fan-out: the shared hub behind `messageEvents` (one LISTEN, one read per notification).
 //! - [`tokens`]: API token secrets and their hashes.
+//! - [`viewer`]: [`viewer::Viewer`], who is asking; below both GraphQL and live fan-out.
 //! - [`ratelimit`]: per-viewer token buckets.
 //! - [`metrics`]: Prometheus counters/histograms and their middleware.
 //! - [`refresh`]: background refresh of viewers' memberships with their OAuth tokens.
@@ -28,6 +29,7 @@ pub mod ratelimit;
 pub mod refresh;
 pub mod state;
 pub mod tokens;
+pub mod viewer;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -13,8 +13,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use crate::state::AppState;
-
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
     pub method: String,
@@ -150,13 +148,15 @@ fn method_label(m: &axum::http::Method) -> &'static str {
     }
 }
 
-pub async fn handler(State(state): State<AppState>) -> Response {
+/// `GET /metrics`. Takes the metrics alone (the application state hands them
+/// out through `FromRef`), so this module needs nothing from `state`.
+pub async fn handler(State(metrics): State<Arc<Metrics>>) -> Response {
     (
         [(
             CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        state.metrics.encode(),
+        metrics.encode(),
     )
         .into_response()
 }

@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use axum::extract::FromRef;
 use observer_db::Db;
 
 use crate::config::Config;
@@ -61,5 +62,11 @@ impl AppState {
             credentials,
             live,
         })
+    }
+}
+
+impl FromRef<AppState> for Arc<Metrics> {
+    fn from_ref(state: &AppState) -> Self {
+        state.metrics.clone()
     }
 }

@@ -14,9 +14,10 @@
 //!   overwrites, memberships) as `observer_fanout`.
 //! - [`events`]: the event logs for live fan-out and resume (cursors, watermark reads, RLS replay).
 //! - [`bot_access`]: whether the bot itself can read each channel (worker writes, API reads).
-//! - [`ingest`]: writes from the worker (idempotent upserts, event log, NOTIFY);
-//!   `ingest_threads`: its observed-at ordering for thread members, complete
-//!   listings and guild presence.
+//! - [`ingest`]: writes from the worker (idempotent upserts, event log, NOTIFY),
+//!   a module tree: op types, the message merge, access and member upserts
+//!   (observed-at ordered, thread members and complete listings included),
+//!   message write rounds, backfill bounds and retention.
 //! - [`reconcile`]: a channel's recent window after a gap; deletions detected
 //!   rather than reported.
 //! - [`viewer`]: reads for the API, always under RLS.
@@ -25,7 +26,8 @@
 //!   (the demo without `DATABASE_URL`; tests that restart PostgreSQL). No SQL.
 //!
 //! Errors: functions return [`Error`]; callers branch on the few variants that
-//! matter (not found, conflict) and log the rest with their cause chain.
+//! matter (not found, conflict) and log the rest with their cause chain;
+//! [`Error::is_transient`] says whether a failed write is worth retrying as is.
 
 pub mod access;
 pub mod access_data;
@@ -34,7 +36,6 @@ pub mod bot_access;
 pub mod error;
 pub mod events;
 pub mod ingest;
-mod ingest_threads;
 pub mod migrate;
 pub mod reconcile;
 pub mod server;

@@ -4,8 +4,8 @@
 use async_graphql::{Context, Object, ID};
 use observer_db::viewer as db;
 
+use super::request::{parse_id, request_db};
 use super::types::{Guild, NewApiToken};
-use super::{parse_id, request_db};
 use crate::error::{bad_request, from_db, not_found, GqlResult};
 use crate::tokens;
 

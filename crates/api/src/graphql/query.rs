@@ -5,11 +5,11 @@
 use async_graphql::{Context, Object, ID};
 use observer_db::viewer as db;
 
+use super::request::{parse_id, request_db, RequestDb};
 use super::types::{
     attach_revisions, cursor, ApiToken, Channel, Guild, Message, MessageConnection, MessageEdge,
     PageInfo, Viewer,
 };
-use super::{parse_id, request_db, RequestDb};
 use crate::error::{bad_request, from_db, not_found, unauthenticated, GqlResult};
 
 pub struct Query;

@@ -9,7 +9,7 @@ use async_graphql::{Context, Subscription as GqlSubscription, ID};
 use futures::{Stream, StreamExt};
 use observer_db::events::Scope;
 
-use super::parse_id;
+use super::request::parse_id;
 use crate::error::{bad_request, internal, unauthenticated};
 use crate::live::conn::Connection;
 use crate::live::gql::{parse_cursor, to_error, Lane, LiveMessageEvent, SelectionKey};

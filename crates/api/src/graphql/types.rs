@@ -6,7 +6,7 @@ use base64::Engine;
 use chrono::{DateTime, Utc};
 use observer_db::viewer::{ChannelRow, GuildRow, MessageRow, RevisionRow, UserRow};
 
-use super::request_db;
+use super::request::request_db;
 use crate::error::{from_db, GqlResult};
 
 const CDN: &str = "https://cdn.discordapp.com";

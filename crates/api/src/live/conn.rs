@@ -22,8 +22,8 @@ use observer_db::Db;
 use tower_sessions::session::Id;
 
 use crate::error::{gql_error, Code};
-use crate::graphql::Viewer;
 use crate::ratelimit::{RateKey, RateLimiter};
+use crate::viewer::Viewer;
 
 /// `extensions.code` of a subscription refused because the connection or the
 /// viewer already has as many open as allowed.

@@ -3,7 +3,7 @@
 //! three reasons:
 //!
 //! - **Pre-rendered events** ([`Lane`]): a live event is resolved and
-//!   serialised once per selection ([`super::gql::Renders`]); every other
+//!   serialised once per selection ([`super::render::Renders`]); every other
 //!   subscriber with that selection gets the same JSON text spliced into its
 //!   own frame, without going through GraphQL execution, a `Response` and
 //!   serde for each delivery (about a quarter of the API's CPU at 1,000

@@ -1,7 +1,7 @@
 //! Observed-at ordering for thread membership, complete listings (a guild's
-//! members, a thread's members) and the bot's presence in a guild (issue 12).
+//! members, a thread's members) and the bot's presence in a guild.
 //!
-//! The rule is the one `members` already follows ([`crate::ingest`]'s
+//! The rule is the one `members` already follows ([`super::members`]'s
 //! `upsert_members`/`remove_members`): every write carries the time it was
 //! observed (gateway event received, REST listing started); a row is written
 //! only if that time is later than the stored row's and than the latest
@@ -21,7 +21,8 @@
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 
-use crate::ingest::MemberInfo;
+use super::members::{newest_members, remove_members, upsert_members};
+use super::MemberInfo;
 use crate::{Result, WorkerTx};
 
 /// The user id of a listing's tombstone: "every user not listed" (Discord
@@ -145,13 +146,13 @@ pub(crate) async fn sync_members(
     .await?;
     let mut tombstones = gone;
     tombstones.push(EVERYONE_ELSE);
-    crate::ingest::remove_members(conn, guild_id, &tombstones, observed_at, true).await?;
+    remove_members(conn, guild_id, &tombstones, observed_at, true).await?;
     let own: Vec<MemberInfo> = members
         .iter()
         .filter(|m| m.guild_id == guild_id)
         .cloned()
         .collect();
-    crate::ingest::upsert_members(conn, &crate::ingest::newest_members(own)).await
+    upsert_members(conn, &newest_members(own)).await
 }
 
 /// GUILD_DELETE without `unavailable`, observed at `observed_at`: the guild is
@@ -178,9 +179,9 @@ pub(crate) async fn guild_removed(
 }
 
 /// How long a thread-member removal tombstone is kept (see
-/// [`crate::ingest::MEMBER_REMOVAL_TTL`]: it only has to outlive observations
+/// [`super::MEMBER_REMOVAL_TTL`]: it only has to outlive observations
 /// still in flight).
-pub const THREAD_MEMBER_REMOVAL_TTL: std::time::Duration = crate::ingest::MEMBER_REMOVAL_TTL;
+pub const THREAD_MEMBER_REMOVAL_TTL: std::time::Duration = super::MEMBER_REMOVAL_TTL;
 
 /// Forgets thread-member removal tombstones older than `keep`; returns how many.
 pub async fn purge_thread_member_removals(
