@@ -382,8 +382,6 @@ fn cycles(graph: &Graph) -> Vec<String> {
 /// known debt, named so that no *new* cycle hides behind it. Remove an entry
 /// when its tangle is gone (the test says so).
 const KNOWN: &[(&str, &[&str])] = &[
-    ("sim", &["permissions", "world"]),
-    ("sim", &["oauth", "rest"]),
     ("worker", &["backfill", "map", "reconcile", "snapshot"]),
 ];
 
