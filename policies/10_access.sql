@@ -1,4 +1,4 @@
--- The access rule of DESIGN.md §3 in SQL (its Rust twin: crates/db/src/access.rs).
+-- The access rule of docs/access-rule.md in SQL (its Rust twin: crates/db/src/access.rs).
 --
 -- The api role cannot read the tables that decide access (overwrites, other
 -- members, roles of guilds it cannot see). These functions therefore run as

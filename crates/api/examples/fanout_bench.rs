@@ -1,4 +1,4 @@
-//! End-to-end live fan-out benchmark (issue 6, DESIGN.md §9): simulator
+//! End-to-end live fan-out benchmark (docs/targets.md): simulator
 //! dispatch → worker → PostgreSQL → API hub → WebSocket frame at the client.
 //!
 //! ```text

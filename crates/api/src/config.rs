@@ -35,7 +35,7 @@ pub struct Config {
 /// How much larger the per-address bucket is than the per-viewer one.
 pub const ADDRESS_RATE_FACTOR: u32 = 4;
 
-/// Abuse limits (DESIGN.md §7 "Limits").
+/// Abuse limits (docs/interfaces.md "Limits").
 #[derive(Debug, Clone)]
 pub struct Limits {
     /// Largest accepted HTTP request body, in bytes.

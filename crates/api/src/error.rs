@@ -10,7 +10,7 @@ use async_graphql::ErrorExtensions;
 /// miss a variant (the README test iterates it).
 macro_rules! codes {
     ($($(#[$doc:meta])* $variant:ident => $wire:literal,)+) => {
-        /// The fixed set of `extensions.code` values (DESIGN.md §7); each one is
+        /// The fixed set of `extensions.code` values (docs/interfaces.md); each one is
         /// documented in the crate README's error table.
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
         pub enum Code {

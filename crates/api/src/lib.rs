@@ -1,4 +1,4 @@
-//! observer-api: the HTTP/GraphQL API of Support Observer (DESIGN.md §6–§7).
+//! observer-api: the HTTP/GraphQL API of Support Observer (docs/fan-out.md, docs/interfaces.md).
 //!
 //! Layout:
 //! - [`config`]: [`Config`] and [`Limits`] (the binary maps env vars/flags onto them).
@@ -56,7 +56,7 @@ pub use state::AppState;
 /// Name of the session cookie.
 pub const SESSION_COOKIE: &str = "observer_session";
 
-/// The whole HTTP surface (routes of DESIGN.md §7).
+/// The whole HTTP surface (routes of docs/interfaces.md).
 pub fn app(state: AppState) -> Router {
     // The table `tower_sessions.session` comes from our migrations; never
     // `store.migrate()`, which needs CREATE on the database.

@@ -1,4 +1,4 @@
-//! Live fan-out of message events (DESIGN.md §6).
+//! Live fan-out of message events (docs/fan-out.md).
 //!
 //! - [`hub`]: the per-process hub (a module tree) — one LISTEN connection, one read of the
 //!   event log per notification for all subscribers, in-memory access sets,

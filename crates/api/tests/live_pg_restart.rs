@@ -1,4 +1,4 @@
-//! PostgreSQL restarted under a live subscriber (DESIGN.md §10): the hub's
+//! PostgreSQL restarted under a live subscriber (docs/targets.md): the hub's
 //! listener reconnects and catches up from the event log, and a subscriber
 //! either keeps receiving or is told to resume from a cursor — in both cases
 //! it ends up with every event exactly once, in order.

@@ -381,9 +381,7 @@ fn cycles(graph: &Graph) -> Vec<String> {
 /// Tangles in code this check does not own yet, by crate: each one is a
 /// known debt, named so that no *new* cycle hides behind it. Remove an entry
 /// when its tangle is gone (the test says so).
-const KNOWN: &[(&str, &[&str])] = &[
-    ("worker", &["backfill", "map", "reconcile", "snapshot"]),
-];
+const KNOWN: &[(&str, &[&str])] = &[("worker", &["backfill", "map", "reconcile", "snapshot"])];
 
 struct Found {
     krate: String,

@@ -1,4 +1,4 @@
-//! The access rule of DESIGN.md §3 in Rust: pure functions over plain data, no
+//! The access rule of docs/access-rule.md in Rust: pure functions over plain data, no
 //! SQL and no I/O. Its SQL twin is `access.viewer_channels()` in
 //! policies/10_access.sql; a property test (tests/access_property.rs) holds the two
 //! equal to an independent reference. Live fan-out uses this one to decide, in

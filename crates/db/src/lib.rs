@@ -8,7 +8,7 @@
 //!   type error.
 //! - [`migrate`]: schema migrations (migrations/) plus the idempotent RLS policies
 //!   and roles (policies/), safe to run concurrently.
-//! - [`access`]: the access rule of DESIGN.md §3 in Rust (the SQL twin lives in
+//! - [`access`]: the access rule of docs/access-rule.md in Rust (the SQL twin lives in
 //!   policies/); used by live fan-out.
 //! - [`access_data`]: loads that rule's inputs (guilds, roles, channels,
 //!   overwrites, memberships) as `observer_fanout`.

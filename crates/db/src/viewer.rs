@@ -15,7 +15,7 @@ use crate::{Error, Result, ViewerTx};
 /// there is no reason to let a client make PostgreSQL chew on megabytes.
 pub const MAX_SEARCH_QUERY_BYTES: usize = 512;
 
-/// Most rows one page may return (DESIGN.md §7: `first` ≤ 100).
+/// Most rows one page may return (docs/interfaces.md: `first` ≤ 100).
 pub const MAX_PAGE: i64 = 100;
 
 #[derive(Debug, Clone, sqlx::FromRow)]

@@ -1,5 +1,5 @@
 //! Observed-at ordering of thread membership, complete listings and guild
-//! presence (issue 12): whatever order the ops reach the database in, the
+//! presence: whatever order the ops reach the database in, the
 //! store ends at the newest observation.
 
 use std::collections::BTreeSet;

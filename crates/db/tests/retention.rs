@@ -1,4 +1,4 @@
-//! Per-tenant retention (DESIGN.md §4): the purge removes exactly the messages
+//! Per-tenant retention (docs/data-model.md): the purge removes exactly the messages
 //! older than their guild's retention period, with their revisions and events,
 //! and backfill never reaches behind the retention horizon again.
 #![allow(clippy::unwrap_used)]

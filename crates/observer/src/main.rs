@@ -1,4 +1,4 @@
-//! `observer`: one binary, five subcommands (DESIGN.md §2). Thin by design: it
+//! `observer`: one binary, five subcommands (docs/product.md). Thin by design: it
 //! parses configuration (the one place per process that reads the environment),
 //! sets up logging and signals, and hands over to the library crates.
 

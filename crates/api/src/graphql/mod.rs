@@ -1,4 +1,4 @@
-//! The GraphQL schema of DESIGN.md §7.
+//! The GraphQL schema of docs/interfaces.md.
 //!
 //! - [`types`]: object types and their conversion from database rows.
 //! - [`query`], [`mutation`], [`subscription`]: the root types.

@@ -14,7 +14,7 @@ use crate::error::{bad_request, from_db, not_found, unauthenticated, GqlResult};
 
 pub struct Query;
 
-/// Validates `first` (DESIGN.md §7: at most 100).
+/// Validates `first` (docs/interfaces.md: at most 100).
 fn page_size(first: i32) -> GqlResult<i64> {
     if !(1..=100).contains(&first) {
         return Err(bad_request("`first` must be between 1 and 100"));

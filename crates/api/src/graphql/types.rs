@@ -1,4 +1,4 @@
-//! GraphQL object types (names and shapes fixed by DESIGN.md §7) and their
+//! GraphQL object types (names and shapes fixed by docs/interfaces.md) and their
 //! construction from database rows. Ids are strings; times are RFC 3339.
 
 use async_graphql::{ComplexObject, Context, Enum, SimpleObject, ID};

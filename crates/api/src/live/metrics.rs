@@ -1,4 +1,4 @@
-//! Prometheus metrics of live fan-out (issue 6): subscribers, deliveries,
+//! Prometheus metrics of live fan-out: subscribers, deliveries,
 //! fan-out latency, slow consumers dropped, listener reconnects, and the
 //! database reads fan-out makes (which must not grow with subscribers).
 

@@ -1,4 +1,4 @@
-//! The live fan-out hub: one per API process (DESIGN.md §6).
+//! The live fan-out hub: one per API process (docs/fan-out.md).
 //!
 //! - One LISTEN connection (`observer_events`, `observer_access`) in its own
 //!   task, turning notifications into coalesced wake-ups; reconnects with
