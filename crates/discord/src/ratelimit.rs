@@ -225,53 +225,22 @@ impl RateLimiter {
             tokio::pin!(notified);
             notified.as_mut().enable();
             let now = Instant::now();
-            let wait: Option<Instant> = {
-                let mut st = self.lock();
-                let key = Self::bucket_key(&st, &scope, &route, &major);
-                let paused = st.paused.get(&scope).copied().filter(|t| *t > now);
-                let b = st.buckets.entry(key.clone()).or_default();
-                if let Some(until) = paused {
-                    Some(until)
-                } else {
-                    if let (Some(limit), Some(reset)) = (b.limit, b.reset_at) {
-                        if reset <= now {
-                            b.remaining = limit;
-                            b.reset_at = None;
-                        }
-                    }
-                    let free = match b.limit {
-                        None => b.in_flight == 0,
-                        Some(_) => b.remaining > 0,
+            let wait = match self.try_take(&scope, &route, &major, now) {
+                Ok((key, slot)) => {
+                    let permit = Permit {
+                        limiter: Arc::clone(self),
+                        key,
+                        scope: scope.clone(),
+                        route: route.clone(),
+                        major: major.clone(),
+                        done: false,
                     };
-                    if free {
-                        b.remaining = b.remaining.saturating_sub(1);
-                        b.in_flight += 1;
-                        let slot = if scope == Scope::Bot && self.limits.global_per_sec > 0 {
-                            let slot = st.next_slot.max(now);
-                            st.next_slot =
-                                slot + Duration::from_secs(1) / self.limits.global_per_sec;
-                            slot
-                        } else {
-                            now
-                        };
-                        let permit = Permit {
-                            limiter: Arc::clone(self),
-                            key,
-                            scope: scope.clone(),
-                            route: route.clone(),
-                            major: major.clone(),
-                            done: false,
-                        };
-                        drop(st);
-                        if slot > now {
-                            tokio::time::sleep_until(slot).await;
-                        }
-                        return Ok(permit);
+                    if slot > now {
+                        tokio::time::sleep_until(slot).await;
                     }
-                    // Known limit, none left: until the reset (or, with no
-                    // reset known yet, until an answer in flight names one).
-                    b.reset_at
+                    return Ok(permit);
                 }
+                Err(wait) => wait,
             };
             match wait {
                 Some(until) => {
@@ -291,6 +260,50 @@ impl RateLimiter {
                 None => notified.await,
             }
         }
+    }
+
+    /// Takes a slot in the route's bucket: its key and when the global
+    /// pacing lets it go; or, if none is free, until when to wait (`None`:
+    /// until an answer in flight tells).
+    fn try_take(
+        &self,
+        scope: &Scope,
+        route: &str,
+        major: &str,
+        now: Instant,
+    ) -> Result<(String, Instant), Option<Instant>> {
+        let mut st = self.lock();
+        let key = Self::bucket_key(&st, scope, route, major);
+        if let Some(until) = st.paused.get(scope).copied().filter(|t| *t > now) {
+            return Err(Some(until));
+        }
+        let b = st.buckets.entry(key.clone()).or_default();
+        if let (Some(limit), Some(reset)) = (b.limit, b.reset_at) {
+            if reset <= now {
+                b.remaining = limit;
+                b.reset_at = None;
+            }
+        }
+        let free = match b.limit {
+            // Unknown bucket: one request at a time until an answer names it.
+            None => b.in_flight == 0,
+            Some(_) => b.remaining > 0,
+        };
+        if !free {
+            // Known limit, none left: until the reset (or, with no reset
+            // known yet, until an answer in flight names one).
+            return Err(b.reset_at);
+        }
+        b.remaining = b.remaining.saturating_sub(1);
+        b.in_flight += 1;
+        let slot = if *scope == Scope::Bot && self.limits.global_per_sec > 0 {
+            let slot = st.next_slot.max(now);
+            st.next_slot = slot + Duration::from_secs(1) / self.limits.global_per_sec;
+            slot
+        } else {
+            now
+        };
+        Ok((key, slot))
     }
 
     /// Records a successful or failed (non-429) answer's headers.

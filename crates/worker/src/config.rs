@@ -3,6 +3,8 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use secrecy::SecretString;
+
 /// The real Discord. Any other base URL is treated as a Discord-compatible
 /// server reached through serenity's proxy mode.
 pub const DISCORD_BASE_URL: &str = "https://discord.com";
@@ -41,7 +43,7 @@ impl ShardRange {
 #[derive(Debug, Clone)]
 pub struct Config {
     /// Bot token (`DISCORD_TOKEN`), with or without the `Bot ` prefix.
-    pub discord_token: String,
+    pub discord_token: SecretString,
     /// `DISCORD_API_BASE_URL`, default [`DISCORD_BASE_URL`].
     pub api_base_url: String,
     /// `--shards` / `--shard-count`; None runs the single shard 0 of 1.
@@ -75,12 +77,15 @@ pub struct Config {
     /// How often messages older than their guild's retention period are
     /// purged. None disables purging (retention is then not enforced).
     pub purge_interval: Option<Duration>,
+    /// Discord REST client settings: global pacing, wait caps, the
+    /// invalid-request guard's threshold, retries.
+    pub rest: observer_discord::Options,
 }
 
 impl Config {
     pub fn new(discord_token: impl Into<String>) -> Self {
         Self {
-            discord_token: discord_token.into(),
+            discord_token: SecretString::from(discord_token.into()),
             api_base_url: DISCORD_BASE_URL.to_owned(),
             shards: None,
             max_batch_ops: 4096,
@@ -94,6 +99,7 @@ impl Config {
             reconcile: Some(crate::reconcile::Window::default()),
             access_reread: Some(Duration::from_secs(2)),
             purge_interval: Some(Duration::from_secs(600)),
+            rest: observer_discord::Options::default(),
         }
     }
 

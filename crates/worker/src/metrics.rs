@@ -57,6 +57,11 @@ pub struct Metrics {
     pub rest_rate_limit_give_ups: Counter,
     /// REST answers 403 (the bot lacks access; never retried).
     pub rest_forbidden: Counter,
+    /// REST requests refused by the invalid-request guard (Discord's ban
+    /// threshold was being approached).
+    pub rest_budget_refusals: Counter,
+    /// REST requests retried after a connection error or 5xx.
+    pub rest_retries: Counter,
     /// Channels this process found the bot cannot read (403 on their routes).
     pub bot_unreadable_channels: Gauge,
     /// Background tasks (backfill, re-read) that panicked or ended early, by task.
@@ -109,6 +114,8 @@ impl Metrics {
             reconcile_errors: Counter::default(),
             rest_rate_limit_give_ups: Counter::default(),
             rest_forbidden: Counter::default(),
+            rest_budget_refusals: Counter::default(),
+            rest_retries: Counter::default(),
             bot_unreadable_channels: Gauge::default(),
             task_failures: Family::default(),
             reread_dropped: Counter::default(),
@@ -286,6 +293,16 @@ impl Metrics {
             "rest_forbidden",
             "REST answers 403 (the bot lacks access to a channel; not retried)",
             m.rest_forbidden.clone(),
+        );
+        r.register(
+            "rest_budget_refusals",
+            "REST requests not sent: too many 401/403/429 answers in the last 10 minutes",
+            m.rest_budget_refusals.clone(),
+        );
+        r.register(
+            "rest_retries",
+            "REST requests retried after a connection error or 5xx",
+            m.rest_retries.clone(),
         );
         r.register(
             "bot_unreadable_channels",
