@@ -94,7 +94,10 @@ pub(crate) fn router() -> Router<Arc<Shared>> {
         .route("/_sim/faults/garbage", post(fault_garbage))
         .route("/_sim/faults/chaos", post(fault_chaos))
         .route("/_sim/faults/rate-limit-burst", post(fault_burst))
+        .route("/_sim/faults/rate-limit-shared", post(fault_burst_shared))
         .route("/_sim/faults/partial-updates", post(fault_partial))
+        .route("/_sim/rate-stats", get(rate_stats))
+        .route("/_sim/rate-stats/reset", post(rate_stats_reset))
         .route("/_sim/ground-truth", get(ground_truth))
         .route("/_sim/access-truth", get(get_scenario))
         .route("/_sim/traffic/start", post(traffic_start))
@@ -422,6 +425,20 @@ struct BurstBody {
 
 async fn fault_burst(State(sh): State<Arc<Shared>>, Json(b): Json<BurstBody>) -> ApiResult {
     sim(&sh).rate_limit_burst(b.n);
+    ok()
+}
+
+async fn fault_burst_shared(State(sh): State<Arc<Shared>>, Json(b): Json<BurstBody>) -> ApiResult {
+    sim(&sh).rate_limit_burst_shared(b.n);
+    ok()
+}
+
+async fn rate_stats(State(sh): State<Arc<Shared>>) -> ApiResult {
+    to_json(&sim(&sh).rate_stats())
+}
+
+async fn rate_stats_reset(State(sh): State<Arc<Shared>>) -> ApiResult {
+    sim(&sh).reset_rate_limits();
     ok()
 }
 

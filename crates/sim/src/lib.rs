@@ -54,6 +54,7 @@ pub use model::{
     Overwrite, OverwriteKind, PostOptions, Revision, Role, Scenario, ThreadInfo, User,
 };
 pub use permissions::ChannelView;
+pub use rest::{RateStats, DEFAULT_GLOBAL_PER_SEC};
 pub use scenario::GenOptions;
 pub use traffic::{TrafficHandle, TrafficOptions};
 
@@ -97,9 +98,21 @@ pub struct SimConfig {
     pub heartbeat_interval_ms: u64,
     /// Seeds the simulator's own randomness (dispatch chaos).
     pub seed: u64,
-    /// Requests per route bucket per window; 0 disables per-route limiting.
+    /// Requests per route bucket (route template, top-level resource, token) per window; 0
+    /// disables per-route limiting.
     pub rate_limit_per_route: u32,
     pub rate_limit_window_ms: u64,
+    /// Requests per second per token across all routes (Discord: 50 for bots). `None` follows
+    /// per-route limiting: 50 while it is on, off when `rate_limit_per_route` is 0. `Some(0)`
+    /// turns it off.
+    pub rate_limit_global_per_sec: Option<u32>,
+    /// 401, 403 and 429 answers (shared-scope 429s excepted) one client IP may get within
+    /// `invalid_request_window_ms` before it is banned (Discord: 10,000 per 10 minutes); 0
+    /// counts but never bans.
+    pub invalid_request_budget: u32,
+    pub invalid_request_window_ms: u64,
+    /// How long a ban lasts: every rate-limited request answers 429 `error code: 1015`.
+    pub invalid_request_ban_ms: u64,
     /// `retry_after` of the 429s produced by [`Simulator::rate_limit_burst`].
     pub burst_retry_after_ms: u64,
     /// Dispatches kept per gateway session for RESUME.
@@ -130,6 +143,10 @@ impl Default for SimConfig {
             seed: 0,
             rate_limit_per_route: 50,
             rate_limit_window_ms: 1_000,
+            rate_limit_global_per_sec: None,
+            invalid_request_budget: 10_000,
+            invalid_request_window_ms: 600_000,
+            invalid_request_ban_ms: 3_600_000,
             burst_retry_after_ms: 250,
             resume_buffer_len: 100_000,
             virtual_clock_start_ms: None,
@@ -223,6 +240,8 @@ impl Simulator {
                     tracing::debug!(error = %e, "TCP_NODELAY not set");
                 }
             });
+            // The peer address keys the invalid-request accounting, as Discord bans by IP.
+            let app = app.into_make_service_with_connect_info::<SocketAddr>();
             let res = axum::serve(listener, app)
                 .with_graceful_shutdown(async move { token.cancelled().await })
                 .await;
@@ -645,7 +664,7 @@ fn router(shared: Arc<Shared>) -> axum::Router {
     axum::Router::new()
         .route("/gateway", axum::routing::get(gateway::ws_handler))
         .merge(rest::router(Arc::clone(&shared)))
-        .merge(oauth::router())
+        .merge(oauth::router(Arc::clone(&shared)))
         .merge(control::router())
         .with_state(shared)
 }

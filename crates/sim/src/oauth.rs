@@ -55,14 +55,22 @@ fn random_token(n: usize) -> String {
         .collect()
 }
 
-pub(crate) fn router() -> Router<Arc<Shared>> {
-    Router::new()
-        .route("/oauth2/authorize", get(authorize))
-        .route("/api/oauth2/authorize", get(authorize))
+pub(crate) fn router(sh: Arc<Shared>) -> Router<Arc<Shared>> {
+    // The token endpoints are API routes, rate limited like the rest; the authorize page is the
+    // website's.
+    let api = Router::new()
         .route("/api/oauth2/token", post(token))
         .route("/api/v10/oauth2/token", post(token))
         .route("/api/oauth2/token/revoke", post(revoke))
         .route("/api/v10/oauth2/token/revoke", post(revoke))
+        .route_layer(axum::middleware::from_fn_with_state(
+            sh,
+            crate::rest::rate_limit,
+        ));
+    Router::new()
+        .route("/oauth2/authorize", get(authorize))
+        .route("/api/oauth2/authorize", get(authorize))
+        .merge(api)
 }
 
 fn html_escape(s: &str) -> String {

@@ -1,24 +1,24 @@
-//! REST under `/api/v10` and Discord-style rate limiting (per-route buckets, `X-RateLimit-*`
-//! headers on every response, 429 with `Retry-After` and `{message, retry_after, global}`).
+//! REST under `/api/v10`, behind Discord-style rate limits (see `limits`).
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use axum::extract::{Path, RawQuery, Request, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
-use axum::middleware::Next;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
 
 use crate::model::{perms, ChannelKind};
 use crate::world::{GuildState, World};
 use crate::{PostOptions, Shared, SimError};
+
+mod limits;
+
+pub(crate) use limits::{rate_limit, RateState};
+pub use limits::{RateStats, DEFAULT_GLOBAL_PER_SEC};
 
 /// A Discord-shaped JSON error.
 #[derive(Debug)]
@@ -79,148 +79,6 @@ impl From<SimError> for ApiError {
 }
 
 pub(crate) type ApiResult = Result<Json<Value>, ApiError>;
-
-// ----- rate limits -------------------------------------------------------------------------
-
-#[derive(Default)]
-pub(crate) struct RateState {
-    buckets: HashMap<String, Bucket>,
-}
-
-struct Bucket {
-    remaining: u32,
-    reset_at: Instant,
-}
-
-/// Route template with every id but the top-level resource replaced, plus that resource id.
-fn bucket_key(method: &str, path: &str) -> (String, String) {
-    let mut template = String::from(method);
-    let mut major = String::new();
-    let mut prev = "";
-    for seg in path.split('/').filter(|s| !s.is_empty()) {
-        template.push('/');
-        if seg.bytes().all(|b| b.is_ascii_digit()) {
-            if major.is_empty() && matches!(prev, "channels" | "guilds" | "webhooks") {
-                major = seg.to_string();
-            }
-            template.push_str(":id");
-        } else {
-            template.push_str(seg);
-        }
-        prev = seg;
-    }
-    let hash = hex_prefix(&Sha256::digest(template.as_bytes()));
-    (format!("{template}|{major}"), hash)
-}
-
-fn hex_prefix(bytes: &[u8]) -> String {
-    bytes.iter().take(8).map(|b| format!("{b:02x}")).collect()
-}
-
-fn epoch_secs(after: Duration) -> f64 {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    (now + after).as_secs_f64()
-}
-
-fn set(headers: &mut HeaderMap, name: &'static str, value: String) {
-    if let Ok(v) = HeaderValue::from_str(&value) {
-        headers.insert(name, v);
-    }
-}
-
-fn too_many(retry_after: Duration, limit: u32, bucket: &str) -> Response {
-    let secs = retry_after.as_secs_f64();
-    let mut res = (
-        StatusCode::TOO_MANY_REQUESTS,
-        Json(
-            json!({"message": "You are being rate limited.", "retry_after": secs, "global": false}),
-        ),
-    )
-        .into_response();
-    let h = res.headers_mut();
-    set(h, "retry-after", format!("{}", secs.ceil().max(1.0) as u64));
-    set(h, "x-ratelimit-limit", limit.to_string());
-    set(h, "x-ratelimit-remaining", "0".into());
-    set(
-        h,
-        "x-ratelimit-reset",
-        format!("{:.3}", epoch_secs(retry_after)),
-    );
-    set(h, "x-ratelimit-reset-after", format!("{secs:.3}"));
-    set(h, "x-ratelimit-bucket", bucket.to_string());
-    set(h, "x-ratelimit-scope", "user".into());
-    res
-}
-
-pub(crate) async fn rate_limit(
-    State(sh): State<Arc<Shared>>,
-    req: Request,
-    next: Next,
-) -> Response {
-    let path = req.uri().path().to_string();
-    // Gateway discovery is exempt: serenity silently falls back to the real gateway if it fails.
-    // Attachments stand for the CDN, which has no such limits.
-    if path.ends_with("/gateway")
-        || path.ends_with("/gateway/bot")
-        || path.starts_with("/attachments/")
-    {
-        return next.run(req).await;
-    }
-    let (key, bucket) = bucket_key(req.method().as_str(), &path);
-    let limit = sh.config.rate_limit_per_route;
-    let window = Duration::from_millis(sh.config.rate_limit_window_ms.max(1));
-    let burst = sh
-        .burst
-        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-        .is_ok();
-    if burst {
-        return too_many(
-            Duration::from_millis(sh.config.burst_retry_after_ms),
-            limit.max(1),
-            &bucket,
-        );
-    }
-    if limit == 0 {
-        return next.run(req).await;
-    }
-    let (remaining, reset_after) = {
-        let mut rs = sh.rate.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
-        let b = rs.buckets.entry(key).or_insert(Bucket {
-            remaining: limit,
-            reset_at: now + window,
-        });
-        if now >= b.reset_at {
-            b.remaining = limit;
-            b.reset_at = now + window;
-        }
-        let reset_after = b.reset_at.saturating_duration_since(now);
-        if b.remaining == 0 {
-            drop(rs);
-            return too_many(reset_after, limit, &bucket);
-        }
-        b.remaining -= 1;
-        (b.remaining, reset_after)
-    };
-    let mut res = next.run(req).await;
-    let h = res.headers_mut();
-    set(h, "x-ratelimit-limit", limit.to_string());
-    set(h, "x-ratelimit-remaining", remaining.to_string());
-    set(
-        h,
-        "x-ratelimit-reset",
-        format!("{:.3}", epoch_secs(reset_after)),
-    );
-    set(
-        h,
-        "x-ratelimit-reset-after",
-        format!("{:.3}", reset_after.as_secs_f64()),
-    );
-    set(h, "x-ratelimit-bucket", bucket);
-    res
-}
 
 // ----- auth --------------------------------------------------------------------------------
 
