@@ -12,7 +12,9 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::de::DeserializeOwned;
 
 use crate::guard::{Guard, GuardSettings};
-use crate::models::{Gateway, Member, PartialGuild, Role, Snowflake, ThreadList, ThreadMember, User};
+use crate::models::{
+    Gateway, Member, PartialGuild, Role, Snowflake, ThreadList, ThreadMember, User,
+};
 use crate::ratelimit::{Limited, Limits, Permit, RateLimiter, Scope};
 use crate::Error;
 
@@ -23,7 +25,9 @@ pub enum Fetched<T> {
     Ok(T),
     /// 403: Missing Access (50001, no VIEW_CHANNEL) or Missing Permissions
     /// (50013). `code` is Discord's JSON error code.
-    Forbidden { code: Option<u64> },
+    Forbidden {
+        code: Option<u64>,
+    },
     /// 404: gone (or never existed).
     NotFound,
 }
@@ -202,7 +206,9 @@ fn error_code(body: &[u8]) -> Option<u64> {
     struct Body {
         code: Option<u64>,
     }
-    serde_json::from_slice::<Body>(body).ok().and_then(|b| b.code)
+    serde_json::from_slice::<Body>(body)
+        .ok()
+        .and_then(|b| b.code)
 }
 
 impl Client {
@@ -335,20 +341,29 @@ impl Client {
         guild_id: i64,
     ) -> Result<Fetched<Member>, Error> {
         Ok(self
-            .fetch_as_user::<Member>(access_token, &format!("/users/@me/guilds/{guild_id}/member"))
+            .fetch_as_user::<Member>(
+                access_token,
+                &format!("/users/@me/guilds/{guild_id}/member"),
+            )
             .await?
             .map(|m| in_guild(m, guild_id)))
     }
 
-    async fn call<T: DeserializeOwned>(&self, auth: Auth<'_>, path: &str) -> Result<Fetched<T>, Error> {
+    async fn call<T: DeserializeOwned>(
+        &self,
+        auth: Auth<'_>,
+        path: &str,
+    ) -> Result<Fetched<T>, Error> {
         let got = self.with_retries(auth, path).await?;
         Ok(match got {
-            Fetched::Ok(body) => Fetched::Ok(
-                serde_json::from_slice(&body).map_err(|source| Error::Decode {
-                    route: label(path),
-                    source,
-                })?,
-            ),
+            Fetched::Ok(body) => {
+                Fetched::Ok(
+                    serde_json::from_slice(&body).map_err(|source| Error::Decode {
+                        route: label(path),
+                        source,
+                    })?,
+                )
+            }
             Fetched::Forbidden { code } => Fetched::Forbidden { code },
             Fetched::NotFound => Fetched::NotFound,
         })
@@ -416,8 +431,8 @@ impl Client {
         let permit = inner.limiter.acquire(scope, "GET", path).await?;
         let mut req = inner.http.get(format!("{}{path}", inner.api));
         if let Some(a) = authorization {
-            let mut v =
-                HeaderValue::from_str(&a).map_err(|_| Error::Setup("token is not a valid header".into()))?;
+            let mut v = HeaderValue::from_str(&a)
+                .map_err(|_| Error::Setup("token is not a valid header".into()))?;
             v.set_sensitive(true);
             req = req.header(AUTHORIZATION, v);
         }

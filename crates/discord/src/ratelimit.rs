@@ -168,7 +168,8 @@ impl Limited {
         let body: Option<Body> = serde_json::from_slice(body).ok();
         let scope = header(headers, "x-ratelimit-scope").unwrap_or_default();
         let global = body.as_ref().is_some_and(|b| b.global)
-            || header(headers, "x-ratelimit-global").is_some_and(|v| v.eq_ignore_ascii_case("true"))
+            || header(headers, "x-ratelimit-global")
+                .is_some_and(|v| v.eq_ignore_ascii_case("true"))
             || scope.eq_ignore_ascii_case("global");
         let wait = secs(body.and_then(|b| b.retry_after))
             .or_else(|| header_secs(headers, "retry-after"))
@@ -375,7 +376,11 @@ impl RateLimiter {
         if learned != permit.key {
             // The provisional per-route entry had at most this one request in
             // flight; its callers now find the learned bucket.
-            if st.buckets.get(&permit.key).is_some_and(|b| b.in_flight == 0) {
+            if st
+                .buckets
+                .get(&permit.key)
+                .is_some_and(|b| b.in_flight == 0)
+            {
                 st.buckets.remove(&permit.key);
             }
         }
@@ -427,7 +432,10 @@ mod tests {
 
     #[test]
     fn a_429_reads_body_then_header_and_ignores_unusable_numbers() {
-        let l = Limited::read(&headers(&[("retry-after", "3")]), br#"{"retry_after": 0.25}"#);
+        let l = Limited::read(
+            &headers(&[("retry-after", "3")]),
+            br#"{"retry_after": 0.25}"#,
+        );
         assert_eq!(l.wait, Duration::from_millis(250));
         assert!(!l.global && !l.shared);
         let l = Limited::read(&headers(&[("retry-after", "NaN")]), b"");
@@ -447,7 +455,10 @@ mod tests {
             global_per_sec: 0,
             max_wait: Duration::from_secs(5),
         });
-        let p = rl.acquire(Scope::Bot, "GET", "/channels/1/x").await.unwrap();
+        let p = rl
+            .acquire(Scope::Bot, "GET", "/channels/1/x")
+            .await
+            .unwrap();
         rl.complete(
             p,
             &headers(&[
@@ -458,12 +469,18 @@ mod tests {
             ]),
         );
         let started = Instant::now();
-        let p = rl.acquire(Scope::Bot, "GET", "/channels/1/x").await.unwrap();
+        let p = rl
+            .acquire(Scope::Bot, "GET", "/channels/1/x")
+            .await
+            .unwrap();
         assert!(started.elapsed() >= Duration::from_millis(190));
         drop(p);
         // Another major parameter is another bucket: no wait.
         let started = Instant::now();
-        let _p = rl.acquire(Scope::Bot, "GET", "/channels/2/x").await.unwrap();
+        let _p = rl
+            .acquire(Scope::Bot, "GET", "/channels/2/x")
+            .await
+            .unwrap();
         assert!(started.elapsed() < Duration::from_millis(100));
     }
 
