@@ -58,6 +58,9 @@ pub trait Observer: Send + Sync + 'static {
     fn gave_up(&self, _route: &str) {}
     /// A 403 answer.
     fn forbidden(&self, _route: &str, _code: Option<u64>) {}
+    /// A 401, 403 or (not shared) 429 answer; `_in_window`: how many the
+    /// guard now counts in its rolling window.
+    fn invalid_request(&self, _route: &str, _in_window: usize) {}
     /// The invalid-request guard refused to send.
     fn budget_refused(&self, _route: &str) {}
     /// A connection error or 5xx, retried after `_after`.
@@ -461,7 +464,8 @@ impl Client {
             let l = Limited::read(headers, &body);
             inner.limiter.limited(permit, headers, l);
             if !l.shared {
-                inner.guard.record();
+                let n = inner.guard.record();
+                inner.observer.invalid_request(&route, n);
             }
             inner.observer.rate_limited(&route, l.global);
             tracing::info!(%route, retry_after = l.wait.as_secs_f64(), global = l.global, "rate limited");
@@ -475,11 +479,13 @@ impl Client {
         match status {
             s if s.is_success() => Ok(Fetched::Ok(body)),
             StatusCode::UNAUTHORIZED => {
-                inner.guard.record();
+                let n = inner.guard.record();
+                inner.observer.invalid_request(&route, n);
                 Err(Error::Unauthorized { route })
             }
             StatusCode::FORBIDDEN => {
-                inner.guard.record();
+                let n = inner.guard.record();
+                inner.observer.invalid_request(&route, n);
                 let code = error_code(&body);
                 inner.observer.forbidden(&route, code);
                 Ok(Fetched::Forbidden { code })

@@ -57,6 +57,9 @@ pub struct Metrics {
     pub rest_rate_limit_give_ups: Counter,
     /// REST answers 403 (the bot lacks access; never retried).
     pub rest_forbidden: Counter,
+    /// 401/403/429 answers in the invalid-request guard's 10-minute window
+    /// when the last one came (Discord bans the IP at 10,000).
+    pub rest_invalid_requests: Gauge,
     /// REST requests refused by the invalid-request guard (Discord's ban
     /// threshold was being approached).
     pub rest_budget_refusals: Counter,
@@ -115,6 +118,7 @@ impl Metrics {
             rest_rate_limit_give_ups: Counter::default(),
             rest_forbidden: Counter::default(),
             rest_budget_refusals: Counter::default(),
+            rest_invalid_requests: Gauge::default(),
             rest_retries: Counter::default(),
             bot_unreadable_channels: Gauge::default(),
             task_failures: Family::default(),
@@ -293,6 +297,11 @@ impl Metrics {
             "rest_forbidden",
             "REST answers 403 (the bot lacks access to a channel; not retried)",
             m.rest_forbidden.clone(),
+        );
+        r.register(
+            "rest_invalid_requests",
+            "401/403/429 answers in the last 10 minutes as of the latest one (Discord bans the IP at 10,000)",
+            m.rest_invalid_requests.clone(),
         );
         r.register(
             "rest_budget_refusals",

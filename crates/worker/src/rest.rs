@@ -25,6 +25,12 @@ impl observer_discord::Observer for Counted {
         self.0.rest_forbidden.inc();
     }
 
+    fn invalid_request(&self, _route: &str, in_window: usize) {
+        self.0
+            .rest_invalid_requests
+            .set(i64::try_from(in_window).unwrap_or(i64::MAX));
+    }
+
     fn budget_refused(&self, _route: &str) {
         self.0.rest_budget_refusals.inc();
     }

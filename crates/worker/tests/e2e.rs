@@ -640,6 +640,11 @@ async fn backfill_under_tight_rate_limits_learns_them_instead_of_hitting_them(
     );
     assert_eq!(worker.metrics.rest_rate_limit_give_ups.get(), 0);
     assert_eq!(worker.metrics.rest_budget_refusals.get(), 0);
+    assert_eq!(
+        worker.metrics.rest_invalid_requests.get(),
+        stats["invalid_requests"].as_i64().unwrap_or(-1),
+        "the worker counts what Discord counts"
+    );
     worker.stop().await?;
     sim.shutdown().await;
     Ok(())
