@@ -1,6 +1,9 @@
 //! The slice of Discord the API talks to: OAuth2 (authorize URL, code
-//! exchange with PKCE, refresh) and the `/users/@me...` REST calls made with a
-//! viewer's own access token. Works against any Discord-compatible base URL.
+//! exchange with PKCE, refresh) through the `oauth2` crate, and the
+//! `/users/@me...` REST calls made with a viewer's own access token through
+//! `observer_discord` (the worker's client: same rate limits, retries,
+//! invalid-request guard and payload types). Works against any
+//! Discord-compatible base URL.
 
 use std::time::Duration;
 
@@ -12,7 +15,7 @@ use oauth2::{
     StandardErrorResponse, TokenResponse, TokenUrl,
 };
 use observer_db::auth::{Membership, NewUser};
-use serde::Deserialize;
+use observer_discord::{Fetched, SecretString};
 
 use crate::config::Config;
 
@@ -30,14 +33,9 @@ pub enum DiscordError {
     /// The access token no longer works.
     #[error("access token rejected")]
     Unauthorized,
-    #[error("discord answered {status} for {what}")]
-    Status { status: u16, what: &'static str },
-    #[error("bad response from discord for {what}: {source}")]
-    Decode {
-        what: &'static str,
-        #[source]
-        source: reqwest::Error,
-    },
+    /// A REST call failed (network, 5xx, rate limits, an unexpected answer).
+    #[error("discord: {0}")]
+    Rest(observer_discord::Error),
     #[error("request to discord failed: {0}")]
     Http(#[from] reqwest::Error),
     #[error("oauth exchange failed: {0}")]
@@ -55,34 +53,22 @@ pub struct TokenSet {
     pub scope: String,
 }
 
-#[derive(Debug, Deserialize)]
-struct UserJson {
-    id: String,
-    username: String,
-    global_name: Option<String>,
-    avatar: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-struct PartialGuildJson {
-    id: String,
-}
-
-#[derive(Debug, Deserialize)]
-struct MemberJson {
-    #[serde(default)]
-    roles: Vec<String>,
-    nick: Option<String>,
-    joined_at: Option<DateTime<Utc>>,
-    communication_disabled_until: Option<DateTime<Utc>>,
+impl From<observer_discord::Error> for DiscordError {
+    fn from(e: observer_discord::Error) -> Self {
+        match e {
+            observer_discord::Error::Unauthorized { .. } => DiscordError::Unauthorized,
+            other => DiscordError::Rest(other),
+        }
+    }
 }
 
 /// Client for Discord's OAuth and user REST endpoints.
 #[derive(Debug, Clone)]
 pub struct Discord {
     oauth: OAuthClient,
+    /// For the token endpoint only (the `oauth2` crate's grant requests).
     http: reqwest::Client,
-    rest_base: String,
+    rest: observer_discord::Client,
 }
 
 impl Discord {
@@ -103,11 +89,8 @@ impl Discord {
             .timeout(Duration::from_secs(15))
             .user_agent("SupportObserver (https://github.com/, 0.1)")
             .build()?;
-        Ok(Self {
-            oauth,
-            http,
-            rest_base: format!("{base}/api/v10"),
-        })
+        let rest = observer_discord::Client::builder(base).build()?;
+        Ok(Self { oauth, http, rest })
     }
 
     /// The browser authorize URL with fresh CSRF state and a PKCE S256 challenge.
@@ -146,65 +129,14 @@ impl Discord {
         token_set(res)
     }
 
-    async fn get<T: serde::de::DeserializeOwned>(
-        &self,
-        access_token: &str,
-        path: &str,
-        what: &'static str,
-    ) -> Result<Option<T>, DiscordError> {
-        // A few retries honour Discord's 429 `retry_after`; beyond that the
-        // caller fails and tries again on its next schedule.
-        for _ in 0..3 {
-            let resp = self
-                .http
-                .get(format!("{}{path}", self.rest_base))
-                .bearer_auth(access_token)
-                .send()
-                .await?;
-            let status = resp.status();
-            if status.as_u16() == 429 {
-                let wait = resp
-                    .json::<serde_json::Value>()
-                    .await
-                    .ok()
-                    .and_then(|v| v.get("retry_after").and_then(|r| r.as_f64()))
-                    .unwrap_or(1.0)
-                    .clamp(0.0, 5.0);
-                tokio::time::sleep(Duration::from_secs_f64(wait)).await;
-                continue;
-            }
-            if status.as_u16() == 401 {
-                return Err(DiscordError::Unauthorized);
-            }
-            if status.as_u16() == 404 {
-                return Ok(None);
-            }
-            if !status.is_success() {
-                return Err(DiscordError::Status {
-                    status: status.as_u16(),
-                    what,
-                });
-            }
-            let body = resp
-                .json::<T>()
-                .await
-                .map_err(|source| DiscordError::Decode { what, source })?;
-            return Ok(Some(body));
-        }
-        Err(DiscordError::Status { status: 429, what })
-    }
-
     /// `/users/@me`.
     pub async fn current_user(&self, access_token: &str) -> Result<NewUser, DiscordError> {
-        let u: UserJson = self
-            .get(access_token, "/users/@me", "users/@me")
-            .await?
-            .ok_or(DiscordError::Status {
-                status: 404,
-                what: "users/@me",
-            })?;
+        let token = SecretString::from(access_token.to_owned());
+        let u = self.rest.current_user(&token).await?;
         Ok(NewUser {
-            user_id: parse_snowflake(&u.id).ok_or(DiscordError::OAuth("bad user id".into()))?,
+            user_id: Some(u.id.get())
+                .filter(|id| *id > 0)
+                .ok_or(DiscordError::OAuth("bad user id".into()))?,
             username: u.username,
             global_name: u.global_name,
             avatar: u.avatar,
@@ -216,21 +148,19 @@ impl Discord {
         &self,
         access_token: &str,
     ) -> Result<Vec<i64>, DiscordError> {
+        let token = SecretString::from(access_token.to_owned());
         let mut ids = Vec::new();
         let mut after: Option<i64> = None;
         // Discord caps users at a few hundred guilds; the bound stops a
         // misbehaving server from looping us forever.
         for _ in 0..50 {
-            let path = match after {
-                Some(a) => format!("/users/@me/guilds?limit=200&after={a}"),
-                None => "/users/@me/guilds?limit=200".to_owned(),
-            };
-            let page: Vec<PartialGuildJson> = self
-                .get(access_token, &path, "users/@me/guilds")
-                .await?
-                .unwrap_or_default();
+            let page = self.rest.current_user_guilds(&token, after, 200).await?;
             let n = page.len();
-            let page_ids: Vec<i64> = page.iter().filter_map(|g| parse_snowflake(&g.id)).collect();
+            let page_ids: Vec<i64> = page
+                .iter()
+                .map(|g| g.id.get())
+                .filter(|id| *id > 0)
+                .collect();
             let max = page_ids.iter().copied().max();
             ids.extend(page_ids);
             match max {
@@ -249,20 +179,23 @@ impl Discord {
         access_token: &str,
         guild_id: i64,
     ) -> Result<Option<Membership>, DiscordError> {
-        let m: Option<MemberJson> = self
-            .get(
-                access_token,
-                &format!("/users/@me/guilds/{guild_id}/member"),
-                "users/@me/guilds/{id}/member",
-            )
-            .await?;
-        Ok(m.map(|m| Membership {
-            guild_id,
-            role_ids: m.roles.iter().filter_map(|r| parse_snowflake(r)).collect(),
-            nick: m.nick,
-            joined_at: m.joined_at,
-            communication_disabled_until: m.communication_disabled_until,
-        }))
+        let token = SecretString::from(access_token.to_owned());
+        Ok(match self.rest.current_member(&token, guild_id).await? {
+            Fetched::Ok(m) => Some(Membership {
+                guild_id,
+                role_ids: m.role_ids().into_iter().filter(|r| *r > 0).collect(),
+                nick: m.nick,
+                joined_at: m.joined_at,
+                communication_disabled_until: m.communication_disabled_until,
+            }),
+            Fetched::NotFound => None,
+            Fetched::Forbidden { code } => {
+                return Err(DiscordError::Rest(observer_discord::Error::Forbidden {
+                    route: format!("GET /users/@me/guilds/{guild_id}/member"),
+                    code,
+                }))
+            }
+        })
     }
 
     /// Memberships of the user in the given bot guilds.
@@ -283,10 +216,6 @@ impl Discord {
         }
         Ok(out)
     }
-}
-
-fn parse_snowflake(s: &str) -> Option<i64> {
-    s.parse::<i64>().ok().filter(|v| *v > 0)
 }
 
 type TokenResult<E> = Result<

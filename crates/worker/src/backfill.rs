@@ -1,9 +1,9 @@
 //! History backfill: after every identify (each GUILD_CREATE), fetch what was
 //! posted while the worker was not listening.
 //!
-//! REST goes through reqwest directly (not serenity's Http) because backfill
-//! must see status codes, `retry_after` and the `X-RateLimit-*` headers in
-//! every mode; serenity's proxy mode disables its rate limiter and hides them.
+//! REST goes through `observer_discord` (not serenity's Http): serenity's
+//! proxy mode disables its rate limiter, and backfill must tell a 403 from a
+//! 404 and share one rate limiter with every other REST call.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,7 +12,6 @@ use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use observer_db::ingest::{self, IngestOp};
 use observer_db::Db;
-use reqwest::StatusCode;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
@@ -55,8 +54,6 @@ pub enum BackfillError {
     Rest(#[from] crate::rest::RestError),
     #[error("database: {0}")]
     Db(#[from] observer_db::Error),
-    #[error("unexpected status {0} from {1}")]
-    Status(StatusCode, String),
     #[error("the ingest queue is closed")]
     Closed,
     #[error("unparseable answer: {0}")]
@@ -189,10 +186,12 @@ impl Backfiller {
         let mut pages = 0u32;
         loop {
             let path = format!("/channels/{channel_id}/messages?after={after}&limit={PAGE}");
-            let fetched_page = match self.rest.fetch(&path).await {
+            // Each message decoded on its own: one serenity cannot read is
+            // skipped, not the whole page.
+            let fetched_page = match self.rest.fetch::<Vec<Value>>(&path).await {
                 // THREAD_LIST_SYNC names parent channels of every kind; a forum
                 // or category has no history of its own (400, code 50024).
-                Err(RestError::Status(StatusCode::BAD_REQUEST, _)) => {
+                Err(RestError::Status { status: 400, .. }) => {
                     tracing::debug!(
                         channel = channel_id,
                         "not a message channel; nothing to backfill"
@@ -202,8 +201,7 @@ impl Backfiller {
                 other => other?,
             };
             let page = match fetched_page {
-                Fetched::Ok(Value::Array(page)) => page,
-                Fetched::Ok(_) => return Err(BackfillError::Status(StatusCode::OK, path)),
+                Fetched::Ok(page) => page,
                 Fetched::Forbidden { code } => {
                     // Not an error and not worth a retry: recorded, and tried
                     // again at the next snapshot or access change.

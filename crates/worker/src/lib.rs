@@ -10,7 +10,8 @@
 //! - `botaccess`: channels Discord refuses the bot (403): marked, not retried.
 //! - [`reconcile`]: after a gap, each channel's recent window read again;
 //!   edits become revisions, vanished messages tombstones marked as detected.
-//! - `rest`: rate-limit-aware Discord REST GETs (backfill, re-reads).
+//! - `rest`: the `observer_discord` client wired to the worker's metrics
+//!   (every REST call: discovery, backfill, snapshots, re-reads).
 //! - `reread`: debounced REST re-reads of access entities touched by events,
 //!   so out-of-order handling converges to Discord's current state.
 //! - `snapshot`: on every guild snapshot (GUILD_CREATE, THREAD_LIST_SYNC),
@@ -43,6 +44,7 @@ use anyhow::Context as _;
 use chrono::Utc;
 use observer_db::ingest::IngestOp;
 use observer_db::Db;
+use secrecy::ExposeSecret as _;
 use serenity::all::{
     ClientBuilder, ConnectionStage, Context, Event, GatewayError, GatewayIntents, HttpBuilder,
     RawEventHandler,
@@ -166,23 +168,15 @@ pub async fn run_with_metrics(
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
-    let token = secrecy::ExposeSecret::expose_secret(&config.discord_token)
-        .trim()
-        .trim_start_matches("Bot ")
-        .to_owned();
-    if token.is_empty() {
-        anyhow::bail!("DISCORD_TOKEN is empty");
-    }
-    let base = config.base().to_owned();
-    let rest = reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .context("building the HTTP client")?;
-
+    let rest = rest::client(&config, &metrics)?;
     // Discover the gateway ourselves: serenity silently falls back to the real
     // Discord gateway if this fails, which must never happen against a simulator.
-    let gateway_url = discover_gateway(&rest, &base).await?;
-    tracing::info!(api = %base, gateway = %gateway_url, "connecting");
+    let gateway_url = rest
+        .gateway()
+        .await
+        .context("discovering the gateway URL")?
+        .url;
+    tracing::info!(api = %config.base(), gateway = %gateway_url, "connecting");
 
     let (ops_tx, ops_rx) = mpsc::channel::<Queued>(config.queue_capacity.max(1));
     let stop = CancellationToken::new();
@@ -198,101 +192,21 @@ pub async fn run_with_metrics(
     // has finished by then and this does nothing.
     let _batcher_guard = AbortOnDrop(batcher.abort_handle());
 
-    let api = rest::Rest {
-        http: rest,
-        api: format!("{base}/api/v10"),
-        token: token.clone(),
-        metrics: Arc::clone(&metrics),
-    };
     let access = botaccess::BotAccess::new(Arc::clone(&metrics));
-    let (bf_tx, bf_rx) = mpsc::unbounded_channel();
-    let mut backfill_task = config.backfill.then(|| {
-        let bf = backfill::Backfiller {
-            rest: api.clone(),
-            db: db.clone(),
-            ops: ops_tx.clone(),
-            metrics: Arc::clone(&metrics),
-            concurrency: config.backfill_concurrency,
-            max_pages: config.backfill_max_pages,
-            overlap: config.backfill_overlap,
-            access: Arc::clone(&access),
-            reconcile: config.reconcile.map(|window| reconcile::Reconciler {
-                rest: api.clone(),
-                db: db.clone(),
-                ops: ops_tx.clone(),
-                metrics: Arc::clone(&metrics),
-                window,
-            }),
-        };
-        tokio::spawn(bf.run(bf_rx))
-    });
-
-    let (rr_tx, rr_rx) = mpsc::unbounded_channel();
-    let mut reread_task = config.access_reread.map(|delay| {
-        let rr = reread::Rereader {
-            rest: api.clone(),
-            ops: ops_tx.clone(),
-            delay,
-            metrics: Arc::clone(&metrics),
-            access: Arc::clone(&access),
-        };
-        tokio::spawn(rr.run(rr_rx))
-    });
-
-    // Snapshots always run: without them no member (and no private-thread
-    // member) is ever known, since GUILD_CREATE carries neither.
-    let (snap_tx, snap_rx) = mpsc::unbounded_channel();
-    let mut snapshot_task = Some(tokio::spawn(
-        snapshot::Snapshotter {
-            rest: api.clone(),
-            ops: ops_tx.clone(),
-            metrics: Arc::clone(&metrics),
-            concurrency: config.backfill_concurrency,
-            backfill: config.backfill.then(|| bf_tx.clone()),
-        }
-        .run(snap_rx),
-    ));
-
-    let mut purge_task = config
-        .purge_interval
-        .map(|every| tokio::spawn(purge_loop(db.clone(), every)));
-
+    let mut tasks = Background::spawn(&config, &db, &rest, &ops_tx, &metrics, &access);
     let stopping = Arc::new(AtomicBool::new(false));
     let handler = Handler {
         ops: ops_tx.clone(),
-        backfill: config.backfill.then_some(bf_tx),
-        reread: config.access_reread.is_some().then_some(rr_tx),
-        snapshot: snap_tx,
+        backfill: tasks.backfill_tx.take(),
+        reread: tasks.reread_tx.take(),
+        snapshot: tasks.snapshot_tx.clone(),
         access,
         metrics: Arc::clone(&metrics),
         stopping: Arc::clone(&stopping),
     };
     drop(ops_tx);
 
-    let mut http = HttpBuilder::new(&token);
-    if !config.is_real_discord() {
-        // Proxy mode only works with serenity's rate limiter off (serenity
-        // #1739); the worker's own REST calls (backfill) handle 429s themselves.
-        http = http.proxy(base.clone()).ratelimiter_disabled(true);
-    }
-    let mut client = ClientBuilder::new_with_http(http.build(), intents())
-        .raw_event_handler(handler)
-        .await
-        .context("building the gateway client")?;
-    *client.ws_url.lock().await = gateway_url;
-    let manager = Arc::clone(&client.shard_manager);
-    let shards = config.shards;
-    metrics
-        .shards_total
-        .set(shards.map_or(1, |s| i64::from(s.last - s.first + 1)));
-    let mut gateway = tokio::spawn(async move {
-        match shards {
-            // serenity's range end is inclusive here (it boots end - start + 1 shards).
-            Some(s) => client.start_shard_range(s.first..s.last, s.count).await,
-            None => client.start().await,
-        }
-    });
-
+    let (mut gateway, manager) = start_gateway(&config, handler, gateway_url, &metrics).await?;
     let health = tokio::spawn(health_loop(
         Arc::clone(&manager),
         Arc::clone(&metrics),
@@ -306,15 +220,159 @@ pub async fn run_with_metrics(
     let outcome = tokio::select! {
         res = &mut gateway => Outcome::Gateway(res),
         () = shutdown => Outcome::Shutdown(None),
-        err = task_ended("backfill", &mut backfill_task, &metrics) => Outcome::Shutdown(Some(err)),
-        err = task_ended("reread", &mut reread_task, &metrics) => Outcome::Shutdown(Some(err)),
-        err = task_ended("snapshot", &mut snapshot_task, &metrics) => Outcome::Shutdown(Some(err)),
-        err = task_ended("purge", &mut purge_task, &metrics) => Outcome::Shutdown(Some(err)),
+        err = task_ended("backfill", &mut tasks.backfill, &metrics) => Outcome::Shutdown(Some(err)),
+        err = task_ended("reread", &mut tasks.reread, &metrics) => Outcome::Shutdown(Some(err)),
+        err = task_ended("snapshot", &mut tasks.snapshot, &metrics) => Outcome::Shutdown(Some(err)),
+        err = task_ended("purge", &mut tasks.purge, &metrics) => Outcome::Shutdown(Some(err)),
     };
     health.abort();
     stopping.store(true, Ordering::Relaxed);
 
-    let result = match outcome {
+    let result = close_gateway(outcome, &manager, gateway).await;
+    tasks.abort();
+    stop.cancel();
+    if let Err(err) = batcher.await {
+        tracing::error!(error = %err, "batcher task failed");
+    }
+    result
+}
+
+/// The worker's background tasks and the senders the event handler feeds them through.
+struct Background {
+    backfill: Option<tokio::task::JoinHandle<()>>,
+    reread: Option<tokio::task::JoinHandle<()>>,
+    snapshot: Option<tokio::task::JoinHandle<()>>,
+    purge: Option<tokio::task::JoinHandle<()>>,
+    backfill_tx: Option<mpsc::UnboundedSender<backfill::Request>>,
+    reread_tx: Option<mpsc::UnboundedSender<reread::Key>>,
+    snapshot_tx: mpsc::UnboundedSender<snapshot::Request>,
+}
+
+impl Background {
+    fn spawn(
+        config: &Config,
+        db: &Db,
+        rest: &rest::Rest,
+        ops_tx: &mpsc::Sender<Queued>,
+        metrics: &Arc<Metrics>,
+        access: &Arc<botaccess::BotAccess>,
+    ) -> Self {
+        let (bf_tx, bf_rx) = mpsc::unbounded_channel();
+        let backfill = config.backfill.then(|| {
+            let bf = backfill::Backfiller {
+                rest: rest.clone(),
+                db: db.clone(),
+                ops: ops_tx.clone(),
+                metrics: Arc::clone(metrics),
+                concurrency: config.backfill_concurrency,
+                max_pages: config.backfill_max_pages,
+                overlap: config.backfill_overlap,
+                access: Arc::clone(access),
+                reconcile: config.reconcile.map(|window| reconcile::Reconciler {
+                    rest: rest.clone(),
+                    db: db.clone(),
+                    ops: ops_tx.clone(),
+                    metrics: Arc::clone(metrics),
+                    window,
+                }),
+            };
+            tokio::spawn(bf.run(bf_rx))
+        });
+
+        let (rr_tx, rr_rx) = mpsc::unbounded_channel();
+        let reread = config.access_reread.map(|delay| {
+            let rr = reread::Rereader {
+                rest: rest.clone(),
+                ops: ops_tx.clone(),
+                delay,
+                metrics: Arc::clone(metrics),
+                access: Arc::clone(access),
+            };
+            tokio::spawn(rr.run(rr_rx))
+        });
+
+        // Snapshots always run: without them no member (and no private-thread
+        // member) is ever known, since GUILD_CREATE carries neither.
+        let (snap_tx, snap_rx) = mpsc::unbounded_channel();
+        let snapshot = Some(tokio::spawn(
+            snapshot::Snapshotter {
+                rest: rest.clone(),
+                ops: ops_tx.clone(),
+                metrics: Arc::clone(metrics),
+                concurrency: config.backfill_concurrency,
+                backfill: config.backfill.then(|| bf_tx.clone()),
+            }
+            .run(snap_rx),
+        ));
+
+        let purge = config
+            .purge_interval
+            .map(|every| tokio::spawn(purge_loop(db.clone(), every)));
+        Background {
+            backfill,
+            reread,
+            snapshot,
+            purge,
+            backfill_tx: config.backfill.then_some(bf_tx),
+            reread_tx: config.access_reread.is_some().then_some(rr_tx),
+            snapshot_tx: snap_tx,
+        }
+    }
+
+    fn abort(self) {
+        for t in [self.backfill, self.reread, self.snapshot, self.purge]
+            .into_iter()
+            .flatten()
+        {
+            t.abort();
+        }
+    }
+}
+
+type GatewayTask = tokio::task::JoinHandle<Result<(), serenity::Error>>;
+
+/// Builds the serenity client and starts its shards.
+async fn start_gateway(
+    config: &Config,
+    handler: Handler,
+    gateway_url: String,
+    metrics: &Metrics,
+) -> anyhow::Result<(GatewayTask, Arc<serenity::gateway::ShardManager>)> {
+    let token = config.discord_token.expose_secret().trim();
+    let token = token.strip_prefix("Bot ").unwrap_or(token);
+    let mut http = HttpBuilder::new(token);
+    if !config.is_real_discord() {
+        // Proxy mode only works with serenity's rate limiter off (serenity
+        // #1739); the worker's own REST calls go through observer_discord.
+        http = http.proxy(config.base()).ratelimiter_disabled(true);
+    }
+    let mut client = ClientBuilder::new_with_http(http.build(), intents())
+        .raw_event_handler(handler)
+        .await
+        .context("building the gateway client")?;
+    *client.ws_url.lock().await = gateway_url;
+    let manager = Arc::clone(&client.shard_manager);
+    let shards = config.shards;
+    metrics
+        .shards_total
+        .set(shards.map_or(1, |s| i64::from(s.last - s.first + 1)));
+    let gateway = tokio::spawn(async move {
+        match shards {
+            // serenity's range end is inclusive here (it boots end - start + 1 shards).
+            Some(s) => client.start_shard_range(s.first..s.last, s.count).await,
+            None => client.start().await,
+        }
+    });
+    Ok((gateway, manager))
+}
+
+/// Closes the gateway resumably when asked to stop; the run's result.
+async fn close_gateway(
+    outcome: Outcome,
+    manager: &serenity::gateway::ShardManager,
+    gateway: GatewayTask,
+) -> anyhow::Result<()> {
+    match outcome {
         Outcome::Shutdown(failure) => {
             tracing::info!("shutting down: closing the gateway resumably and flushing");
             let ids: Vec<_> = manager.runners.lock().await.keys().copied().collect();
@@ -328,18 +386,7 @@ pub async fn run_with_metrics(
         Outcome::Gateway(Ok(Ok(()))) => Ok(()),
         Outcome::Gateway(Ok(Err(err))) => Err(gateway_error(err)),
         Outcome::Gateway(Err(join)) => Err(anyhow::anyhow!("gateway task failed: {join}")),
-    };
-    for t in [backfill_task, reread_task, snapshot_task, purge_task]
-        .into_iter()
-        .flatten()
-    {
-        t.abort();
     }
-    stop.cancel();
-    if let Err(err) = batcher.await {
-        tracing::error!(error = %err, "batcher task failed");
-    }
-    result
 }
 
 /// Aborts a task when dropped.
@@ -472,32 +519,6 @@ fn gateway_error(err: serenity::Error) -> anyhow::Error {
         }
         other => anyhow::Error::new(other).context("gateway failed"),
     }
-}
-
-async fn discover_gateway(http: &reqwest::Client, base: &str) -> anyhow::Result<String> {
-    #[derive(serde::Deserialize)]
-    struct Gateway {
-        url: String,
-    }
-    let url = format!("{base}/api/v10/gateway");
-    let mut last_err = None;
-    for attempt in 0..5u64 {
-        match http.get(&url).send().await {
-            Ok(resp) if resp.status().is_success() => {
-                let g: Gateway = resp
-                    .json()
-                    .await
-                    .with_context(|| format!("parsing GET {url}"))?;
-                return Ok(g.url);
-            }
-            Ok(resp) => last_err = Some(anyhow::anyhow!("GET {url}: status {}", resp.status())),
-            Err(err) => last_err = Some(anyhow::Error::new(err).context(format!("GET {url}"))),
-        }
-        tokio::time::sleep(Duration::from_millis(200 * (attempt + 1))).await;
-    }
-    Err(last_err
-        .unwrap_or_else(|| anyhow::anyhow!("GET {url} failed"))
-        .context("discovering the gateway URL"))
 }
 
 async fn health_loop(

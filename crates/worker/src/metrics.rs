@@ -63,6 +63,14 @@ pub struct Metrics {
     pub rest_rate_limit_give_ups: Counter,
     /// REST answers 403 (the bot lacks access; never retried).
     pub rest_forbidden: Counter,
+    /// 401/403/429 answers in the invalid-request guard's 10-minute window
+    /// when the last one came (Discord bans the IP at 10,000).
+    pub rest_invalid_requests: Gauge,
+    /// REST requests refused by the invalid-request guard (Discord's ban
+    /// threshold was being approached).
+    pub rest_budget_refusals: Counter,
+    /// REST requests retried after a connection error or 5xx.
+    pub rest_retries: Counter,
     /// Channels this process found the bot cannot read (403 on their routes).
     pub bot_unreadable_channels: Gauge,
     /// Background tasks (backfill, re-read) that panicked or ended early, by task.
@@ -116,6 +124,9 @@ impl Metrics {
             reconcile_errors: Counter::default(),
             rest_rate_limit_give_ups: Counter::default(),
             rest_forbidden: Counter::default(),
+            rest_budget_refusals: Counter::default(),
+            rest_invalid_requests: Gauge::default(),
+            rest_retries: Counter::default(),
             bot_unreadable_channels: Gauge::default(),
             task_failures: Family::default(),
             reread_dropped: Counter::default(),
@@ -295,6 +306,21 @@ impl Metrics {
             m.rest_forbidden.clone(),
         );
         r.register(
+            "rest_invalid_requests",
+            "401/403/429 answers in the last 10 minutes as of the latest one (Discord bans the IP at 10,000)",
+            m.rest_invalid_requests.clone(),
+        );
+        r.register(
+            "rest_budget_refusals",
+            "REST requests not sent: too many 401/403/429 answers in the last 10 minutes",
+            m.rest_budget_refusals.clone(),
+        );
+        r.register(
+            "rest_retries",
+            "REST requests retried after a connection error or 5xx",
+            m.rest_retries.clone(),
+        );
+        r.register(
             "bot_unreadable_channels",
             "Channels the bot was refused (403), as known to this process",
             m.bot_unreadable_channels.clone(),
@@ -401,27 +427,6 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<S
 const SCRAPE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// Scrapes served at once.
 const MAX_SCRAPES: usize = 16;
-
-/// Reads an HTTP request head: up to the blank line, at most 4 KiB, less if
-/// the peer stops or fails first. A body, if any, is left unread. Only the
-/// stub HTTP servers of unit tests use it.
-#[cfg(test)]
-pub(crate) async fn read_head(sock: &mut tokio::net::TcpStream) -> Vec<u8> {
-    use tokio::io::AsyncReadExt as _;
-    let mut buf = vec![0u8; 4096];
-    let mut n = 0;
-    while n < buf.len() {
-        match sock.read(&mut buf[n..]).await {
-            Ok(0) | Err(_) => break,
-            Ok(k) => n += k,
-        }
-        if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-            break;
-        }
-    }
-    buf.truncate(n);
-    buf
-}
 
 #[cfg(test)]
 mod tests {

@@ -114,10 +114,8 @@ impl Reconciler {
                 Some(b) => format!("/channels/{channel_id}/messages?before={b}&limit={PAGE}"),
                 None => format!("/channels/{channel_id}/messages?limit={PAGE}"),
             };
-            let page = match self.rest.get(&path).await? {
-                Some(Value::Array(page)) => page,
-                Some(_) => return Err(BackfillError::Status(reqwest::StatusCode::OK, path)),
-                None => return Ok(Outcome::default()),
+            let Some(page) = self.rest.fetch::<Vec<Value>>(&path).await?.ok() else {
+                return Ok(Outcome::default());
             };
             self.metrics.reconcile_pages.inc();
             let len = page.len();
@@ -211,7 +209,7 @@ impl Reconciler {
             self.metrics.reconcile_probes.inc();
             match self
                 .rest
-                .fetch(&format!("/channels/{channel_id}/messages/{id}"))
+                .fetch::<Value>(&format!("/channels/{channel_id}/messages/{id}"))
                 .await?
             {
                 Fetched::NotFound => gone.push(*id),

@@ -10,14 +10,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use observer_db::ingest::{IngestOp, MemberInfo, RoleInfo};
-use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::batcher::Queued;
 use crate::map;
 use crate::metrics::Metrics;
-use crate::rest::{Fetched, Rest};
+use crate::rest::{Fetched, Rest, RestError};
 
 /// Most entities waiting for a re-read; beyond this, new keys are skipped
 /// (the live events were written already; this is only a correction).
@@ -97,47 +96,43 @@ impl Rereader {
         pending.insert(k, Instant::now() + self.delay);
     }
 
-    async fn reread(&self, key: Key) -> Result<Vec<IngestOp>, crate::rest::RestError> {
+    async fn reread(&self, key: Key) -> Result<Vec<IngestOp>, RestError> {
         Ok(match key {
             Key::Member { guild_id, user_id } => {
                 // Before the request: the answer is at least this new.
                 let observed_at = chrono::Utc::now();
-                match self
-                    .rest
-                    .get(&format!("/guilds/{guild_id}/members/{user_id}"))
-                    .await?
-                {
-                    Some(v) => member(guild_id, &v, observed_at)
-                        .map(IngestOp::MemberUpsert)
-                        .into_iter()
-                        .collect(),
-                    None => vec![IngestOp::MemberRemove {
+                match self.rest.member(guild_id, user_id).await? {
+                    Fetched::Ok(m) => vec![IngestOp::MemberUpsert(member(
                         guild_id,
                         user_id,
+                        &m,
                         observed_at,
-                    }],
+                    ))],
+                    Fetched::Forbidden { .. } | Fetched::NotFound => {
+                        vec![IngestOp::MemberRemove {
+                            guild_id,
+                            user_id,
+                            observed_at,
+                        }]
+                    }
                 }
             }
-            Key::Roles { guild_id } => {
-                match self.rest.get(&format!("/guilds/{guild_id}/roles")).await? {
-                    Some(Value::Array(list)) => vec![IngestOp::RolesSync {
-                        guild_id,
-                        roles: list.iter().filter_map(|r| role(guild_id, r)).collect(),
-                    }],
-                    _ => vec![],
-                }
-            }
+            Key::Roles { guild_id } => match self.rest.roles(guild_id).await? {
+                Fetched::Ok(list) => vec![IngestOp::RolesSync {
+                    guild_id,
+                    roles: list.iter().map(|r| role(guild_id, r)).collect(),
+                }],
+                Fetched::Forbidden { .. } | Fetched::NotFound => vec![],
+            },
             Key::Channel {
                 guild_id,
                 channel_id,
-            } => match self.rest.fetch(&format!("/channels/{channel_id}")).await? {
-                Fetched::Ok(v) => match serde_json::from_value::<serenity::all::GuildChannel>(v) {
-                    Ok(c) => vec![IngestOp::ChannelUpsert(map::channel(&c))],
-                    Err(err) => {
-                        tracing::warn!(channel_id, error = %err, "re-read channel unparseable");
-                        vec![]
-                    }
-                },
+            } => match self
+                .rest
+                .fetch::<serenity::all::GuildChannel>(&format!("/channels/{channel_id}"))
+                .await?
+            {
+                Fetched::Ok(c) => vec![IngestOp::ChannelUpsert(map::channel(&c))],
                 // The channel exists but the bot may not view it: keep the
                 // event's state (viewers' access is computed from it) and mark it.
                 Fetched::Forbidden { code } => {
@@ -152,56 +147,35 @@ impl Rereader {
     }
 }
 
-fn snowflake(v: &Value) -> Option<i64> {
-    match v {
-        Value::String(s) => s.parse().ok(),
-        Value::Number(n) => n.as_i64(),
-        _ => None,
+/// The member as stored; the id asked for is the one written (Discord
+/// answers for that user, with or without echoing it).
+fn member(
+    guild_id: i64,
+    user_id: i64,
+    m: &observer_discord::Member,
+    observed_at: chrono::DateTime<chrono::Utc>,
+) -> MemberInfo {
+    MemberInfo {
+        guild_id,
+        user_id,
+        role_ids: m.role_ids(),
+        nick: m.nick.clone(),
+        joined_at: m.joined_at,
+        communication_disabled_until: m.communication_disabled_until,
+        observed_at,
     }
 }
 
-fn time(v: &Value) -> Option<chrono::DateTime<chrono::Utc>> {
-    v.as_str()
-        .and_then(|s| chrono::DateTime::parse_from_rfc3339(s).ok())
-        .map(|d| d.with_timezone(&chrono::Utc))
-}
-
-fn member(
-    guild_id: i64,
-    v: &Value,
-    observed_at: chrono::DateTime<chrono::Utc>,
-) -> Option<MemberInfo> {
-    Some(MemberInfo {
+fn role(guild_id: i64, r: &observer_discord::Role) -> RoleInfo {
+    RoleInfo {
         guild_id,
-        user_id: snowflake(&v["user"]["id"])?,
-        role_ids: v["roles"]
-            .as_array()?
-            .iter()
-            .filter_map(snowflake)
-            .collect(),
-        nick: v["nick"].as_str().map(str::to_owned),
-        joined_at: time(&v["joined_at"]),
-        communication_disabled_until: time(&v["communication_disabled_until"]),
-        observed_at,
-    })
-}
-
-fn role(guild_id: i64, v: &Value) -> Option<RoleInfo> {
-    Some(RoleInfo {
-        guild_id,
-        role_id: snowflake(&v["id"])?,
-        name: v["name"].as_str().unwrap_or_default().to_owned(),
-        // A bitset, not an id: all 64 bits kept (see `map::perms`); unparseable
-        // means no permissions (fail closed).
-        permissions: v["permissions"]
-            .as_str()
-            .and_then(|s| s.parse::<u64>().ok())
-            .map_or(0, map::perms),
-        position: v["position"]
-            .as_i64()
-            .and_then(|p| i32::try_from(p).ok())
-            .unwrap_or(0),
-    })
+        role_id: r.id.get(),
+        name: r.name.clone(),
+        // A bitset, not an id: all 64 bits kept (see `map::perms`);
+        // unparseable means no permissions (fail closed).
+        permissions: map::perms(r.permission_bits()),
+        position: i32::try_from(r.position).unwrap_or(0),
+    }
 }
 
 /// The re-read an event calls for, if any.
@@ -247,12 +221,10 @@ mod tests {
         let metrics = Metrics::new();
         let (ops, _rx) = mpsc::channel(1);
         let rr = Rereader {
-            rest: Rest {
-                http: reqwest::Client::new(),
-                api: "http://127.0.0.1:9".into(),
-                token: "t".into(),
-                metrics: Arc::clone(&metrics),
-            },
+            rest: Rest::builder("http://127.0.0.1:9")
+                .bot_token("t".to_owned().into())
+                .build()
+                .unwrap(),
             ops,
             delay: Duration::from_secs(1),
             metrics: Arc::clone(&metrics),

@@ -36,7 +36,6 @@ use std::sync::Arc;
 use chrono::{DateTime, SecondsFormat, Utc};
 use futures::StreamExt;
 use observer_db::ingest::{IngestOp, MemberInfo};
-use serde::{Deserialize, Deserializer};
 use serenity::all::GuildChannel;
 use tokio::sync::mpsc;
 
@@ -44,6 +43,7 @@ use crate::batcher::Queued;
 use crate::map;
 use crate::metrics::Metrics;
 use crate::rest::{Rest, RestError};
+use observer_discord::Member;
 
 /// Members per page of the guild member listing (Discord's maximum).
 pub const MEMBER_PAGE: usize = 1000;
@@ -115,78 +115,8 @@ fn private_threads(threads: &[observer_db::ingest::ChannelInfo]) -> Vec<i64> {
 pub enum SnapshotError {
     #[error("{0}")]
     Rest(#[from] RestError),
-    #[error("unexpected answer from {0}: {1}")]
-    Parse(String, serde_json::Error),
     #[error("the ingest queue is closed")]
     Closed,
-}
-
-/// A snowflake sent as a string (or, leniently, a number).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Snowflake(i64);
-
-impl<'de> Deserialize<'de> for Snowflake {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Str(String),
-            Num(i64),
-        }
-        match Raw::deserialize(d)? {
-            Raw::Str(s) => s
-                .parse()
-                .map(Snowflake)
-                .map_err(|_| serde::de::Error::custom(format!("not a snowflake: {s}"))),
-            Raw::Num(n) => Ok(Snowflake(n)),
-        }
-    }
-}
-
-#[derive(Debug, Deserialize)]
-struct RestUser {
-    id: Snowflake,
-}
-
-/// A guild member object as the member listing returns it.
-#[derive(Debug, Deserialize)]
-struct RestMember {
-    user: RestUser,
-    #[serde(default)]
-    roles: Vec<Snowflake>,
-    #[serde(default)]
-    nick: Option<String>,
-    #[serde(default)]
-    joined_at: Option<DateTime<Utc>>,
-    #[serde(default)]
-    communication_disabled_until: Option<DateTime<Utc>>,
-}
-
-impl RestMember {
-    fn info(&self, guild_id: i64, observed_at: DateTime<Utc>) -> MemberInfo {
-        MemberInfo {
-            guild_id,
-            user_id: self.user.id.0,
-            role_ids: self.roles.iter().map(|r| r.0).collect(),
-            nick: self.nick.clone(),
-            joined_at: self.joined_at,
-            communication_disabled_until: self.communication_disabled_until,
-            observed_at,
-        }
-    }
-}
-
-/// A thread member object (`member`, the guild member, is not needed here).
-#[derive(Debug, Deserialize)]
-struct RestThreadMember {
-    user_id: Snowflake,
-}
-
-#[derive(Debug, Deserialize)]
-struct ArchivedPage {
-    threads: Vec<GuildChannel>,
-    #[serde(default)]
-    has_more: bool,
 }
 
 /// An archived thread found by a listing: its id and channel type.
@@ -317,18 +247,6 @@ impl Snapshotter {
             .map_err(|_| SnapshotError::Closed)
     }
 
-    async fn get<T: serde::de::DeserializeOwned>(
-        &self,
-        path: &str,
-    ) -> Result<Option<T>, SnapshotError> {
-        match self.rest.get(path).await? {
-            Some(v) => serde_json::from_value(v)
-                .map(Some)
-                .map_err(|e| SnapshotError::Parse(path.to_owned(), e)),
-            None => Ok(None),
-        }
-    }
-
     /// Lists every member of the guild; returns how many (None when the
     /// listing was refused). Written only when the listing completed.
     async fn members(&self, guild_id: i64) -> Result<Option<usize>, SnapshotError> {
@@ -337,8 +255,12 @@ impl Snapshotter {
         let mut after = 0i64;
         let mut all: Vec<MemberInfo> = Vec::new();
         loop {
-            let path = format!("/guilds/{guild_id}/members?limit={MEMBER_PAGE}&after={after}");
-            let Some(page) = self.get::<Vec<RestMember>>(&path).await? else {
+            let Some(page) = self
+                .rest
+                .members_page(guild_id, after, MEMBER_PAGE)
+                .await?
+                .ok()
+            else {
                 // 403 (no GUILD_MEMBERS intent, or no longer in the guild) or
                 // 404: nothing complete to write.
                 tracing::warn!(
@@ -348,8 +270,8 @@ impl Snapshotter {
                 return Ok(None);
             };
             let len = page.len();
-            let last = page.iter().map(|m| m.user.id.0).max();
-            all.extend(page.iter().map(|m| m.info(guild_id, observed_at)));
+            let last = page.iter().filter_map(Member::user_id).max();
+            all.extend(page.iter().filter_map(|m| info(guild_id, m, observed_at)));
             match last {
                 Some(last) if len >= MEMBER_PAGE && last > after => after = last,
                 _ => break,
@@ -376,18 +298,14 @@ impl Snapshotter {
     ) -> Result<Vec<Found>, SnapshotError> {
         let mut ids = Vec::new();
         let mut before: Option<String> = None;
-        let which = match which {
-            Archived::Private => "private",
-            Archived::Public => "public",
-        };
+        let private = matches!(which, Archived::Private);
         loop {
-            let mut path =
-                format!("/channels/{parent}/threads/archived/{which}?limit={ARCHIVED_PAGE}");
-            if let Some(b) = &before {
-                path.push_str("&before=");
-                path.push_str(b);
-            }
-            let Some(page) = self.get::<ArchivedPage>(&path).await? else {
+            let Some(page) = self
+                .rest
+                .archived_threads::<GuildChannel>(parent, private, before.as_deref(), ARCHIVED_PAGE)
+                .await?
+                .ok()
+            else {
                 // 403: the bot may not list these threads here (private
                 // ones need MANAGE_THREADS, all need READ_MESSAGE_HISTORY);
                 // 404: the channel is gone. Not an error.
@@ -428,12 +346,12 @@ impl Snapshotter {
         let mut after = 0i64;
         let mut users = Vec::new();
         loop {
-            // In API v10 only `with_member=true` pages; without it Discord
-            // returns everyone at once, which a huge thread would not survive.
-            let path = format!(
-                "/channels/{thread_id}/thread-members?with_member=true&limit={THREAD_MEMBER_PAGE}&after={after}"
-            );
-            let Some(page) = self.get::<Vec<RestThreadMember>>(&path).await? else {
+            let Some(page) = self
+                .rest
+                .thread_members_page(thread_id, after, THREAD_MEMBER_PAGE)
+                .await?
+                .ok()
+            else {
                 tracing::debug!(
                     guild = guild_id,
                     thread = thread_id,
@@ -442,8 +360,8 @@ impl Snapshotter {
                 return Ok(false);
             };
             let len = page.len();
-            let last = page.iter().map(|m| m.user_id.0).max();
-            users.extend(page.iter().map(|m| m.user_id.0));
+            let last = page.iter().map(|m| m.user_id.get()).max();
+            users.extend(page.iter().map(|m| m.user_id.get()));
             match last {
                 Some(last) if len >= THREAD_MEMBER_PAGE && last > after => after = last,
                 _ => break,
@@ -463,30 +381,16 @@ impl Snapshotter {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-    use super::*;
-
-    #[test]
-    fn rest_shapes_parse_without_indexing_json() {
-        let m: RestMember = serde_json::from_value(serde_json::json!({
-            "user": {"id": "42", "username": "u"}, "roles": ["7", "8"], "nick": null,
-            "joined_at": "2026-01-01T00:00:00.000000+00:00", "flags": 0
-        }))
-        .unwrap();
-        let at = Utc::now();
-        let info = m.info(3, at);
-        assert_eq!((info.user_id, info.role_ids), (42, vec![7, 8]));
-        assert!(info.joined_at.is_some() && info.communication_disabled_until.is_none());
-        let t: RestThreadMember = serde_json::from_value(serde_json::json!({
-            "id": "5", "user_id": "9", "join_timestamp": "2026-01-01T00:00:00Z", "flags": 0
-        }))
-        .unwrap();
-        assert_eq!(t.user_id, Snowflake(9));
-        assert!(
-            serde_json::from_value::<RestThreadMember>(serde_json::json!({"user_id": "x"}))
-                .is_err()
-        );
-    }
+/// A listed member as stored; one without a user object (never the case
+/// in a listing) is skipped.
+fn info(guild_id: i64, m: &Member, observed_at: DateTime<Utc>) -> Option<MemberInfo> {
+    Some(MemberInfo {
+        guild_id,
+        user_id: m.user_id()?,
+        role_ids: m.role_ids(),
+        nick: m.nick.clone(),
+        joined_at: m.joined_at,
+        communication_disabled_until: m.communication_disabled_until,
+        observed_at,
+    })
 }

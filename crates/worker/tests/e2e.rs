@@ -586,3 +586,66 @@ async fn edits_and_deletions_while_away_are_reconciled_within_the_window(
     sim.shutdown().await;
     Ok(())
 }
+
+/// Backfill, reconciliation, snapshots and re-reads share one REST client:
+/// with tight per-route buckets and a low global limit the worker still
+/// mirrors everything, and learns the limits instead of finding each one
+/// with a 429 (every 429 spends Discord's invalid-request budget).
+#[sqlx::test(migrator = "observer_db::MIGRATOR")]
+async fn backfill_under_tight_rate_limits_learns_them_instead_of_hitting_them(
+    pool: PgPool,
+) -> anyhow::Result<()> {
+    init_tracing();
+    let db = db(&pool).await?;
+    let sim = sim(SimConfig {
+        rate_limit_per_route: 3,
+        rate_limit_window_ms: 300,
+        rate_limit_global_per_sec: Some(25),
+        ..SimConfig::default()
+    })
+    .await?;
+    let sc = scenario();
+    let (_g, _, author) = first_text_channel(&sc);
+    let channels: Vec<u64> = sc.guilds[0]
+        .channels
+        .iter()
+        .filter(|c| c.kind == observer_sim::ChannelKind::Text)
+        .map(|c| c.id)
+        .take(4)
+        .collect();
+    sim.load(sc);
+    // History to backfill: several pages in each of several channels at once.
+    for ch in &channels {
+        for i in 0..220 {
+            sim.post_message(*ch, author, format!("before {i}"), PostOptions::default())?;
+        }
+    }
+    let mut config = config(&sim);
+    config.rest.limits.global_per_sec = 20;
+    config.backfill_concurrency = 8;
+    let worker = start(config, db);
+    wait_truth(&pool, &sim, Duration::from_secs(120)).await?;
+    let stats: serde_json::Value = reqwest::get(format!("{}/_sim/rate-stats", sim.base_url()))
+        .await?
+        .json()
+        .await?;
+    tracing::info!(%stats, "rate-limit counters");
+    assert!(
+        stats["route_429s"].as_u64().unwrap_or(u64::MAX) <= 3,
+        "per-route limits found by hitting them: {stats}"
+    );
+    assert!(
+        stats["global_429s"].as_u64().unwrap_or(u64::MAX) <= 5,
+        "the global limit found by hitting it: {stats}"
+    );
+    assert_eq!(worker.metrics.rest_rate_limit_give_ups.get(), 0);
+    assert_eq!(worker.metrics.rest_budget_refusals.get(), 0);
+    assert_eq!(
+        worker.metrics.rest_invalid_requests.get(),
+        stats["invalid_requests"].as_i64().unwrap_or(-1),
+        "the worker counts what Discord counts"
+    );
+    worker.stop().await?;
+    sim.shutdown().await;
+    Ok(())
+}
