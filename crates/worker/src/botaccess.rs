@@ -1,4 +1,4 @@
-//! The bot's own access to channels (issue 12 §4).
+//! The bot's own access to channels.
 //!
 //! Discord answers 403 (Missing Access, 50001) on every route of a channel the bot cannot view
 //! (voice and stage: also without CONNECT) and sends none of its messages. That is a fact about

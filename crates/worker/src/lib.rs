@@ -1,4 +1,4 @@
-//! observer-worker: the ingestion worker (DESIGN.md §5). Discord Gateway
+//! observer-worker: the ingestion worker (docs/ingestion.md). Discord Gateway
 //! (serenity) and REST backfill into PostgreSQL through observer-db.
 //!
 //! Layout:
@@ -401,7 +401,7 @@ impl Drop for AbortOnDrop {
 /// Rows deleted per purge transaction.
 const PURGE_BATCH: i64 = 5_000;
 
-/// Enforces per-guild retention (DESIGN.md §4) every `every`, in small
+/// Enforces per-guild retention (docs/data-model.md) every `every`, in small
 /// transactions. Database errors are logged and retried at the next interval:
 /// retention is a bound on how long data stays, not a deadline to the second.
 async fn purge_loop(db: Db, every: Duration) {

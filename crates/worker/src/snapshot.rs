@@ -27,7 +27,7 @@
 //!
 //! A listing is written only when it is complete. Each carries the time it
 //! started as its observation time, so the database's ordering rule (see
-//! `observer_db::ingest_threads`) keeps any newer event that arrived
+//! `observer_db::ingest`, its `threads` module) keeps any newer event that arrived
 //! meanwhile: a stale listing never removes a newer add. Any failure is
 //! logged and counted; the next snapshot of the guild tries again.
 

@@ -1,4 +1,4 @@
-//! The bot's own permissions (issue 12 §4): a channel Discord refuses the bot
+//! The bot's own permissions: a channel Discord refuses the bot
 //! is mirrored and marked, never retried in a loop, and backfilled once access
 //! is granted.
 

@@ -362,7 +362,7 @@ async fn access_changes_are_mirrored(pool: PgPool) -> anyhow::Result<()> {
         },
     )?;
     sim.set_member_roles(gid, members[2], vec![new_role.id, roles[0]])?;
-    // DESIGN.md §3's one second is a latency target measured by the
+    // docs/access-rule.md's one second is a latency target measured by the
     // benchmarks; CI runs on a loaded 2-core box, so this only bounds it
     // generously (convergence is what the test asserts).
     wait_access(&pool, &sim, Duration::from_secs(20)).await?;
