@@ -103,6 +103,11 @@ pub struct WorkerArgs {
     /// Where the worker serves Prometheus `/metrics` (empty to disable).
     #[arg(long, env = "WORKER_METRICS_ADDR", default_value = "127.0.0.1:9091")]
     pub metrics_addr: String,
+    /// Discord REST requests per second this process allows itself across all
+    /// routes. Discord's global limit (50/s) is per bot token: with N worker
+    /// processes on one token, give each 50/N. 0 turns pacing off.
+    #[arg(long, env = "WORKER_DISCORD_REQUESTS_PER_SEC", default_value_t = 50)]
+    pub discord_requests_per_sec: u32,
 }
 
 #[derive(Debug, Args)]
@@ -219,6 +224,7 @@ impl WorkerArgs {
         let mut config = observer_worker::Config::new(self.discord_token.clone());
         config.api_base_url = self.discord.discord_api_base_url.clone();
         config.metrics_addr = parse_addr(&self.metrics_addr)?;
+        config.rest.limits.global_per_sec = self.discord_requests_per_sec;
         config.purge_interval = (self.purge_interval_secs > 0)
             .then(|| std::time::Duration::from_secs(self.purge_interval_secs));
         config.reconcile = (self.reconcile_hours > 0 || self.reconcile_messages > 0).then(|| {

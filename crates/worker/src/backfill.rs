@@ -8,7 +8,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use observer_db::ingest::{self, IngestOp};
 use observer_db::Db;
@@ -18,20 +17,8 @@ use tokio::sync::mpsc;
 use crate::batcher::Queued;
 use crate::map;
 use crate::metrics::Metrics;
-use crate::rest::{Fetched, RestError};
-
-pub const PAGE: usize = 100;
-
-#[derive(Debug, Clone)]
-pub struct Request {
-    pub guild_id: i64,
-    pub channels: Vec<i64>,
-    /// When the guild (re)appeared on the gateway: everything newer arrives live.
-    pub seen_at: DateTime<Utc>,
-    /// Only those of `channels` the bot was refused before (a CHANNEL_UPDATE may
-    /// have granted access; readable channels are current already).
-    pub only_unreadable: bool,
-}
+use crate::requests::BackfillRequest;
+use crate::rest::{Fetched, HistoryError, RestError, PAGE};
 
 #[derive(Clone)]
 pub struct Backfiller {
@@ -48,26 +35,14 @@ pub struct Backfiller {
     pub reconcile: Option<crate::reconcile::Reconciler>,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum BackfillError {
-    #[error("{0}")]
-    Rest(#[from] crate::rest::RestError),
-    #[error("database: {0}")]
-    Db(#[from] observer_db::Error),
-    #[error("the ingest queue is closed")]
-    Closed,
-    #[error("unparseable answer: {0}")]
-    Unparseable(String),
-}
-
 impl Backfiller {
-    pub async fn run(self, mut rx: mpsc::UnboundedReceiver<Request>) {
+    pub async fn run(self, mut rx: mpsc::UnboundedReceiver<BackfillRequest>) {
         while let Some(req) = rx.recv().await {
             self.guild(req).await;
         }
     }
 
-    async fn guild(&self, mut req: Request) {
+    async fn guild(&self, mut req: BackfillRequest) {
         let started = std::time::Instant::now();
         // Before any database work: most CHANNEL_UPDATEs concern channels the
         // bot reads already. (The set holds the database's marks from the
@@ -89,7 +64,7 @@ impl Backfiller {
         let n = req.channels.len();
         self.metrics.backfill_channels_pending.inc_by(n as i64);
         tracing::info!(guild = req.guild_id, channels = n, "backfill started");
-        let results: Vec<(i64, Result<u64, BackfillError>)> =
+        let results: Vec<(i64, Result<u64, HistoryError>)> =
             futures::stream::iter(req.channels.iter().copied())
                 .map(|ch| {
                     let after = cursors.get(&ch).copied().unwrap_or(0);
@@ -155,8 +130,8 @@ impl Backfiller {
     /// the guild's arrival, minus the overlap window.
     async fn cursors(
         &self,
-        req: &Request,
-    ) -> Result<std::collections::HashMap<i64, i64>, BackfillError> {
+        req: &BackfillRequest,
+    ) -> Result<std::collections::HashMap<i64, i64>, HistoryError> {
         let before = ingest::snowflake_at(req.seen_at);
         let mut tx = self.db.worker().await?;
         let newest =
@@ -181,7 +156,7 @@ impl Backfiller {
         guild_id: i64,
         channel_id: i64,
         mut after: i64,
-    ) -> Result<u64, BackfillError> {
+    ) -> Result<u64, HistoryError> {
         let mut fetched = 0u64;
         let mut pages = 0u32;
         loop {
@@ -244,10 +219,10 @@ impl Backfiller {
         }
     }
 
-    async fn send(&self, op: IngestOp) -> Result<(), BackfillError> {
+    async fn send(&self, op: IngestOp) -> Result<(), HistoryError> {
         self.ops
             .send(Queued::new(op))
             .await
-            .map_err(|_| BackfillError::Closed)
+            .map_err(|_| HistoryError::Closed)
     }
 }

@@ -11,7 +11,10 @@
 //! - [`reconcile`]: after a gap, each channel's recent window read again;
 //!   edits become revisions, vanished messages tombstones marked as detected.
 //! - `rest`: the `observer_discord` client wired to the worker's metrics
-//!   (every REST call: discovery, backfill, snapshots, re-reads).
+//!   (every REST call: discovery, backfill, snapshots, re-reads), the history
+//!   page size and the error of a history pass.
+//! - `requests`: work one task asks of another (backfills, guild snapshots),
+//!   below all of them so no task imports another's module.
 //! - `reread`: debounced REST re-reads of access entities touched by events,
 //!   so out-of-order handling converges to Discord's current state.
 //! - `snapshot`: on every guild snapshot (GUILD_CREATE, THREAD_LIST_SYNC),
@@ -31,6 +34,7 @@ pub mod config;
 mod map;
 pub mod metrics;
 pub mod reconcile;
+mod requests;
 mod reread;
 mod rest;
 mod snapshot;
@@ -67,9 +71,9 @@ pub fn intents() -> GatewayIntents {
 
 struct Handler {
     ops: mpsc::Sender<Queued>,
-    backfill: Option<mpsc::UnboundedSender<backfill::Request>>,
+    backfill: Option<mpsc::UnboundedSender<requests::BackfillRequest>>,
     reread: Option<mpsc::UnboundedSender<reread::Key>>,
-    snapshot: mpsc::UnboundedSender<snapshot::Request>,
+    snapshot: mpsc::UnboundedSender<requests::SnapshotRequest>,
     access: Arc<botaccess::BotAccess>,
     metrics: Arc<Metrics>,
     stopping: Arc<AtomicBool>,
@@ -128,7 +132,7 @@ impl RawEventHandler for Handler {
             }
         }
         if let (Some(ask), Some(tx)) = (mapped.backfill, &self.backfill) {
-            let req = backfill::Request {
+            let req = requests::BackfillRequest {
                 guild_id: ask.guild_id,
                 channels: ask.channels.into_iter().map(|c| c.channel_id).collect(),
                 seen_at: Utc::now(),
@@ -243,9 +247,9 @@ struct Background {
     reread: Option<tokio::task::JoinHandle<()>>,
     snapshot: Option<tokio::task::JoinHandle<()>>,
     purge: Option<tokio::task::JoinHandle<()>>,
-    backfill_tx: Option<mpsc::UnboundedSender<backfill::Request>>,
+    backfill_tx: Option<mpsc::UnboundedSender<requests::BackfillRequest>>,
     reread_tx: Option<mpsc::UnboundedSender<reread::Key>>,
-    snapshot_tx: mpsc::UnboundedSender<snapshot::Request>,
+    snapshot_tx: mpsc::UnboundedSender<requests::SnapshotRequest>,
 }
 
 impl Background {

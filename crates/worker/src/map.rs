@@ -35,7 +35,7 @@ pub struct Mapped {
     pub backfill: Option<BackfillAsk>,
     /// GUILD_CREATE, THREAD_LIST_SYNC: what to list over REST (members,
     /// archived private threads, private threads' members).
-    pub snapshot: Option<crate::snapshot::Request>,
+    pub snapshot: Option<crate::requests::SnapshotRequest>,
 }
 
 fn backfill_of(
@@ -197,7 +197,7 @@ pub fn event(ev: &Event, received: DateTime<Utc>) -> Mapped {
             let threads: Vec<ChannelInfo> = g.threads.iter().map(channel).collect();
             let all: Vec<&ChannelInfo> = channels.iter().chain(threads.iter()).collect();
             let backfill = backfill_of(gid, &all, false);
-            out.snapshot = Some(crate::snapshot::Request::guild_create(
+            out.snapshot = Some(crate::requests::SnapshotRequest::guild_create(
                 gid, &channels, &threads,
             ));
             out.ops.push(IngestOp::GuildCreate(Box::new(GuildSnapshot {
@@ -262,7 +262,7 @@ pub fn event(ev: &Event, received: DateTime<Utc>) -> Mapped {
         Event::ThreadListSync(e) => {
             let guild_id = id(e.guild_id.get());
             let threads: Vec<ChannelInfo> = e.threads.iter().map(channel).collect();
-            out.snapshot = Some(crate::snapshot::Request::thread_list_sync(
+            out.snapshot = Some(crate::requests::SnapshotRequest::thread_list_sync(
                 guild_id, &threads,
             ));
             // Sent when the bot gains access to channels: fetch what it could

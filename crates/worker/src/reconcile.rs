@@ -40,11 +40,10 @@ use serde::Deserialize;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
-use crate::backfill::{BackfillError, PAGE};
 use crate::batcher::Queued;
 use crate::map;
 use crate::metrics::Metrics;
-use crate::rest::{Fetched, Rest};
+use crate::rest::{Fetched, HistoryError, Rest, PAGE};
 
 /// How much of each channel's recent history is re-read after a gap.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,7 +102,7 @@ fn snowflake<'de, D: serde::Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
 impl Reconciler {
     /// Re-reads the window of one channel; `Ok` with nothing checked when the
     /// bot cannot read it (403) or it is gone (404).
-    pub async fn channel(&self, guild_id: i64, channel_id: i64) -> Result<Outcome, BackfillError> {
+    pub async fn channel(&self, guild_id: i64, channel_id: i64) -> Result<Outcome, HistoryError> {
         let horizon =
             Utc::now() - chrono::Duration::from_std(self.window.max_age).unwrap_or_default();
         let mut seen: BTreeSet<i64> = BTreeSet::new();
@@ -123,7 +122,7 @@ impl Reconciler {
             for raw in page {
                 // Without the id the range is unknown: stop before deciding anything.
                 let id = MessageId::deserialize(&raw)
-                    .map_err(|e| BackfillError::Unparseable(format!("{path}: {e}")))?
+                    .map_err(|e| HistoryError::Unparseable(format!("{path}: {e}")))?
                     .id;
                 seen.insert(id);
                 match serde_json::from_value::<serenity::all::Message>(raw) {
@@ -133,7 +132,7 @@ impl Reconciler {
                             self.ops
                                 .send(Queued::new(IngestOp::MessageCreate(Box::new(m))))
                                 .await
-                                .map_err(|_| BackfillError::Closed)?;
+                                .map_err(|_| HistoryError::Closed)?;
                         }
                     }
                     Err(err) => {
@@ -191,7 +190,7 @@ impl Reconciler {
                     detected_at: Utc::now(),
                 }))
                 .await
-                .map_err(|_| BackfillError::Closed)?;
+                .map_err(|_| HistoryError::Closed)?;
         }
         Ok(outcome)
     }
@@ -203,7 +202,7 @@ impl Reconciler {
         guild_id: i64,
         channel_id: i64,
         ids: &[i64],
-    ) -> Result<Vec<i64>, BackfillError> {
+    ) -> Result<Vec<i64>, HistoryError> {
         let mut gone = Vec::new();
         for id in ids.iter().take(MAX_PROBES) {
             self.metrics.reconcile_probes.inc();
@@ -221,7 +220,7 @@ impl Reconciler {
                             self.ops
                                 .send(Queued::new(IngestOp::MessageCreate(Box::new(m))))
                                 .await
-                                .map_err(|_| BackfillError::Closed)?;
+                                .map_err(|_| HistoryError::Closed)?;
                         }
                     }
                 }

@@ -49,3 +49,19 @@ pub fn client(config: &crate::Config, metrics: &Arc<Metrics>) -> anyhow::Result<
         .build()
         .context("building the Discord REST client")
 }
+
+/// Messages per history page (Discord's maximum).
+pub const PAGE: usize = 100;
+
+/// Why a pass over a channel's history (backfill or reconciliation) stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum HistoryError {
+    #[error("{0}")]
+    Rest(#[from] RestError),
+    #[error("database: {0}")]
+    Db(#[from] observer_db::Error),
+    #[error("the ingest queue is closed")]
+    Closed,
+    #[error("unparseable answer: {0}")]
+    Unparseable(String),
+}

@@ -42,6 +42,7 @@ use tokio::sync::mpsc;
 use crate::batcher::Queued;
 use crate::map;
 use crate::metrics::Metrics;
+use crate::requests::{SnapshotRequest, PRIVATE_THREAD};
 use crate::rest::{Rest, RestError};
 use observer_discord::Member;
 
@@ -51,65 +52,6 @@ pub const MEMBER_PAGE: usize = 1000;
 pub const THREAD_MEMBER_PAGE: usize = 100;
 /// Archived threads per page (Discord's maximum).
 pub const ARCHIVED_PAGE: usize = 100;
-
-/// Channel types whose archived private threads are listed: text,
-/// announcement, forum, media.
-const THREAD_PARENT_KINDS: [i16; 4] = [0, 5, 15, 16];
-const PRIVATE_THREAD: i16 = 12;
-
-/// What to list for one guild.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Request {
-    pub guild_id: i64,
-    /// List all guild members (GUILD_CREATE, not THREAD_LIST_SYNC).
-    pub members: bool,
-    /// Channels whose archived private threads are listed.
-    pub parents: Vec<i64>,
-    /// Private threads known to be active; their members are listed.
-    pub private_threads: Vec<i64>,
-}
-
-impl Request {
-    /// The snapshot work of a GUILD_CREATE with these channels and active threads.
-    pub fn guild_create(
-        guild_id: i64,
-        channels: &[observer_db::ingest::ChannelInfo],
-        threads: &[observer_db::ingest::ChannelInfo],
-    ) -> Self {
-        Request {
-            guild_id,
-            members: true,
-            parents: channels
-                .iter()
-                .filter(|c| THREAD_PARENT_KINDS.contains(&c.kind))
-                .map(|c| c.channel_id)
-                .collect(),
-            private_threads: private_threads(threads),
-        }
-    }
-
-    /// The snapshot work of a THREAD_LIST_SYNC listing these threads.
-    pub fn thread_list_sync(guild_id: i64, threads: &[observer_db::ingest::ChannelInfo]) -> Self {
-        Request {
-            guild_id,
-            members: false,
-            parents: Vec::new(),
-            private_threads: private_threads(threads),
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        !self.members && self.parents.is_empty() && self.private_threads.is_empty()
-    }
-}
-
-fn private_threads(threads: &[observer_db::ingest::ChannelInfo]) -> Vec<i64> {
-    threads
-        .iter()
-        .filter(|t| t.kind == PRIVATE_THREAD)
-        .map(|t| t.channel_id)
-        .collect()
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
@@ -137,18 +79,18 @@ pub struct Snapshotter {
     pub concurrency: usize,
     /// Archived threads are not in GUILD_CREATE, so backfill never heard of
     /// them: the ones found here are handed to it (None: backfill is off).
-    pub backfill: Option<mpsc::UnboundedSender<crate::backfill::Request>>,
+    pub backfill: Option<mpsc::UnboundedSender<crate::requests::BackfillRequest>>,
 }
 
 impl Snapshotter {
-    pub async fn run(self, mut rx: mpsc::UnboundedReceiver<Request>) {
+    pub async fn run(self, mut rx: mpsc::UnboundedReceiver<SnapshotRequest>) {
         while let Some(req) = rx.recv().await {
             self.guild(req).await;
             self.metrics.snapshot_pending.dec();
         }
     }
 
-    async fn guild(&self, req: Request) {
+    async fn guild(&self, req: SnapshotRequest) {
         let started = std::time::Instant::now();
         let g = req.guild_id;
         tracing::info!(
@@ -198,7 +140,7 @@ impl Snapshotter {
         archived_ids.sort_unstable();
         archived_ids.dedup();
         if let (Some(tx), false) = (&self.backfill, archived_ids.is_empty()) {
-            let _ = tx.send(crate::backfill::Request {
+            let _ = tx.send(crate::requests::BackfillRequest {
                 guild_id: g,
                 channels: archived_ids,
                 seen_at: Utc::now(),
