@@ -1,4 +1,5 @@
 //! A real serenity 0.12.5 client (proxy mode) wired to channels the tests can await on.
+#![allow(clippy::unwrap_used)]
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
