@@ -1,10 +1,8 @@
 //! End to end: simulator → real serenity worker → real PostgreSQL.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use observer_sim::{GenOptions, PostOptions, Scenario, SimConfig};
 use sqlx::PgPool;
 

@@ -6,12 +6,10 @@
 //! test), and hidden ids answer exactly like nonexistent ones.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 
+use crate::common::*;
 use chrono::Utc;
-use common::*;
 use observer_db::access::{
     self, perms, ChannelData, GuildAccessData, MemberData, Overwrite, OverwriteKind,
 };

@@ -15,11 +15,6 @@ use sqlx::PgPool;
 const G: i64 = 10;
 const THREAD: i64 = 32;
 
-async fn setup(pool: &PgPool) -> anyhow::Result<Db> {
-    observer_db::migrate::apply_policies(pool).await?;
-    Ok(Db::new(pool.clone()))
-}
-
 fn t(s: i64) -> DateTime<Utc> {
     Utc.timestamp_opt(1_750_000_000 + s, 0)
         .single()
@@ -108,7 +103,7 @@ fn thread_history(rng: &mut ChaCha8Rng) -> (Vec<IngestOp>, BTreeSet<i64>) {
 async fn thread_membership_converges_to_the_newest_observation_in_any_order(
     pool: PgPool,
 ) -> anyhow::Result<()> {
-    let db = setup(&pool).await?;
+    let db = observer_testkit::db(&pool).await?;
     let mut rng = ChaCha8Rng::seed_from_u64(12);
     for round in 0..40 {
         sqlx::query("delete from thread_members")
@@ -137,7 +132,7 @@ async fn thread_membership_converges_to_the_newest_observation_in_any_order(
 
 #[sqlx::test(migrator = "observer_db::MIGRATOR")]
 async fn stale_listings_and_stale_adds_lose(pool: PgPool) -> anyhow::Result<()> {
-    let db = setup(&pool).await?;
+    let db = observer_testkit::db(&pool).await?;
     let add = |u: i64, at: i64| IngestOp::ThreadMembers {
         guild_id: G,
         thread_id: THREAD,
@@ -178,7 +173,7 @@ async fn stale_listings_and_stale_adds_lose(pool: PgPool) -> anyhow::Result<()> 
 
 #[sqlx::test(migrator = "observer_db::MIGRATOR")]
 async fn member_listings_follow_the_same_rule(pool: PgPool) -> anyhow::Result<()> {
-    let db = setup(&pool).await?;
+    let db = observer_testkit::db(&pool).await?;
     let sync = |users: &[i64], at: i64| IngestOp::MembersSync {
         guild_id: G,
         members: users.iter().map(|u| member(*u, t(at))).collect(),
@@ -210,7 +205,7 @@ async fn member_listings_follow_the_same_rule(pool: PgPool) -> anyhow::Result<()
 
 #[sqlx::test(migrator = "observer_db::MIGRATOR")]
 async fn guild_presence_follows_the_newest_observation(pool: PgPool) -> anyhow::Result<()> {
-    let db = setup(&pool).await?;
+    let db = observer_testkit::db(&pool).await?;
     let mut rng = ChaCha8Rng::seed_from_u64(7);
     for round in 0..30 {
         sqlx::query("delete from guilds").execute(&pool).await?;
@@ -257,7 +252,7 @@ async fn guild_presence_follows_the_newest_observation(pool: PgPool) -> anyhow::
 
 #[sqlx::test(migrator = "observer_db::MIGRATOR")]
 async fn confirming_a_thread_membership_writes_no_access_event(pool: PgPool) -> anyhow::Result<()> {
-    let db = setup(&pool).await?;
+    let db = observer_testkit::db(&pool).await?;
     let events = || async {
         sqlx::query_scalar::<_, i64>("select count(*) from access_events where user_id = 2")
             .fetch_one(&pool)

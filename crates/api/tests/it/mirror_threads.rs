@@ -5,64 +5,35 @@
 //! changes while the worker is stopped converge after a restart that cannot resume.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{create_user, gql_raw, start, token_for};
+use crate::common::{create_user, gql_raw, start, token_for};
 use observer_db::Db;
 use observer_sim::{Channel, ChannelKind, PostOptions, Scenario, SimConfig, Simulator};
+use observer_testkit::wait::eventually_every;
+use observer_testkit::worker::{self, Running};
 use serde_json::{json, Value};
 use sqlx::PgPool;
-use tokio::sync::oneshot;
 
-struct Worker {
-    stop: oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+fn start_worker(sim: &Simulator, db: Db) -> Running {
+    worker::start(worker::config(sim), db)
 }
 
-fn start_worker(sim: &Simulator, db: Db) -> Worker {
-    let mut config = observer_worker::Config::new(sim.config().bot_token.clone());
-    config.api_base_url = sim.base_url();
-    config.log_interval = Duration::from_secs(5);
-    let (stop, rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        observer_worker::run(config, db, async move {
-            let _ = rx.await;
-        })
-        .await
-    });
-    Worker { stop, task }
-}
-
-impl Worker {
-    async fn stop(self) {
-        let _ = self.stop.send(());
-        tokio::time::timeout(Duration::from_secs(30), self.task)
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-    }
-}
-
+/// Each check reads every channel as every user: polled every 250 ms, not
+/// as fast as the shared default.
 async fn eventually<F, Fut>(timeout: Duration, what: &str, mut check: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<(), String>>,
 {
-    let start = Instant::now();
-    loop {
-        match check().await {
-            Ok(()) => return,
-            Err(why) if start.elapsed() > timeout => {
-                panic!("{what}: not reached within {timeout:?}: {why}")
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
-        }
-    }
+    eventually_every(timeout, Duration::from_millis(250), what, || {
+        let pending = check();
+        async move { Ok(pending.await) }
+    })
+    .await
+    .unwrap();
 }
 
 fn find(s: &Scenario, g: usize, name: &str) -> u64 {
@@ -255,7 +226,7 @@ fn truth(
     (guilds, messages)
 }
 
-async fn setup(pool: PgPool) -> (Simulator, Scenario, common::TestApi, Vec<u64>) {
+async fn setup(pool: PgPool) -> (Simulator, Scenario, crate::common::TestApi, Vec<u64>) {
     let sim = Simulator::start(SimConfig::default()).await.unwrap();
     let s = Scenario::generate(
         7,
@@ -276,7 +247,7 @@ async fn setup(pool: PgPool) -> (Simulator, Scenario, common::TestApi, Vec<u64>)
                 rate_per_sec: 100_000.0,
                 ..observer_api::Limits::default()
             },
-            ..common::config()
+            ..crate::common::config()
         },
     )
     .await;
@@ -313,7 +284,7 @@ async fn every_user_sees_what_discord_shows_them_from_the_first_start(pool: PgPo
         },
     )
     .await;
-    worker.stop().await;
+    worker.stop().await.unwrap();
     sim.shutdown().await;
 }
 
@@ -385,7 +356,7 @@ async fn membership_changed_while_stopped_converges_after_a_fresh_start(pool: Pg
         }
     })
     .await;
-    worker.stop().await;
+    worker.stop().await.unwrap();
 
     // While nobody listens: removals and additions in an active and an archived thread, a
     // member who leaves the guild, the voice room locked (@everyone loses CONNECT, so its
@@ -484,6 +455,6 @@ async fn membership_changed_while_stopped_converges_after_a_fresh_start(pool: Pg
         detected,
         "the deletion made while away is a detected tombstone"
     );
-    worker.stop().await;
+    worker.stop().await.unwrap();
     sim.shutdown().await;
 }

@@ -16,11 +16,6 @@ use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 use sqlx::PgPool;
 
-async fn setup(pool: &PgPool) -> anyhow::Result<Db> {
-    observer_db::migrate::apply_policies(pool).await?;
-    Ok(Db::new(pool.clone()))
-}
-
 fn t(ms: i64) -> DateTime<Utc> {
     Utc.timestamp_millis_opt(ms).single().unwrap_or_default()
 }
@@ -224,7 +219,7 @@ async fn events(pool: &PgPool, g: i64) -> anyhow::Result<BTreeMap<i64, Vec<i16>>
 
 #[sqlx::test(migrator = "observer_db::MIGRATOR")]
 async fn random_streams_converge(pool: PgPool) -> anyhow::Result<()> {
-    let db = setup(&pool).await?;
+    let db = observer_testkit::db(&pool).await?;
     for seed in 0..12u64 {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let chaos_g = 1000 + seed as i64 * 2;
@@ -353,7 +348,7 @@ async fn random_streams_converge(pool: PgPool) -> anyhow::Result<()> {
 
 #[sqlx::test(migrator = "observer_db::MIGRATOR")]
 async fn older_edit_never_wins_and_delete_is_sticky(pool: PgPool) -> anyhow::Result<()> {
-    let db = setup(&pool).await?;
+    let db = observer_testkit::db(&pool).await?;
     let id = snowflake_at(t(1_760_000_000_000)) | 1;
     let patch = |c: &str, ms: i64| {
         IngestOp::MessageUpdate(Box::new(MessagePatch {
@@ -454,7 +449,7 @@ fn member(g: i64, u: i64, roles: Vec<i64>) -> MemberInfo {
 
 #[sqlx::test(migrator = "observer_db::MIGRATOR")]
 async fn access_data_is_mirrored(pool: PgPool) -> anyhow::Result<()> {
-    let db = setup(&pool).await?;
+    let db = observer_testkit::db(&pool).await?;
     let g = 10;
     let ow = |t: i64, k: i16, a: i64, d: i64| Overwrite {
         target_id: t,
@@ -659,7 +654,7 @@ async fn login_snapshot(
 /// order. A stale snapshot must not restore a removed role or a removed member.
 #[sqlx::test(migrator = "observer_db::MIGRATOR")]
 async fn member_writes_apply_only_newer_observations(pool: PgPool) -> anyhow::Result<()> {
-    let db = setup(&pool).await?;
+    let db = observer_testkit::db(&pool).await?;
     let (g, u) = (10, 7);
     let at = |s: i64| t(1_750_000_000_000 + s * 1000);
     let obs = |roles: Vec<i64>, s: i64| {
@@ -733,7 +728,7 @@ async fn member_writes_apply_only_newer_observations(pool: PgPool) -> anyhow::Re
 /// attachments.
 #[sqlx::test(migrator = "observer_db::MIGRATOR")]
 async fn versions_are_stored_not_guessed(pool: PgPool) -> anyhow::Result<()> {
-    let db = setup(&pool).await?;
+    let db = observer_testkit::db(&pool).await?;
     let (g, c) = (10, 30);
     let id = snowflake_at(t(1_750_000_000_000)) | 3;
     let att = json!([{"id": "99", "filename": "shot.png", "url": "https://cdn/x", "size": 5,
@@ -800,7 +795,7 @@ async fn versions_are_stored_not_guessed(pool: PgPool) -> anyhow::Result<()> {
 /// resurrect the guild.
 #[sqlx::test(migrator = "observer_db::MIGRATOR")]
 async fn guild_update_does_not_resurrect_a_removed_guild(pool: PgPool) -> anyhow::Result<()> {
-    let db = setup(&pool).await?;
+    let db = observer_testkit::db(&pool).await?;
     let info = |name: &str| GuildInfo {
         guild_id: 10,
         name: name.into(),

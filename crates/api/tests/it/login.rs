@@ -3,9 +3,7 @@
 //! cookie attributes, membership sync and the background refresh.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use observer_db::access::perms::{READ_MESSAGE_HISTORY, VIEW_CHANNEL};
 use observer_sim::{Scenario, SimConfig, Simulator};
 use reqwest::header::{COOKIE, LOCATION, SET_COOKIE};

@@ -111,19 +111,10 @@ async fn last_cursor(pool: &PgPool) -> Cursor {
     Cursor::new(xid, seq)
 }
 
-async fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    while !cond() {
-        assert!(start.elapsed() < limit, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    start.elapsed()
-}
-
 /// Waits until the hub has read (and so handed out) every event in the log.
 async fn settle(pool: &PgPool, hub: &Hub) {
     let last = last_cursor(pool).await;
-    wait_until("the hub to read the log", Duration::from_secs(30), || {
+    observer_testkit::wait::until("the hub to read the log", Duration::from_secs(30), || {
         hub.cursor().is_some_and(|c| c >= last)
     })
     .await;
@@ -349,7 +340,7 @@ async fn revocation_stops_delivery_promptly_and_regrant_resumes(pool: PgPool) {
         .unwrap();
     // Generous deadlines: a loaded 2-core CI must not flake; the latency is
     // printed (typically well under a second).
-    let took = wait_until("role removal to apply", REVOKE_DEADLINE, || {
+    let took = observer_testkit::wait::until("role removal to apply", REVOKE_DEADLINE, || {
         hub.viewer_sees(12, 1, 102) == Some(false)
     })
     .await;
@@ -370,7 +361,7 @@ async fn revocation_stops_delivery_promptly_and_regrant_resumes(pool: PgPool) {
         .execute(&pool)
         .await
         .unwrap();
-    wait_until("re-grant to apply", REVOKE_DEADLINE, || {
+    observer_testkit::wait::until("re-grant to apply", REVOKE_DEADLINE, || {
         hub.viewer_sees(12, 1, 102) == Some(true)
     })
     .await;
@@ -385,7 +376,7 @@ async fn revocation_stops_delivery_promptly_and_regrant_resumes(pool: PgPool) {
     .execute(&pool)
     .await
     .unwrap();
-    wait_until("deny overwrite to apply", REVOKE_DEADLINE, || {
+    observer_testkit::wait::until("deny overwrite to apply", REVOKE_DEADLINE, || {
         hub.viewer_sees(11, 1, 101) == Some(false)
     })
     .await;
@@ -423,7 +414,7 @@ async fn revocation_stops_delivery_promptly_and_regrant_resumes(pool: PgPool) {
         .execute(&pool)
         .await
         .unwrap();
-    wait_until("member removal to apply", REVOKE_DEADLINE, || {
+    observer_testkit::wait::until("member removal to apply", REVOKE_DEADLINE, || {
         hub.viewer_sees(12, 1, 102) == Some(false)
     })
     .await;
@@ -507,7 +498,7 @@ async fn a_killed_listener_reconnects_and_nothing_is_lost(pool: PgPool) {
             got.push(next_event(&mut sub).await.row.message.message_id);
         }
         assert_eq!(got, (base..base + 5).collect::<Vec<_>>());
-        wait_until("the listener to reconnect", Duration::from_secs(10), || {
+        observer_testkit::wait::until("the listener to reconnect", Duration::from_secs(10), || {
             hub.listener_pid() != 0 && hub.listener_pid() != pid
         })
         .await;
@@ -532,7 +523,7 @@ async fn a_killed_listener_reconnects_and_nothing_is_lost(pool: PgPool) {
         got.push(next_event(&mut sub).await.row.message.message_id);
     }
     assert_eq!(got, (100..105).collect::<Vec<_>>());
-    wait_until("the listener to reconnect", Duration::from_secs(10), || {
+    observer_testkit::wait::until("the listener to reconnect", Duration::from_secs(10), || {
         hub.listener_pid() != 0 && hub.listener_pid() != pid
     })
     .await;
@@ -563,7 +554,7 @@ async fn reads_for(pool: &PgPool, db: &Db, subs: usize, viewers: i64, base: i64)
         post(db, &[(101 + (id % 2), id)]).await;
         // One notification at a time, so every message costs its own round.
         let last = last_cursor(pool).await;
-        wait_until("delivery", Duration::from_secs(30), || {
+        observer_testkit::wait::until("delivery", Duration::from_secs(30), || {
             hub.cursor().is_some_and(|c| c >= last)
         })
         .await;
@@ -747,7 +738,7 @@ async fn a_failed_access_refresh_is_retried_until_the_revocation_applies(pool: P
         .execute(&pool)
         .await
         .unwrap();
-    wait_until("a failed refresh", REVOKE_DEADLINE, || {
+    observer_testkit::wait::until("a failed refresh", REVOKE_DEADLINE, || {
         hub.metrics().read_errors.get() > errors_before
     })
     .await;
@@ -760,10 +751,11 @@ async fn a_failed_access_refresh_is_retried_until_the_revocation_applies(pool: P
         .execute(&pool)
         .await
         .unwrap();
-    let took = wait_until("the revocation after recovery", REVOKE_DEADLINE, || {
-        hub.viewer_sees(12, 1, 102) == Some(false)
-    })
-    .await;
+    let took =
+        observer_testkit::wait::until("the revocation after recovery", REVOKE_DEADLINE, || {
+            hub.viewer_sees(12, 1, 102) == Some(false)
+        })
+        .await;
     println!("revocation applied {took:?} after the database recovered");
     post(&db, &[(102, 1), (101, 2)]).await;
     settle(&pool, &hub).await;
@@ -787,7 +779,7 @@ async fn voice_chat_goes_live_only_to_viewers_who_may_connect(pool: PgPool) {
     .execute(&pool)
     .await
     .unwrap();
-    wait_until("the voice channel to be known", REVOKE_DEADLINE, || {
+    observer_testkit::wait::until("the voice channel to be known", REVOKE_DEADLINE, || {
         hub.viewer_sees(12, 1, 104) == Some(true)
     })
     .await;
@@ -818,7 +810,7 @@ async fn voice_chat_goes_live_only_to_viewers_who_may_connect(pool: PgPool) {
     .execute(&pool)
     .await
     .unwrap();
-    wait_until("the timeout to apply", REVOKE_DEADLINE, || {
+    observer_testkit::wait::until("the timeout to apply", REVOKE_DEADLINE, || {
         hub.viewer_sees(12, 1, 104) == Some(false)
     })
     .await;

@@ -3,12 +3,10 @@
 //! body cap with its GraphQL-shaped answer on `/graphql`.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::io::Write;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use common::{config, first_code, start};
+use crate::common::{config, first_code, start};
 use sqlx::PgPool;
 
 #[derive(Clone, Default)]
@@ -25,7 +23,8 @@ impl Write for Captured {
 }
 
 /// Every log line of this test process (the server runs on other threads,
-/// so the subscriber is global).
+/// so the subscriber is global; the test using it runs in a process of its
+/// own, where no other test logs or installs a subscriber).
 fn logs() -> &'static Captured {
     static LOGS: OnceLock<Captured> = OnceLock::new();
     LOGS.get_or_init(|| {
@@ -42,6 +41,15 @@ fn logs() -> &'static Captured {
 
 #[sqlx::test(migrator = "observer_db::MIGRATOR")]
 async fn request_ids_are_echoed_and_in_every_log_line(pool: PgPool) {
+    let Some(pool) = observer_testkit::child::alone(
+        module_path!(),
+        "request_ids_are_echoed_and_in_every_log_line",
+        pool,
+    )
+    .await
+    .unwrap() else {
+        return;
+    };
     let logs = logs();
     let api = start(pool, config()).await;
     let client = reqwest::Client::new();

@@ -1,5 +1,5 @@
 //! A real serenity 0.12.5 client (proxy mode) wired to channels the tests can await on.
-#![allow(dead_code, clippy::unwrap_used)]
+#![allow(clippy::unwrap_used)]
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -156,7 +156,6 @@ pub struct Bot {
     pub rx: mpsc::UnboundedReceiver<Seen>,
     pub raw: RawLog,
     pub shard_manager: Arc<ShardManager>,
-    pub http: Arc<Http>,
     pub run: tokio::task::JoinHandle<Result<(), serenity::Error>>,
 }
 
@@ -189,7 +188,6 @@ pub async fn connect(sim: &Simulator, intents: GatewayIntents, shards: u32) -> B
         "gateway URL discovered from the simulator"
     );
     let shard_manager = client.shard_manager.clone();
-    let http = client.http.clone();
     let run = tokio::spawn(async move {
         if shards == 0 {
             client.start().await
@@ -201,7 +199,6 @@ pub async fn connect(sim: &Simulator, intents: GatewayIntents, shards: u32) -> B
         rx,
         raw,
         shard_manager,
-        http,
         run,
     }
 }
@@ -281,16 +278,4 @@ impl Bot {
         self.shard_manager.shutdown_all().await;
         let _ = tokio::time::timeout(Duration::from_secs(10), self.run).await;
     }
-}
-
-/// Polls `cond` every 20 ms for up to `secs`.
-pub async fn eventually(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    while tokio::time::Instant::now() < deadline {
-        if cond() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    cond()
 }

@@ -5,6 +5,9 @@
 //! → subscriber task) p50/p99, fan-out reads per message and resident memory
 //! per idle subscription. `LIVE_LOAD_MESSAGES=<n>` makes it bigger,
 //! `LIVE_LOAD_BATCH=<n>` sets messages per worker transaction (default 20).
+//! For the numbers run it alone (`cargo test -p observer-api --test it
+//! live_load -- --nocapture`): memory is the whole process's, which the other
+//! API tests share.
 #![allow(clippy::unwrap_used)]
 
 use std::time::{Duration, Instant};

@@ -1,105 +1,23 @@
-//! Shared harness: a real simulator, a real serenity worker, real PostgreSQL.
-#![allow(dead_code)]
+//! Worker-only checks: the database compared with the simulator's ground
+//! truth (messages, access data). Starting things lives in observer-testkit.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::future::Future;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use observer_db::Db;
 use observer_sim::{MessageState, SimConfig, Simulator};
-use observer_worker::{Config, Metrics};
 use sqlx::PgPool;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 
-pub fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
-}
-
-/// Storage keeps microseconds (like Discord's own timestamps).
-fn micros(t: DateTime<Utc>) -> DateTime<Utc> {
-    DateTime::from_timestamp_micros(t.timestamp_micros()).unwrap_or(t)
-}
-
-pub async fn db(pool: &PgPool) -> anyhow::Result<Db> {
-    observer_db::migrate::apply_policies(pool).await?;
-    Ok(Db::new(pool.clone()))
-}
+pub use observer_testkit::worker::{config, start, Running};
+pub use observer_testkit::{db, eventually, init_tracing};
 
 pub async fn sim(config: SimConfig) -> anyhow::Result<Simulator> {
     Ok(Simulator::start(config).await?)
 }
 
-pub fn config(sim: &Simulator) -> Config {
-    let mut c = Config::new(sim.config().bot_token.clone());
-    c.api_base_url = sim.base_url();
-    c.log_interval = Duration::from_secs(5);
-    c.backfill_overlap = Duration::from_secs(30);
-    c
-}
-
-pub struct Running {
-    stop: Option<oneshot::Sender<()>>,
-    pub task: JoinHandle<anyhow::Result<()>>,
-    pub metrics: Arc<Metrics>,
-}
-
-pub fn start(config: Config, db: Db) -> Running {
-    let (tx, rx) = oneshot::channel::<()>();
-    let metrics = Metrics::new();
-    let m = Arc::clone(&metrics);
-    let task = tokio::spawn(async move {
-        observer_worker::run_with_metrics(config, db, m, async move {
-            let _ = rx.await;
-        })
-        .await
-    });
-    Running {
-        stop: Some(tx),
-        task,
-        metrics,
-    }
-}
-
-impl Running {
-    /// Graceful stop (what SIGTERM does).
-    pub async fn stop(mut self) -> anyhow::Result<()> {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        tokio::time::timeout(Duration::from_secs(30), &mut self.task).await???;
-        Ok(())
-    }
-
-    /// Abrupt death: the task is dropped wherever it is, queued ops are lost.
-    pub async fn kill(self) {
-        self.task.abort();
-        let _ = self.task.await;
-    }
-}
-
-/// Polls `check` until it returns Ok, or fails with its last error after `timeout`.
-pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut check: F) -> anyhow::Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = anyhow::Result<Result<(), String>>>,
-{
-    let start = Instant::now();
-    loop {
-        let last = check().await?;
-        match last {
-            Ok(()) => return Ok(()),
-            Err(why) if start.elapsed() > timeout => {
-                anyhow::bail!("{what}: not reached within {timeout:?}: {why}")
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
-    }
+/// Storage keeps microseconds (like Discord's own timestamps).
+fn micros(t: DateTime<Utc>) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(t.timestamp_micros()).unwrap_or(t)
 }
 
 type Row = (

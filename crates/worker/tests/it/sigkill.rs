@@ -5,14 +5,12 @@
 //! The child process is this test binary re-executed with `OBSERVER_CHILD_*`
 //! variables set, running [`child_worker_entry`] — no extra binary needed.
 
-mod common;
-
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use observer_sim::{GenOptions, PostOptions, Scenario, SimConfig};
 use rand::{Rng, SeedableRng};
 use sqlx::PgPool;
@@ -60,14 +58,9 @@ impl Drop for Child {
 }
 
 fn spawn_child(db_url: &str, base: &str, token: &str) -> anyhow::Result<Child> {
+    let test = observer_testkit::child::test_name(module_path!(), "child_worker_entry");
     Ok(Child(
-        std::process::Command::new(std::env::current_exe()?)
-            .args([
-                "--exact",
-                "child_worker_entry",
-                "--nocapture",
-                "--test-threads=1",
-            ])
+        observer_testkit::child::command(&test)?
             .env("OBSERVER_CHILD_DATABASE_URL", db_url)
             .env("OBSERVER_CHILD_API_BASE_URL", base)
             .env("OBSERVER_CHILD_TOKEN", token)

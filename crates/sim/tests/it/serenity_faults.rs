@@ -2,12 +2,12 @@
 //! heartbeat ACKs, close codes, garbage frames.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::collections::HashMap;
+use std::time::Duration;
 
-use common::{connect, eventually, intents, Seen};
+use crate::common::{connect, intents, Seen};
 use observer_sim::{GenOptions, PostOptions, Scenario, SimConfig, Simulator};
+use observer_testkit::wait::holds_within;
 
 async fn setup(config: SimConfig) -> (Simulator, u64, u64) {
     let sim = Simulator::start(config).await.unwrap();
@@ -88,7 +88,7 @@ async fn missing_heartbeat_acks_make_the_client_drop_the_zombie_socket() {
     // (Its restart path then also resets the re-booted shard's socket right after READY — a
     // serenity bug, observed here — so this test checks only the simulator's side.)
     assert!(
-        eventually(30, || sim.session_counts().1 == 0).await,
+        holds_within(Duration::from_secs(30), || sim.session_counts().1 == 0).await,
         "the zombie socket is dropped"
     );
     bot.stop().await;
@@ -150,7 +150,7 @@ async fn resumable_close_code_and_garbage_frames_are_survived() {
         .unwrap();
     bot.wait_for(30, |s| matches!(s, Seen::Message { id, .. } if *id == m.id))
         .await;
-    assert!(eventually(10, || sim.session_counts().1 == 1).await);
+    assert!(holds_within(Duration::from_secs(10), || sim.session_counts().1 == 1).await);
     bot.stop().await;
     sim.shutdown().await;
 }

@@ -4,11 +4,9 @@
 //! `connection_init`.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use futures::{SinkExt, StreamExt};
 use observer_db::access::perms::{READ_MESSAGE_HISTORY, VIEW_CHANNEL};
 use observer_db::Db;

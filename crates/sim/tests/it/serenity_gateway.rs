@@ -1,15 +1,15 @@
 //! The real serenity 0.12.5 client against the simulator's gateway.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::collections::HashMap;
+use std::time::Duration;
 
-use common::{connect, eventually, intents, Seen};
+use crate::common::{connect, intents, Seen};
 use observer_sim::{
     perms, AttachmentSpec, ChannelKind, GenOptions, Overwrite, OverwriteKind, PostOptions,
     Scenario, SimConfig, Simulator,
 };
+use observer_testkit::wait::holds_within;
 use serenity::all::GatewayIntents;
 
 struct Org {
@@ -312,7 +312,7 @@ async fn ready_guild_create_and_message_events_arrive_typed() {
         "READY",
     ];
     assert!(
-        eventually(10, || {
+        holds_within(Duration::from_secs(10), || {
             let n = bot.raw_names();
             expected.iter().all(|e| n.iter().any(|x| x == e))
         })
@@ -329,7 +329,9 @@ async fn ready_guild_create_and_message_events_arrive_typed() {
     // The malformed-payload fault is exactly what turns into Event::Unknown.
     sim.send_malformed();
     assert!(
-        eventually(10, || bot.unknown() == vec!["MESSAGE_CREATE".to_string()]).await,
+        holds_within(Duration::from_secs(10), || bot.unknown()
+            == vec!["MESSAGE_CREATE".to_string()])
+        .await,
         "{:?}",
         bot.unknown()
     );
@@ -417,7 +419,7 @@ async fn dropped_socket_resumes_with_events_sent_while_disconnected() {
     bot.wait_for(20, |s| matches!(s, Seen::Ready { .. })).await;
     sim.drop_connections();
     assert!(
-        eventually(10, || sim.session_counts().1 == 0
+        holds_within(Duration::from_secs(10), || sim.session_counts().1 == 0
             || sim.session_counts().1 == 1)
         .await
     );

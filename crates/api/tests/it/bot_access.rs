@@ -2,9 +2,7 @@
 //! everyone else gets null.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use observer_db::access::perms::{MANAGE_GUILD, READ_MESSAGE_HISTORY, VIEW_CHANNEL};
 use serde_json::{json, Value};
 use sqlx::PgPool;

@@ -3,9 +3,7 @@
 //! limits, and "forbidden looks exactly like nonexistent".
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use observer_db::access::perms::{ADMINISTRATOR, MANAGE_GUILD, READ_MESSAGE_HISTORY, VIEW_CHANNEL};
 use serde_json::{json, Value};
 use sha2::Digest;

@@ -2,9 +2,7 @@
 //! objects, rate limits, and the `/_sim/` control API.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
-use common::http_for;
+use crate::common::http_for;
 use observer_sim::{GenOptions, PostOptions, Scenario, SimConfig, Simulator};
 use serde_json::{json, Value};
 use serenity::all::{ChannelId, GetMessages, GuildId, MessageId};
@@ -452,7 +450,11 @@ async fn control_api_drives_the_simulator_over_http() {
     assert_eq!(res.status(), 200);
     let before = truth.as_array().unwrap().len();
     assert!(
-        common::eventually(10, || sim.ground_truth().len() > before + 20).await,
+        observer_testkit::wait::holds_within(std::time::Duration::from_secs(10), || sim
+            .ground_truth()
+            .len()
+            > before + 20)
+        .await,
         "traffic flows"
     );
     let stop: Value = c

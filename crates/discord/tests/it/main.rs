@@ -1,0 +1,4 @@
+//! observer-discord's integration tests, one binary: the client against the
+//! simulator and against tiny scripted HTTP servers.
+
+mod limits;
