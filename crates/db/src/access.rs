@@ -1,6 +1,6 @@
 //! The access rule of docs/access-rule.md in Rust: pure functions over plain data, no
 //! SQL and no I/O. Its SQL twin is `access.viewer_channels()` in
-//! policies/10_access.sql; a property test (tests/access_property.rs) holds the two
+//! policies/10_access.sql; a property test (tests/it/access_property.rs) holds the two
 //! equal to an independent reference. Live fan-out uses this one to decide, in
 //! memory, which subscriber may receive which event.
 //!

@@ -11,7 +11,7 @@ use sha2::{Digest, Sha256};
 /// form we own of the request — the document text, the operation name and the
 /// variables as canonical JSON (object keys sorted). Equal keys render any
 /// event identically, because the rendering depends on nothing else (see the
-/// module note; `tests/schema.rs` holds the fields under `MessageEvent` to a
+/// module note; `tests/it/schema.rs` holds the fields under `MessageEvent` to a
 /// reviewed list). Two spellings of one selection get two keys: that only
 /// costs sharing, never correctness.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
