@@ -55,19 +55,35 @@ async fn bench(url: &str, n: usize, rate: Option<f64>) -> anyhow::Result<()> {
     })
     .await?;
     let sc = Scenario::generate(1, GenOptions::default());
-    let targets: Vec<(u64, u64)> = sc
+    let guild_ids: Vec<u64> = sc.guilds.iter().map(|g| g.id).collect();
+    let authors: Vec<u64> = sc
         .guilds
         .iter()
-        .flat_map(|g| {
-            let author = g.members.first().map(|m| m.user_id).unwrap_or_default();
-            g.channels
-                .iter()
-                .filter(|c| c.kind == ChannelKind::Text)
-                .map(move |c| (c.id, author))
-        })
+        .map(|g| g.members.first().map(|m| m.user_id).unwrap_or_default())
+        .collect();
+    let text: std::collections::HashSet<u64> = sc
+        .guilds
+        .iter()
+        .flat_map(|g| g.channels.iter())
+        .filter(|c| c.kind == ChannelKind::Text)
+        .map(|c| c.id)
         .collect();
     let guilds = sc.guilds.len() as i64;
     sim.load(sc);
+    // Only channels the bot may read: Discord sends nothing from the others
+    // (the scenario has one), so messages posted there would never arrive.
+    let bot = sim.config().bot_user_id;
+    let targets: Vec<(u64, u64)> = guild_ids
+        .iter()
+        .zip(&authors)
+        .flat_map(|(g, author)| {
+            sim.user_channel_access(*g, bot)
+                .into_iter()
+                .filter(|(id, v)| v.read && text.contains(id))
+                .map(|(id, _)| (id, *author))
+                .collect::<Vec<_>>()
+        })
+        .collect();
 
     let mut config = observer_worker::Config::new(sim.config().bot_token.clone());
     config.api_base_url = sim.base_url();
@@ -83,6 +99,16 @@ async fn bench(url: &str, n: usize, rate: Option<f64>) -> anyhow::Result<()> {
             .await?;
         if got >= guilds {
             break;
+        }
+        if worker.is_finished() {
+            // A worker that failed to start must end the benchmark, not hang it.
+            return match worker.await {
+                Ok(Ok(())) => Err(anyhow::anyhow!(
+                    "the worker stopped before mirroring the guilds"
+                )),
+                Ok(Err(e)) => Err(e.context("the worker failed")),
+                Err(e) => Err(anyhow::anyhow!("the worker panicked: {e}")),
+            };
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
