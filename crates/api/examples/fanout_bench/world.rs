@@ -47,6 +47,9 @@ pub(super) fn build_world(sc: &mut Scenario, a: &Args) -> anyhow::Result<World> 
             .map(|m| m.user_id)
             .context("generated guild without members")?;
         let mut roles = Vec::new();
+        // The bot is a member like any other: Discord sends it nothing from a
+        // channel its own roles cannot read, so the bench channels let them in.
+        let bot_roles = g.bot_roles.clone();
         for r in 0..a.roles {
             let rid = id();
             g.roles.push(Role {
@@ -79,7 +82,15 @@ pub(super) fn build_world(sc: &mut Scenario, a: &Args) -> anyhow::Result<World> 
                         allow: perms::VIEW_CHANNEL,
                         deny: 0,
                     },
-                ],
+                ]
+                .into_iter()
+                .chain(bot_roles.iter().map(|b| Overwrite {
+                    id: *b,
+                    kind: OverwriteKind::Role,
+                    allow: perms::VIEW_CHANNEL | perms::READ_MESSAGE_HISTORY,
+                    deny: 0,
+                }))
+                .collect(),
                 thread: None,
             });
             w.channels.push((g.id, cid, author));
