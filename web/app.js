@@ -338,6 +338,7 @@ async function loadOlder() {
         messages(channelId: $c, first: $first, after: $after) {
           edges { cursor node { ${MESSAGE_FIELDS} } }
           pageInfo { hasNextPage endCursor }
+          eventCursor
         }
       }`,
       { c: channelId, first: PAGE, after: state.cursor },
@@ -356,10 +357,18 @@ async function loadOlder() {
       : state.messages.size
         ? "Beginning of history"
         : "No messages yet";
-    if (first) scrollToBottom();
-    else box.scrollTop = box.scrollHeight - before;
+    if (first) {
+      scrollToBottom();
+      // Live from where the page was read: the server replays whatever
+      // changed since, so nothing falls between the page and the stream.
+      subscribe(conn.eventCursor);
+    } else box.scrollTop = box.scrollHeight - before;
   } catch (e) {
-    if (token === state.viewToken) showBanner(`Could not load history: ${e.message}`);
+    if (token === state.viewToken) {
+      showBanner(`Could not load history: ${e.message}`);
+      // Still show what happens from now on.
+      if (!state.unsubscribe) subscribe();
+    }
   } finally {
     if (token === state.viewToken) state.loading = false;
   }
@@ -378,10 +387,12 @@ function wsUrl() {
   return `${loc.protocol === "https:" ? "wss:" : "ws:"}//${loc.host}/graphql`;
 }
 
-function subscribe() {
+// `after`: an event cursor to resume from (a history page's eventCursor);
+// without one the stream starts "from now".
+function subscribe(after = null) {
   if (state.unsubscribe) state.unsubscribe();
   state.unsubscribe = null;
-  state.lastEventCursor = null;
+  state.lastEventCursor = after;
   if (!state.guildId) return;
   const token = state.viewToken;
   const scope = state.channelId ? { channelIds: [state.channelId] } : { guildId: state.guildId };
@@ -443,32 +454,6 @@ function subscribe() {
     console.warn("subscription ended, resuming:", msg);
   };
   start();
-}
-
-// After a reconnect with no event cursor yet (nothing arrived before the drop),
-// the subscription restarts "from now": re-read the newest page so messages
-// created or changed while disconnected are not missed.
-let wasDisconnected = false;
-async function onWsStatus(status) {
-  setLiveStatus(status);
-  if (status === "reconnecting") wasDisconnected = true;
-  if (status !== "live" || !wasDisconnected) return;
-  wasDisconnected = false;
-  const token = state.viewToken;
-  const channelId = state.channelId;
-  if (!channelId || state.lastEventCursor || state.searching) return;
-  try {
-    const data = await gql(
-      `query CatchUp($c: ID!) { messages(channelId: $c, first: ${PAGE}) { edges { node { ${MESSAGE_FIELDS} } } } }`,
-      { c: channelId },
-    );
-    if (token !== state.viewToken) return;
-    const stick = isNearBottom();
-    for (const e of data.messages.edges) upsertMessage(e.node);
-    if (stick) scrollToBottom();
-  } catch (e) {
-    console.warn("catch-up after reconnect failed:", e.message);
-  }
 }
 
 // A message in a channel we do not know yet (a new thread, say): reload the
@@ -550,9 +535,9 @@ function selectChannel(channelId, guildId) {
     (c && c.botCanRead === false ? " · the bot cannot read this channel" : "");
   updateLocation();
   state.hasMore = true;
-  // Subscribe first, then read history: nothing falls between the two, and
-  // duplicates are merged by id.
-  subscribe();
+  if (state.unsubscribe) state.unsubscribe();
+  state.unsubscribe = null;
+  // The first page subscribes from its eventCursor (see loadOlder).
   loadOlder();
   closeNavOnMobile();
 }
@@ -631,7 +616,7 @@ async function boot() {
   $("app-view").hidden = false;
   $("viewer-name").textContent = viewer.username;
 
-  wsClient = new GraphQLWsClient(wsUrl(), { onStatus: onWsStatus });
+  wsClient = new GraphQLWsClient(wsUrl(), { onStatus: setLiveStatus });
 
   $("logout").addEventListener("click", async () => {
     try {

@@ -116,6 +116,19 @@ pub async fn head(tx: &mut FanoutTx) -> Result<Cursor> {
     Ok(Cursor::new(xmin, 0))
 }
 
+/// [`head`] for a viewer's transaction: read before a history page in the
+/// same transaction, it is a cursor from which a subscription continues that
+/// page with no gap. Every transaction below it had finished before the page's
+/// statement took its snapshot, so the page shows their messages; later ones
+/// are replayed (some perhaps again, which clients absorb by upserting by id).
+pub async fn head_for_viewer(tx: &mut ViewerTx) -> Result<Cursor> {
+    let xmin: i64 =
+        sqlx::query_scalar("select pg_snapshot_xmin(pg_current_snapshot())::text::bigint")
+            .fetch_one(&mut **tx)
+            .await?;
+    Ok(Cursor::new(xmin, 0))
+}
+
 #[derive(sqlx::FromRow)]
 struct JoinedRow {
     ev_xid: i64,

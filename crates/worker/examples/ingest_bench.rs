@@ -89,9 +89,16 @@ async fn bench(url: &str, n: usize, rate: Option<f64>) -> anyhow::Result<()> {
     config.api_base_url = sim.base_url();
     config.log_interval = Duration::from_secs(5);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let worker = tokio::spawn(observer_worker::run(config, db.clone(), async move {
-        let _ = stop_rx.await;
-    }));
+    let metrics = observer_worker::metrics::Metrics::new();
+    let worker = tokio::spawn(observer_worker::run_with_metrics(
+        config,
+        db.clone(),
+        std::sync::Arc::clone(&metrics),
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
+    let startup = Instant::now();
 
     loop {
         let got: i64 = sqlx::query_scalar("select count(*) from guilds")
@@ -112,6 +119,23 @@ async fn bench(url: &str, n: usize, rate: Option<f64>) -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // Steady-state ingest: the startup backfill and guild snapshots read
+    // history over REST and write it through the same batcher, so posting
+    // while they run measures both at once (and, since the worker paces its
+    // REST calls, a different mix from run to run).
+    while metrics.backfill_channels_pending.get() > 0
+        || metrics.backfill_channels_done.get() == 0
+        || metrics.snapshot_pending.get() > 0
+    {
+        if worker.is_finished() {
+            anyhow::bail!("the worker stopped during its startup backfill");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!(
+        "startup (guilds, backfill, snapshots): {:.2}s",
+        startup.elapsed().as_secs_f64()
+    );
 
     let started = Instant::now();
     let poster = tokio::task::spawn_blocking({

@@ -3,6 +3,7 @@
 //! exactly like a row that does not exist.
 
 use async_graphql::{Context, Object, ID};
+use observer_db::events;
 use observer_db::viewer as db;
 
 use super::request::{parse_id, request_db, RequestDb};
@@ -29,6 +30,7 @@ async fn connection<T>(
     rdb: &RequestDb,
     mut rows: Vec<T>,
     limit: i64,
+    event_cursor: Option<String>,
     into: impl Fn(T) -> (Message, String),
 ) -> GqlResult<MessageConnection> {
     let has_next_page = rows.len() as i64 > limit;
@@ -57,6 +59,7 @@ async fn connection<T>(
             has_next_page,
             end_cursor,
         },
+        event_cursor,
     })
 }
 
@@ -162,7 +165,7 @@ impl Query {
         let Some(channel_id) = parse_id(&channel_id) else {
             return Err(not_found());
         };
-        let rows = {
+        let (rows, head) = {
             let mut tx = rdb.tx().await?;
             if db::channel(&mut tx, channel_id)
                 .await
@@ -171,11 +174,14 @@ impl Query {
             {
                 return Err(not_found());
             }
-            db::messages(&mut tx, channel_id, before, limit + 1)
+            // Before the page, in the same transaction: see head_for_viewer.
+            let head = events::head_for_viewer(&mut tx).await.map_err(from_db)?;
+            let rows = db::messages(&mut tx, channel_id, before, limit + 1)
                 .await
-                .map_err(from_db)?
+                .map_err(from_db)?;
+            (rows, head)
         };
-        connection(ctx, rdb, rows, limit, |m| {
+        connection(ctx, rdb, rows, limit, Some(cursor::event(head)), |m| {
             let c = cursor::history(m.message_id);
             (Message::from(m), c)
         })
@@ -217,7 +223,7 @@ impl Query {
                 .await
                 .map_err(from_db)?
         };
-        connection(ctx, rdb, rows, limit, |h| {
+        connection(ctx, rdb, rows, limit, None, |h| {
             let c = cursor::search(h.rank, h.message.message_id);
             (Message::from(h.message), c)
         })

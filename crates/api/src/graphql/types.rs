@@ -323,6 +323,11 @@ pub fn attach_revisions(messages: &mut [Message], rows: Vec<RevisionRow>) {
 pub struct MessageConnection {
     pub edges: Vec<MessageEdge>,
     pub page_info: PageInfo,
+    /// For a channel's history (`messages`): where the message event log stood
+    /// when this page was read. `messageEvents(after:)` from it continues the
+    /// page live with no gap; events the page already shows may come again,
+    /// so apply them by message id. Null for search results.
+    pub event_cursor: Option<String>,
 }
 
 #[derive(SimpleObject, Debug, Clone)]
@@ -385,6 +390,7 @@ impl From<observer_db::viewer::ApiTokenRow> for ApiToken {
 /// them as tokens and the format can change without breaking the schema.
 pub mod cursor {
     use super::*;
+    use observer_db::events::Cursor;
 
     /// Wraps a cursor's text form.
     pub fn opaque(s: &str) -> String {
@@ -405,6 +411,25 @@ pub mod cursor {
             .decode(s)
             .ok()?;
         String::from_utf8(bytes).ok()
+    }
+
+    /// The client form of an event cursor (versioned, base64url: clients treat
+    /// it as a token).
+    pub fn event(c: Cursor) -> String {
+        enc(&format!("e1:{}:{}", c.xid, c.seq))
+    }
+
+    /// Parses [`event`]'s output; None for anything else.
+    pub fn parse_event(s: &str) -> Option<Cursor> {
+        if s.len() > 128 {
+            return None;
+        }
+        let text = dec(s)?;
+        let (xid, seq) = text.strip_prefix("e1:")?.split_once(':')?;
+        let xid: i64 = xid.parse().ok().filter(|x| *x >= 0)?;
+        // -1 is "before everything" (the start-of-log cursor).
+        let seq: i64 = seq.parse().ok().filter(|s| *s >= -1)?;
+        Some(Cursor::new(xid, seq))
     }
 
     pub fn history(message_id: i64) -> String {

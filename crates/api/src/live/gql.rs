@@ -21,12 +21,12 @@ use async_graphql::{ContextSelectionSet, ErrorExtensions, OutputType, Positioned
 use futures::stream::BoxStream;
 use futures::task::AtomicWaker;
 use futures::{Stream, StreamExt};
-use observer_db::events::{Cursor, EventKind};
+use observer_db::events::EventKind;
 
 use super::hub::{LiveError, LiveEvent};
 pub use super::render::{Renders, SelectionKey, MAX_RENDERS};
 use crate::error::{gql_error, Code};
-use crate::graphql::types::{cursor, Message, MessageEvent, MessageEventKind, Revision};
+use crate::graphql::types::{Message, MessageEvent, MessageEventKind, Revision};
 
 /// `extensions.code` of a subscription ended because its buffer overflowed;
 /// `extensions.lastCursor` is where to resume (`after`).
@@ -35,24 +35,7 @@ pub const SLOW_CONSUMER: &str = Code::SlowConsumer.as_str();
 /// resume from `extensions.lastCursor` when present.
 pub const UNAVAILABLE: &str = Code::Unavailable.as_str();
 
-/// The client form of an event cursor (versioned, base64url: clients treat it
-/// as a token; same form as part 1's).
-pub fn format_cursor(c: Cursor) -> String {
-    cursor::opaque(&format!("e1:{}:{}", c.xid, c.seq))
-}
-
-/// Parses [`format_cursor`]'s output; None for anything else.
-pub fn parse_cursor(s: &str) -> Option<Cursor> {
-    if s.len() > 128 {
-        return None;
-    }
-    let text = cursor::unopaque(s)?;
-    let (xid, seq) = text.strip_prefix("e1:")?.split_once(':')?;
-    let xid: i64 = xid.parse().ok().filter(|x| *x >= 0)?;
-    // -1 is "before everything" (part 1's start-of-log cursor).
-    let seq: i64 = seq.parse().ok().filter(|s| *s >= -1)?;
-    Some(Cursor::new(xid, seq))
-}
+pub use crate::graphql::types::cursor::{event as format_cursor, parse_event as parse_cursor};
 
 pub fn to_message_event(ev: &LiveEvent) -> MessageEvent {
     let mut message = Message::from(ev.row.message.clone());
@@ -278,6 +261,8 @@ pub fn to_error(e: &LiveError) -> async_graphql::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::graphql::types::cursor;
+    use observer_db::events::Cursor;
 
     #[test]
     fn selection_keys_depend_on_exactly_the_request_text_name_and_variables() {

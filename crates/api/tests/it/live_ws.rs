@@ -867,3 +867,75 @@ async fn pre_rendered_and_executed_events_keep_log_order(pool: PgPool) {
         assert_eq!(p, &payloads[0], "same selection, same payloads");
     }
 }
+
+/// A history page and a subscription from its `eventCursor` leave no gap: a
+/// message whose writing transaction was still open when the page was read
+/// (so the page cannot show it) and one committed after the page both arrive,
+/// and nothing committed before the page is replayed.
+#[sqlx::test(migrator = "observer_db::MIGRATOR")]
+async fn a_history_page_continues_live_from_its_event_cursor(pool: PgPool) {
+    let api = start(pool.clone(), config()).await;
+    seed(&pool, &api.db).await;
+    let t1 = token_for(&api.db, U1).await;
+    post(&api.db, 101, 5_001, "before the page").await;
+
+    // The worker is mid-write while the page is read.
+    let mut open = api.db.worker().await.unwrap();
+    sqlx::query(
+        "insert into messages (guild_id, message_id, channel_id, author_id, author_username, \
+           content, created_at, seen_create) \
+         values ($1, 5002, 101, 7, 'author', 'while the page was read', \
+           '2026-01-01T00:00:01Z', true)",
+    )
+    .bind(G1)
+    .execute(&mut *open)
+    .await
+    .unwrap();
+    event(&mut open, 101, 5_002, 1).await;
+
+    let page = gql(
+        &api.base,
+        &t1,
+        "query($c: ID!) { messages(channelId: $c) { edges { node { id } } eventCursor } }",
+        json!({"c": "101"}),
+    )
+    .await;
+    let ids: Vec<&str> = page["messages"]["edges"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{page}"))
+        .iter()
+        .map(|e| e["node"]["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["5001"], "{page}");
+    let cursor = page["messages"]["eventCursor"].as_str().unwrap();
+
+    open.commit().await.unwrap();
+    post(&api.db, 101, 5_003, "after the page").await;
+
+    let mut ws = connect(&api.base, "graphql-transport-ws", &t1).await;
+    subscribe(&mut ws, true, "s", json!({"c": ["101"], "after": cursor})).await;
+    let got = collect(&mut ws, &[("s", 2)]).await;
+    let ids: Vec<&str> = got["s"]
+        .iter()
+        .map(|p| {
+            p["data"]["messageEvents"]["message"]["id"]
+                .as_str()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(ids, ["5002", "5003"]);
+
+    // Search results carry no event cursor: they are not a position in a channel.
+    let search = gql(
+        &api.base,
+        &t1,
+        "{ searchMessages(query: \"page\") { eventCursor } }",
+        json!({}),
+    )
+    .await;
+    assert_eq!(
+        search["searchMessages"]["eventCursor"],
+        Value::Null,
+        "{search}"
+    );
+}
