@@ -144,7 +144,7 @@ impl Db {
                 .await?;
         }
         sqlx::query!("select set_config('role', $1, false)", role)
-            .execute(&mut conn)
+            .fetch_one(&mut conn)
             .await?;
         Ok(conn)
     }

@@ -160,19 +160,19 @@ async fn apply_access(conn: &mut PgConnection, op: &IngestOp) -> Result<()> {
         | IngestOp::MessageBulkDelete { .. }
         | IngestOp::MessagesGone { .. } => Ok(()),
     }
-}
+                }
 
-/// Writes a guild's own fields. Only `rejoined` (GUILD_CREATE: the bot is in
-/// the guild and it is available, observed at that time) clears `removed_at`
-/// and `unavailable`, and only if no later presence observation (a
-/// GUILD_DELETE received after it) is stored: handlers run concurrently, so a
-/// GUILD_UPDATE or an older GUILD_CREATE may be written after a GUILD_DELETE
-/// that Discord sent later, and must not resurrect the guild.
-async fn upsert_guild(
+                /// Writes a guild's own fields. Only `rejoined` (GUILD_CREATE: the bot is in
+                /// the guild and it is available, observed at that time) clears `removed_at`
+                /// and `unavailable`, and only if no later presence observation (a
+                /// GUILD_DELETE received after it) is stored: handlers run concurrently, so a
+                /// GUILD_UPDATE or an older GUILD_CREATE may be written after a GUILD_DELETE
+                /// that Discord sent later, and must not resurrect the guild.
+                async fn upsert_guild(
     conn: &mut PgConnection,
     g: &GuildInfo,
     rejoined: Option<DateTime<Utc>>,
-) -> Result<()> {
+                ) -> Result<()> {
     // observer_role_ids and retention are tenant settings: never touched here.
     sqlx::query!(
         "insert into guilds (guild_id, name, icon, owner_id, presence_observed_at)
@@ -198,9 +198,9 @@ async fn upsert_guild(
     .execute(&mut *conn)
     .await?;
     Ok(())
-}
+        }
 
-async fn guild_snapshot(conn: &mut PgConnection, s: &GuildSnapshot) -> Result<()> {
+        async fn guild_snapshot(conn: &mut PgConnection, s: &GuildSnapshot) -> Result<()> {
     let gid = s.guild.guild_id;
     upsert_guild(conn, &s.guild, Some(s.observed_at)).await?;
 
@@ -225,9 +225,9 @@ async fn guild_snapshot(conn: &mut PgConnection, s: &GuildSnapshot) -> Result<()
     upsert_channels(conn, &last_by_key(all, |c| c.channel_id)).await?;
     upsert_members(conn, &newest_members(s.members.clone())).await?;
     Ok(())
-}
+        }
 
-async fn sync_roles(conn: &mut PgConnection, guild_id: i64, roles: &[RoleInfo]) -> Result<()> {
+        async fn sync_roles(conn: &mut PgConnection, guild_id: i64, roles: &[RoleInfo]) -> Result<()> {
     let roles = last_by_key(roles.to_vec(), |r| r.role_id);
     let role_ids: Vec<i64> = roles.iter().map(|r| r.role_id).collect();
     sqlx::query!(
@@ -238,9 +238,9 @@ async fn sync_roles(conn: &mut PgConnection, guild_id: i64, roles: &[RoleInfo]) 
     .execute(&mut *conn)
     .await?;
     upsert_roles(conn, &roles).await
-}
+        }
 
-async fn upsert_roles(conn: &mut PgConnection, roles: &[RoleInfo]) -> Result<()> {
+        async fn upsert_roles(conn: &mut PgConnection, roles: &[RoleInfo]) -> Result<()> {
     if roles.is_empty() {
         return Ok(());
     }
@@ -253,18 +253,18 @@ async fn upsert_roles(conn: &mut PgConnection, roles: &[RoleInfo]) -> Result<()>
     let perm: Vec<i64> = roles.iter().map(|r| r.permissions).collect();
     let pos: Vec<i32> = roles.iter().map(|r| r.position).collect();
     sqlx::query!(
-"insert into roles (guild_id, role_id, name, permissions, position)
+        "insert into roles (guild_id, role_id, name, permissions, position)
          select * from unnest($1::int8[], $2::int8[], $3::text[], $4::int8[], $5::int4[])
          on conflict (guild_id, role_id) do update
            set name = excluded.name, permissions = excluded.permissions, position = excluded.position
            where (roles.name, roles.permissions, roles.position)
                  is distinct from (excluded.name, excluded.permissions, excluded.position)",
-&g,
-&id,
-&name,
-&perm,
-&pos,
-)
+        &g,
+        &id,
+        &name,
+        &perm,
+        &pos,
+    )
     .execute(&mut *conn)
     .await?;
     Ok(())
@@ -290,7 +290,7 @@ async fn upsert_channels(conn: &mut PgConnection, chans: &[ChannelInfo]) -> Resu
     let archived: Vec<bool> = chans.iter().map(|c| c.archived).collect();
     let owner: Vec<Option<i64>> = chans.iter().map(|c| c.owner_id).collect();
     sqlx::query!(
-"insert into channels (guild_id, channel_id, kind, name, parent_id, position, topic, archived, owner_id)
+        "insert into channels (guild_id, channel_id, kind, name, parent_id, position, topic, archived, owner_id)
          select * from unnest($1::int8[], $2::int8[], $3::int2[], $4::text[], $5::int8[],
                               $6::int4[], $7::text[], $8::bool[], $9::int8[])
          on conflict (guild_id, channel_id) do update
@@ -301,16 +301,17 @@ async fn upsert_channels(conn: &mut PgConnection, chans: &[ChannelInfo]) -> Resu
                   channels.topic, channels.archived, channels.owner_id)
                  is distinct from (excluded.kind, excluded.name, excluded.parent_id, excluded.position,
                                    excluded.topic, excluded.archived, excluded.owner_id)",
-&g,
-&id,
-&kind,
-&name,
-&parent,
-&pos,
-&topic,
-&archived,
-&owner,
-)
+        &g,
+        &id,
+        &kind,
+        &name,
+        // The macros check array arguments without nullable elements.
+        &parent as &[Option<i64>],
+        &pos,
+        &topic as &[Option<String>],
+        &archived,
+        &owner as &[Option<i64>],
+    )
     .execute(&mut *conn)
     .await?;
 
@@ -334,36 +335,36 @@ async fn upsert_channels(conn: &mut PgConnection, chans: &[ChannelInfo]) -> Resu
         }
     }
     sqlx::query!(
-"delete from permission_overwrites p
+        "delete from permission_overwrites p
          using unnest($1::int8[], $2::int8[]) as c(g, id)
          where p.guild_id = c.g and p.channel_id = c.id
            and (p.target_id, p.kind) not in (
                select n.t, n.k from unnest($3::int8[], $4::int8[], $5::int8[], $6::int2[]) as n(g, c, t, k)
                where n.g = p.guild_id and n.c = p.channel_id)",
-&g,
-&id,
-&og,
-&oc,
-&ot,
-&ok,
-)
+        &g,
+        &id,
+        &og,
+        &oc,
+        &ot,
+        &ok,
+    )
     .execute(&mut *conn)
     .await?;
     if !og.is_empty() {
         sqlx::query!(
-"insert into permission_overwrites (guild_id, channel_id, target_id, kind, allow, deny)
+            "insert into permission_overwrites (guild_id, channel_id, target_id, kind, allow, deny)
              select * from unnest($1::int8[], $2::int8[], $3::int8[], $4::int2[], $5::int8[], $6::int8[])
              on conflict (guild_id, channel_id, target_id, kind) do update
                set allow = excluded.allow, deny = excluded.deny
                where (permission_overwrites.allow, permission_overwrites.deny)
                      is distinct from (excluded.allow, excluded.deny)",
-&og,
-&oc,
-&ot,
-&ok,
-&oa,
-&od,
-)
+            &og,
+            &oc,
+            &ot,
+            &ok,
+            &oa,
+            &od,
+        )
         .execute(&mut *conn)
         .await?;
     }
@@ -389,13 +390,13 @@ async fn delete_channel(conn: &mut PgConnection, guild_id: i64, channel_id: i64)
         ids.push(channel_id);
     }
     delete_channel_children(conn, guild_id, &ids).await
-}
+        }
 
-async fn delete_channel_children(
+        async fn delete_channel_children(
     conn: &mut PgConnection,
     guild_id: i64,
     ids: &[i64],
-) -> Result<()> {
+        ) -> Result<()> {
     sqlx::query!(
         "delete from permission_overwrites where guild_id = $1 and channel_id = any($2)",
         guild_id,
@@ -411,4 +412,4 @@ async fn delete_channel_children(
     .execute(&mut *conn)
     .await?;
     Ok(())
-}
+        }
