@@ -5,6 +5,8 @@
 
 use std::collections::BTreeMap;
 
+use chrono::{DateTime, Utc};
+
 use crate::access::{
     perms_from_db, ChannelData, GuildAccessData, MemberData, Overwrite, OverwriteKind,
 };
@@ -120,8 +122,9 @@ pub async fn load_members(
     user_ids: &[i64],
 ) -> Result<BTreeMap<(i64, i64), MemberData>> {
     let rows = sqlx::query!(
-        "select guild_id, user_id, role_ids, communication_disabled_until
-         from members where guild_id = any($1) and user_id = any($2)",
+        r#"select guild_id, user_id, role_ids,
+             communication_disabled_until as "communication_disabled_until: DateTime<Utc>"
+         from members where guild_id = any($1) and user_id = any($2)"#,
         guild_ids,
         user_ids,
     )

@@ -86,7 +86,7 @@ pub async fn store_oauth_token(tx: &mut AuthTx, token: &OAuthTokenRow) -> Result
         token.user_id,
         token.access_token,
         token.refresh_token,
-        token.expires_at,
+        token.expires_at as DateTime<Utc>,
         token.scope,
     )
     .execute(&mut **tx)
@@ -97,8 +97,9 @@ pub async fn store_oauth_token(tx: &mut AuthTx, token: &OAuthTokenRow) -> Result
 pub async fn oauth_token(tx: &mut AuthTx, user_id: i64) -> Result<Option<OAuthTokenRow>> {
     let row = sqlx::query_as!(
         OAuthTokenRow,
-        "select user_id, access_token, refresh_token, expires_at, scope from oauth_tokens \
-         where user_id = $1",
+        r#"select user_id, access_token, refresh_token,
+             expires_at as "expires_at: DateTime<Utc>", scope
+         from oauth_tokens where user_id = $1"#,
         user_id,
     )
     .fetch_optional(&mut **tx)
@@ -188,7 +189,7 @@ pub async fn users_due_for_refresh(
         "select u.user_id from users u join oauth_tokens t on t.user_id = u.user_id \
          where u.memberships_refreshed_at is null or u.memberships_refreshed_at < $1 \
          order by u.memberships_refreshed_at nulls first, u.user_id limit $2",
-        older_than,
+        older_than as DateTime<Utc>,
         limit,
     )
     .fetch_all(&mut **tx)

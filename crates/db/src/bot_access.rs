@@ -45,7 +45,7 @@ pub(crate) async fn apply(conn: &mut PgConnection, obs: &[&BotAccessObservation]
         &g,
         &c,
         &r,
-        &t,
+        &t as &[DateTime<Utc>],
     )
     .execute(&mut *conn)
     .await?;

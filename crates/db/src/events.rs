@@ -193,12 +193,13 @@ pub async fn read_after(
     let rows = sqlx::query_as!(
         JoinedRow,
         r#"select e.xid::text::bigint as "ev_xid!", e.seq as ev_seq, e.kind as ev_kind,
-             e.at as ev_at, m.message_id is not null as "present!",
+             e.at as "ev_at: DateTime<Utc>", m.message_id is not null as "present!",
              e.guild_id, e.message_id, e.channel_id, m.author_id, m.author_username,
              m.author_display_name, m.author_avatar,
              coalesce(m.author_bot, false) as "author_bot!",
-             coalesce(m.content, '') as "content!", coalesce(m.created_at, e.at) as "created_at!",
-             m.edited_at, m.deleted_at, m.deletion_detected_at,
+             coalesce(m.content, '') as "content!", coalesce(m.created_at, e.at) as "created_at!: DateTime<Utc>",
+             m.edited_at as "edited_at: DateTime<Utc>", m.deleted_at as "deleted_at: DateTime<Utc>",
+             m.deletion_detected_at as "deletion_detected_at: DateTime<Utc>",
              coalesce(m.attachments, '[]'::jsonb) as "attachments!", m.reply_to_id
          from message_events e
          left join messages m on m.guild_id = e.guild_id and m.message_id = e.message_id
@@ -233,12 +234,12 @@ pub async fn revisions(tx: &mut dyn FanoutRead, keys: &[(i64, i64)]) -> Result<V
     let message_ids: Vec<i64> = keys.iter().map(|k| k.1).collect();
     let rows = sqlx::query_as!(
         RevisionRow,
-        "select r.guild_id, r.message_id, r.version_at, r.content \
-         from message_revisions r \
-         join messages m on m.guild_id = r.guild_id and m.message_id = r.message_id \
-         where (r.guild_id, r.message_id) in (select * from unnest($1::bigint[], $2::bigint[])) \
-           and r.version_at <> coalesce(m.edited_at, m.created_at) \
-         order by r.guild_id, r.message_id, r.version_at",
+        r#"select r.guild_id, r.message_id, r.version_at as "version_at: DateTime<Utc>", r.content
+         from message_revisions r
+         join messages m on m.guild_id = r.guild_id and m.message_id = r.message_id
+         where (r.guild_id, r.message_id) in (select * from unnest($1::bigint[], $2::bigint[]))
+           and r.version_at <> coalesce(m.edited_at, m.created_at)
+         order by r.guild_id, r.message_id, r.version_at"#,
         &guild_ids,
         &message_ids,
     )
@@ -361,12 +362,13 @@ pub async fn replay_for_viewer(
     let rows = sqlx::query_as!(
         JoinedRow,
         r#"select e.xid::text::bigint as "ev_xid!", e.seq as ev_seq, e.kind as ev_kind,
-             e.at as ev_at, m.message_id is not null as "present!",
+             e.at as "ev_at: DateTime<Utc>", m.message_id is not null as "present!",
              e.guild_id, e.message_id, e.channel_id, m.author_id, m.author_username,
              m.author_display_name, m.author_avatar,
              coalesce(m.author_bot, false) as "author_bot!",
-             coalesce(m.content, '') as "content!", coalesce(m.created_at, e.at) as "created_at!",
-             m.edited_at, m.deleted_at, m.deletion_detected_at,
+             coalesce(m.content, '') as "content!", coalesce(m.created_at, e.at) as "created_at!: DateTime<Utc>",
+             m.edited_at as "edited_at: DateTime<Utc>", m.deleted_at as "deleted_at: DateTime<Utc>",
+             m.deletion_detected_at as "deletion_detected_at: DateTime<Utc>",
              coalesce(m.attachments, '[]'::jsonb) as "attachments!", m.reply_to_id
          from message_events e
          join messages m on m.guild_id = e.guild_id and m.message_id = e.message_id

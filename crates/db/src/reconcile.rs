@@ -65,7 +65,7 @@ pub(crate) async fn mark_gone(
         guild_id,
         channel_id,
         message_ids,
-        detected_at,
+        detected_at as DateTime<Utc>,
     )
     .fetch_one(&mut *conn)
     .await?;

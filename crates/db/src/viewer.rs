@@ -168,11 +168,13 @@ pub async fn channel(tx: &mut ViewerTx, channel_id: i64) -> Result<Option<Channe
 pub async fn message(tx: &mut ViewerTx, message_id: i64) -> Result<Option<MessageRow>> {
     let row = sqlx::query_as!(
         MessageRow,
-        "select m.guild_id, m.message_id, m.channel_id, m.author_id, \
-           m.author_username, m.author_display_name, m.author_avatar, m.author_bot, m.content, \
-           m.created_at, m.edited_at, m.deleted_at, m.deletion_detected_at, m.attachments, \
-           m.reply_to_id \
-         from messages m where m.message_id = $1",
+        r#"select m.guild_id, m.message_id, m.channel_id, m.author_id,
+           m.author_username, m.author_display_name, m.author_avatar, m.author_bot, m.content,
+           m.created_at as "created_at: DateTime<Utc>", m.edited_at as "edited_at: DateTime<Utc>",
+           m.deleted_at as "deleted_at: DateTime<Utc>",
+           m.deletion_detected_at as "deletion_detected_at: DateTime<Utc>", m.attachments,
+           m.reply_to_id
+         from messages m where m.message_id = $1"#,
         message_id,
     )
     .fetch_optional(&mut **tx)
@@ -193,13 +195,15 @@ pub async fn messages(
     }
     let rows = sqlx::query_as!(
         MessageRow,
-        "select m.guild_id, m.message_id, m.channel_id, m.author_id, \
-           m.author_username, m.author_display_name, m.author_avatar, m.author_bot, m.content, \
-           m.created_at, m.edited_at, m.deleted_at, m.deletion_detected_at, m.attachments, \
-           m.reply_to_id \
-         from messages m \
-         where m.channel_id = $1 and ($2::bigint is null or m.message_id < $2) \
-         order by m.message_id desc limit $3",
+        r#"select m.guild_id, m.message_id, m.channel_id, m.author_id,
+           m.author_username, m.author_display_name, m.author_avatar, m.author_bot, m.content,
+           m.created_at as "created_at: DateTime<Utc>", m.edited_at as "edited_at: DateTime<Utc>",
+           m.deleted_at as "deleted_at: DateTime<Utc>",
+           m.deletion_detected_at as "deletion_detected_at: DateTime<Utc>", m.attachments,
+           m.reply_to_id
+         from messages m
+         where m.channel_id = $1 and ($2::bigint is null or m.message_id < $2)
+         order by m.message_id desc limit $3"#,
         channel_id,
         before,
         limit,
@@ -229,7 +233,9 @@ pub async fn search_messages(
     let rows = sqlx::query!(
         r#"select m.guild_id, m.message_id, m.channel_id, m.author_id,
              m.author_username, m.author_display_name, m.author_avatar, m.author_bot, m.content,
-             m.created_at, m.edited_at, m.deleted_at, m.deletion_detected_at, m.attachments,
+             m.created_at as "created_at: DateTime<Utc>", m.edited_at as "edited_at: DateTime<Utc>",
+             m.deleted_at as "deleted_at: DateTime<Utc>",
+             m.deletion_detected_at as "deletion_detected_at: DateTime<Utc>", m.attachments,
              m.reply_to_id, ts_rank(m.search, q) as "rank!"
          from messages m, websearch_to_tsquery('english', $1) q
          where m.search @@ q
@@ -280,12 +286,12 @@ pub async fn revisions(tx: &mut ViewerTx, keys: &[(i64, i64)]) -> Result<Vec<Rev
     let message_ids: Vec<i64> = keys.iter().map(|k| k.1).collect();
     let rows = sqlx::query_as!(
         RevisionRow,
-        "select r.guild_id, r.message_id, r.version_at, r.content \
-         from message_revisions r \
-         join messages m on m.guild_id = r.guild_id and m.message_id = r.message_id \
-         where (r.guild_id, r.message_id) in (select * from unnest($1::bigint[], $2::bigint[])) \
-           and r.version_at <> coalesce(m.edited_at, m.created_at) \
-         order by r.guild_id, r.message_id, r.version_at",
+        r#"select r.guild_id, r.message_id, r.version_at as "version_at: DateTime<Utc>", r.content
+         from message_revisions r
+         join messages m on m.guild_id = r.guild_id and m.message_id = r.message_id
+         where (r.guild_id, r.message_id) in (select * from unnest($1::bigint[], $2::bigint[]))
+           and r.version_at <> coalesce(m.edited_at, m.created_at)
+         order by r.guild_id, r.message_id, r.version_at"#,
         &guild_ids,
         &message_ids,
     )
@@ -369,7 +375,9 @@ pub async fn create_api_token(
     let row = sqlx::query_as!(
         ApiTokenRow,
         "insert into api_tokens (token_id, user_id, name, secret_hash) values ($1, $2, $3, $4) \
-         returning token_id, name, created_at, last_used_at, revoked_at",
+         returning token_id, name, created_at as \"created_at: DateTime<Utc>\", \
+           last_used_at as \"last_used_at: DateTime<Utc>\", \
+           revoked_at as \"revoked_at: DateTime<Utc>\"",
         token_id,
         viewer_id,
         name,
@@ -384,8 +392,10 @@ pub async fn create_api_token(
 pub async fn api_tokens(tx: &mut ViewerTx) -> Result<Vec<ApiTokenRow>> {
     let rows = sqlx::query_as!(
         ApiTokenRow,
-        "select token_id, name, created_at, last_used_at, revoked_at from api_tokens \
-         order by created_at desc, token_id",
+        r#"select token_id, name, created_at as "created_at: DateTime<Utc>",
+             last_used_at as "last_used_at: DateTime<Utc>", revoked_at as "revoked_at: DateTime<Utc>"
+         from api_tokens
+         order by created_at desc, token_id"#,
     )
     .fetch_all(&mut **tx)
     .await?;

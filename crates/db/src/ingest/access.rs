@@ -160,19 +160,19 @@ async fn apply_access(conn: &mut PgConnection, op: &IngestOp) -> Result<()> {
         | IngestOp::MessageBulkDelete { .. }
         | IngestOp::MessagesGone { .. } => Ok(()),
     }
-                }
+}
 
-                /// Writes a guild's own fields. Only `rejoined` (GUILD_CREATE: the bot is in
-                /// the guild and it is available, observed at that time) clears `removed_at`
-                /// and `unavailable`, and only if no later presence observation (a
-                /// GUILD_DELETE received after it) is stored: handlers run concurrently, so a
-                /// GUILD_UPDATE or an older GUILD_CREATE may be written after a GUILD_DELETE
-                /// that Discord sent later, and must not resurrect the guild.
-                async fn upsert_guild(
+/// Writes a guild's own fields. Only `rejoined` (GUILD_CREATE: the bot is in
+/// the guild and it is available, observed at that time) clears `removed_at`
+/// and `unavailable`, and only if no later presence observation (a
+/// GUILD_DELETE received after it) is stored: handlers run concurrently, so a
+/// GUILD_UPDATE or an older GUILD_CREATE may be written after a GUILD_DELETE
+/// that Discord sent later, and must not resurrect the guild.
+async fn upsert_guild(
     conn: &mut PgConnection,
     g: &GuildInfo,
     rejoined: Option<DateTime<Utc>>,
-                ) -> Result<()> {
+) -> Result<()> {
     // observer_role_ids and retention are tenant settings: never touched here.
     sqlx::query!(
         "insert into guilds (guild_id, name, icon, owner_id, presence_observed_at)
@@ -193,14 +193,14 @@ async fn apply_access(conn: &mut PgConnection, op: &IngestOp) -> Result<()> {
         sanitize(&g.name, MAX_NAME_BYTES),
         sanitize_opt(g.icon.as_deref(), MAX_NAME_BYTES),
         g.owner_id,
-        rejoined,
+        rejoined as Option<DateTime<Utc>>,
     )
     .execute(&mut *conn)
     .await?;
     Ok(())
-        }
+}
 
-        async fn guild_snapshot(conn: &mut PgConnection, s: &GuildSnapshot) -> Result<()> {
+async fn guild_snapshot(conn: &mut PgConnection, s: &GuildSnapshot) -> Result<()> {
     let gid = s.guild.guild_id;
     upsert_guild(conn, &s.guild, Some(s.observed_at)).await?;
 
@@ -225,9 +225,9 @@ async fn apply_access(conn: &mut PgConnection, op: &IngestOp) -> Result<()> {
     upsert_channels(conn, &last_by_key(all, |c| c.channel_id)).await?;
     upsert_members(conn, &newest_members(s.members.clone())).await?;
     Ok(())
-        }
+}
 
-        async fn sync_roles(conn: &mut PgConnection, guild_id: i64, roles: &[RoleInfo]) -> Result<()> {
+async fn sync_roles(conn: &mut PgConnection, guild_id: i64, roles: &[RoleInfo]) -> Result<()> {
     let roles = last_by_key(roles.to_vec(), |r| r.role_id);
     let role_ids: Vec<i64> = roles.iter().map(|r| r.role_id).collect();
     sqlx::query!(
@@ -238,9 +238,9 @@ async fn apply_access(conn: &mut PgConnection, op: &IngestOp) -> Result<()> {
     .execute(&mut *conn)
     .await?;
     upsert_roles(conn, &roles).await
-        }
+}
 
-        async fn upsert_roles(conn: &mut PgConnection, roles: &[RoleInfo]) -> Result<()> {
+async fn upsert_roles(conn: &mut PgConnection, roles: &[RoleInfo]) -> Result<()> {
     if roles.is_empty() {
         return Ok(());
     }
@@ -305,7 +305,7 @@ async fn upsert_channels(conn: &mut PgConnection, chans: &[ChannelInfo]) -> Resu
         &id,
         &kind,
         &name,
-        // The macros check array arguments without nullable elements.
+        // `as`: the macros would type these arrays without NULL elements, which they hold.
         &parent as &[Option<i64>],
         &pos,
         &topic as &[Option<String>],
@@ -390,13 +390,13 @@ async fn delete_channel(conn: &mut PgConnection, guild_id: i64, channel_id: i64)
         ids.push(channel_id);
     }
     delete_channel_children(conn, guild_id, &ids).await
-        }
+}
 
-        async fn delete_channel_children(
+async fn delete_channel_children(
     conn: &mut PgConnection,
     guild_id: i64,
     ids: &[i64],
-        ) -> Result<()> {
+) -> Result<()> {
     sqlx::query!(
         "delete from permission_overwrites where guild_id = $1 and channel_id = any($2)",
         guild_id,
@@ -412,4 +412,4 @@ async fn delete_channel(conn: &mut PgConnection, guild_id: i64, channel_id: i64)
     .execute(&mut *conn)
     .await?;
     Ok(())
-        }
+}

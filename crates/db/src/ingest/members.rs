@@ -82,29 +82,29 @@ pub(crate) async fn upsert_members(conn: &mut PgConnection, members: &[MemberInf
         &g,
         &u,
         &roles,
-        // The macros check array arguments without nullable elements.
+        // `as`: the macros would type these arrays without NULL elements, which they hold.
         &nick as &[Option<String>],
         &joined as &[Option<DateTime<Utc>>],
         &timeout as &[Option<DateTime<Utc>>],
-        &observed,
+        &observed as &[DateTime<Utc>],
     )
     .execute(&mut *conn)
     .await?;
     Ok(())
-        }
+}
 
-        /// Records the removal of `user_ids` from a guild observed at `observed_at`
-        /// and deletes their member rows unless those were observed later (a re-join
-        /// handled first). With `threads`, their thread memberships go too (the login
-        /// path has no access to `thread_members` and leaves them to the worker).
-        /// Returns the users whose rows were deleted.
-        pub(crate) async fn remove_members(
+/// Records the removal of `user_ids` from a guild observed at `observed_at`
+/// and deletes their member rows unless those were observed later (a re-join
+/// handled first). With `threads`, their thread memberships go too (the login
+/// path has no access to `thread_members` and leaves them to the worker).
+/// Returns the users whose rows were deleted.
+pub(crate) async fn remove_members(
     conn: &mut PgConnection,
     guild_id: i64,
     user_ids: &[i64],
     observed_at: DateTime<Utc>,
     threads: bool,
-        ) -> Result<Vec<i64>> {
+) -> Result<Vec<i64>> {
     if user_ids.is_empty() {
         return Ok(Vec::new());
     }
@@ -116,7 +116,7 @@ pub(crate) async fn upsert_members(conn: &mut PgConnection, members: &[MemberInf
            where member_removals.observed_at < excluded.observed_at",
         guild_id,
         user_ids,
-        observed_at,
+        observed_at as DateTime<Utc>,
     )
     .execute(&mut *conn)
     .await?;
@@ -126,7 +126,7 @@ pub(crate) async fn upsert_members(conn: &mut PgConnection, members: &[MemberInf
          returning user_id",
         guild_id,
         user_ids,
-        observed_at,
+        observed_at as DateTime<Utc>,
     )
     .fetch_all(&mut *conn)
     .await?;
@@ -146,4 +146,4 @@ pub(crate) async fn upsert_members(conn: &mut PgConnection, members: &[MemberInf
     .execute(&mut *conn)
     .await?;
     Ok(gone)
-        }
+}

@@ -40,16 +40,16 @@ pub async fn newest_message_ids(
         .into_iter()
         .filter_map(|r| r.newest.map(|m| (r.c, m)))
         .collect())
-        }
+}
 
-        /// How long a member-removal tombstone is kept. It only has to outlive any
-        /// member observation that was taken before the removal and is still in
-        /// flight (a REST snapshot, a delayed dispatch): minutes in practice.
-        pub const MEMBER_REMOVAL_TTL: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+/// How long a member-removal tombstone is kept. It only has to outlive any
+/// member observation that was taken before the removal and is still in
+/// flight (a REST snapshot, a delayed dispatch): minutes in practice.
+pub const MEMBER_REMOVAL_TTL: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
-        /// Forgets member-removal tombstones older than `keep`; returns how many.
-        /// Without this the table grows with every member who ever left.
-        pub async fn purge_member_removals(tx: &mut WorkerTx, keep: std::time::Duration) -> Result<u64> {
+/// Forgets member-removal tombstones older than `keep`; returns how many.
+/// Without this the table grows with every member who ever left.
+pub async fn purge_member_removals(tx: &mut WorkerTx, keep: std::time::Duration) -> Result<u64> {
     let done = sqlx::query!(
         "delete from member_removals where observed_at < now() - make_interval(secs => $1)",
         keep.as_secs_f64(),
@@ -57,14 +57,14 @@ pub async fn newest_message_ids(
     .execute(&mut **tx)
     .await?;
     Ok(done.rows_affected())
-        }
+}
 
-        /// Deletes up to `limit` messages that are older than their guild's retention
-        /// period (`guilds.retention`; NULL keeps forever), with their revisions and
-        /// events, and returns how many messages went. Callers repeat until it
-        /// returns less than `limit`, so no transaction holds many locks for long.
-        /// Subscribers resuming from an older cursor simply find those events gone.
-        pub async fn purge_expired(tx: &mut WorkerTx, limit: i64) -> Result<u64> {
+/// Deletes up to `limit` messages that are older than their guild's retention
+/// period (`guilds.retention`; NULL keeps forever), with their revisions and
+/// events, and returns how many messages went. Callers repeat until it
+/// returns less than `limit`, so no transaction holds many locks for long.
+/// Subscribers resuming from an older cursor simply find those events gone.
+pub async fn purge_expired(tx: &mut WorkerTx, limit: i64) -> Result<u64> {
     // "count!": count(*) is never null.
     let purged: i64 = sqlx::query_scalar!(
         r#"with expired as (
@@ -90,11 +90,11 @@ pub async fn newest_message_ids(
     .fetch_one(&mut **tx)
     .await?;
     Ok(u64::try_from(purged).unwrap_or(0))
-        }
+}
 
-        /// Channels of a guild that hold messages the worker should backfill: text and
-        /// announcement channels, and threads that are not archived.
-        pub async fn backfill_channels(tx: &mut WorkerTx, guild_id: i64) -> Result<Vec<i64>> {
+/// Channels of a guild that hold messages the worker should backfill: text and
+/// announcement channels, and threads that are not archived.
+pub async fn backfill_channels(tx: &mut WorkerTx, guild_id: i64) -> Result<Vec<i64>> {
     let ids = sqlx::query_scalar!(
         "select channel_id from channels
          where guild_id = $1 and (kind in (0, 5) or (kind = any($2) and not archived))
@@ -105,4 +105,4 @@ pub async fn newest_message_ids(
     .fetch_all(&mut **tx)
     .await?;
     Ok(ids)
-        }
+}

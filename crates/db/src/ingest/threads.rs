@@ -56,22 +56,22 @@ pub(crate) async fn add_thread_members(
         guild_id,
         threads,
         users,
-        observed_at,
+        observed_at as DateTime<Utc>,
     )
     .execute(&mut *conn)
     .await?;
     Ok(())
-        }
+}
 
-        /// Records the removal of `users` from `thread_id` observed at `observed_at`
-        /// and deletes their memberships unless those were observed later.
-        pub(crate) async fn remove_thread_members(
+/// Records the removal of `users` from `thread_id` observed at `observed_at`
+/// and deletes their memberships unless those were observed later.
+pub(crate) async fn remove_thread_members(
     conn: &mut PgConnection,
     guild_id: i64,
     thread_id: i64,
     users: &[i64],
     observed_at: DateTime<Utc>,
-        ) -> Result<()> {
+) -> Result<()> {
     if users.is_empty() {
         return Ok(());
     }
@@ -84,7 +84,7 @@ pub(crate) async fn add_thread_members(
         guild_id,
         thread_id,
         users,
-        observed_at,
+        observed_at as DateTime<Utc>,
     )
     .execute(&mut *conn)
     .await?;
@@ -94,28 +94,28 @@ pub(crate) async fn add_thread_members(
         guild_id,
         thread_id,
         users,
-        observed_at,
+        observed_at as DateTime<Utc>,
     )
     .execute(&mut *conn)
     .await?;
     Ok(())
-        }
+}
 
-        /// A complete listing of `thread_id`'s members taken at `observed_at`.
-        pub(crate) async fn sync_thread_members(
+/// A complete listing of `thread_id`'s members taken at `observed_at`.
+pub(crate) async fn sync_thread_members(
     conn: &mut PgConnection,
     guild_id: i64,
     thread_id: i64,
     user_ids: &[i64],
     observed_at: DateTime<Utc>,
-        ) -> Result<()> {
+) -> Result<()> {
     let gone: Vec<i64> = sqlx::query_scalar!(
         "select user_id from thread_members
          where guild_id = $1 and thread_id = $2 and user_id <> all($3) and observed_at < $4",
         guild_id,
         thread_id,
         user_ids,
-        observed_at,
+        observed_at as DateTime<Utc>,
     )
     .fetch_all(&mut *conn)
     .await?;
@@ -124,23 +124,23 @@ pub(crate) async fn add_thread_members(
     remove_thread_members(conn, guild_id, thread_id, &tombstones, observed_at).await?;
     let threads = vec![thread_id; user_ids.len()];
     add_thread_members(conn, guild_id, &threads, user_ids, observed_at).await
-        }
+}
 
-        /// A complete listing of a guild's members taken at `observed_at` (each
-        /// member's own `observed_at` is normally the same time).
-        pub(crate) async fn sync_members(
+/// A complete listing of a guild's members taken at `observed_at` (each
+/// member's own `observed_at` is normally the same time).
+pub(crate) async fn sync_members(
     conn: &mut PgConnection,
     guild_id: i64,
     members: &[MemberInfo],
     observed_at: DateTime<Utc>,
-        ) -> Result<()> {
+) -> Result<()> {
     let listed: Vec<i64> = members.iter().map(|m| m.user_id).collect();
     let gone: Vec<i64> = sqlx::query_scalar!(
         "select user_id from members
          where guild_id = $1 and user_id <> all($2) and observed_at < $3",
         guild_id,
         &listed,
-        observed_at,
+        observed_at as DateTime<Utc>,
     )
     .fetch_all(&mut *conn)
     .await?;
@@ -153,16 +153,16 @@ pub(crate) async fn add_thread_members(
         .cloned()
         .collect();
     upsert_members(conn, &newest_members(own)).await
-        }
+}
 
-        /// GUILD_DELETE without `unavailable`, observed at `observed_at`: the guild is
-        /// marked removed unless its presence was observed later (a GUILD_CREATE that
-        /// Discord sent after this delete, written first).
-        pub(crate) async fn guild_removed(
+/// GUILD_DELETE without `unavailable`, observed at `observed_at`: the guild is
+/// marked removed unless its presence was observed later (a GUILD_CREATE that
+/// Discord sent after this delete, written first).
+pub(crate) async fn guild_removed(
     conn: &mut PgConnection,
     guild_id: i64,
     observed_at: DateTime<Utc>,
-        ) -> Result<()> {
+) -> Result<()> {
     sqlx::query!(
         "insert into guilds (guild_id, removed_at, presence_observed_at) values ($1, $2, $2)
          on conflict (guild_id) do update
@@ -171,23 +171,23 @@ pub(crate) async fn add_thread_members(
                updated_at = now()
            where guilds.presence_observed_at < excluded.presence_observed_at",
         guild_id,
-        observed_at,
+        observed_at as DateTime<Utc>,
     )
     .execute(&mut *conn)
     .await?;
     Ok(())
-        }
+}
 
-        /// How long a thread-member removal tombstone is kept (see
-        /// [`super::MEMBER_REMOVAL_TTL`]: it only has to outlive observations
-        /// still in flight).
-        pub const THREAD_MEMBER_REMOVAL_TTL: std::time::Duration = super::MEMBER_REMOVAL_TTL;
+/// How long a thread-member removal tombstone is kept (see
+/// [`super::MEMBER_REMOVAL_TTL`]: it only has to outlive observations
+/// still in flight).
+pub const THREAD_MEMBER_REMOVAL_TTL: std::time::Duration = super::MEMBER_REMOVAL_TTL;
 
-        /// Forgets thread-member removal tombstones older than `keep`; returns how many.
-        pub async fn purge_thread_member_removals(
+/// Forgets thread-member removal tombstones older than `keep`; returns how many.
+pub async fn purge_thread_member_removals(
     tx: &mut WorkerTx,
     keep: std::time::Duration,
-        ) -> Result<u64> {
+) -> Result<u64> {
     let done = sqlx::query!(
         "delete from thread_member_removals where observed_at < now() - make_interval(secs => $1)",
         keep.as_secs_f64(),
@@ -195,4 +195,4 @@ pub(crate) async fn add_thread_members(
     .execute(&mut **tx)
     .await?;
     Ok(done.rows_affected())
-        }
+}
