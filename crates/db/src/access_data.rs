@@ -17,68 +17,78 @@ pub async fn load_guilds(
     tx: &mut FanoutTx,
     guild_ids: &[i64],
 ) -> Result<BTreeMap<i64, GuildAccessData>> {
-    let rows: Vec<(i64, i64, Vec<i64>, bool)> = sqlx::query_as(
-        "select guild_id, owner_id, observer_role_ids, removed_at is not null
-         from guilds where guild_id = any($1)",
+    // "removed!": `is not null` is never null.
+    let rows = sqlx::query!(
+        r#"select guild_id, owner_id, observer_role_ids, removed_at is not null as "removed!"
+         from guilds where guild_id = any($1)"#,
+        guild_ids,
     )
-    .bind(guild_ids)
     .fetch_all(&mut **tx)
     .await?;
     let mut out: BTreeMap<i64, GuildAccessData> = rows
         .into_iter()
-        .map(|(guild_id, owner_id, observer_role_ids, removed)| {
+        .map(|r| {
             (
-                guild_id,
+                r.guild_id,
                 GuildAccessData {
-                    guild_id,
-                    owner_id,
-                    observer_role_ids,
-                    removed,
+                    guild_id: r.guild_id,
+                    owner_id: r.owner_id,
+                    observer_role_ids: r.observer_role_ids,
+                    removed: r.removed,
                     ..Default::default()
                 },
             )
         })
         .collect();
 
-    let roles: Vec<(i64, i64, i64)> =
-        sqlx::query_as("select guild_id, role_id, permissions from roles where guild_id = any($1)")
-            .bind(guild_ids)
-            .fetch_all(&mut **tx)
-            .await?;
-    for (guild_id, role_id, permissions) in roles {
-        if let Some(g) = out.get_mut(&guild_id) {
-            g.roles.insert(role_id, perms_from_db(permissions));
+    let roles = sqlx::query!(
+        "select guild_id, role_id, permissions from roles where guild_id = any($1)",
+        guild_ids,
+    )
+    .fetch_all(&mut **tx)
+    .await?;
+    for r in roles {
+        if let Some(g) = out.get_mut(&r.guild_id) {
+            g.roles.insert(r.role_id, perms_from_db(r.permissions));
         }
     }
 
-    let channels: Vec<(i64, i64, i16, Option<i64>)> = sqlx::query_as(
+    let channels = sqlx::query!(
         "select guild_id, channel_id, kind, parent_id from channels where guild_id = any($1)",
+        guild_ids,
     )
-    .bind(guild_ids)
     .fetch_all(&mut **tx)
     .await?;
-    for (guild_id, channel_id, kind, parent_id) in channels {
-        if let Some(g) = out.get_mut(&guild_id) {
+    for c in channels {
+        if let Some(g) = out.get_mut(&c.guild_id) {
             g.channels.insert(
-                channel_id,
+                c.channel_id,
                 ChannelData {
-                    channel_id,
-                    kind,
-                    parent_id,
+                    channel_id: c.channel_id,
+                    kind: c.kind,
+                    parent_id: c.parent_id,
                     overwrites: Vec::new(),
                 },
             );
         }
     }
 
-    let overwrites: Vec<(i64, i64, i64, i16, i64, i64)> = sqlx::query_as(
+    let overwrites = sqlx::query!(
         "select guild_id, channel_id, target_id, kind, allow, deny
          from permission_overwrites where guild_id = any($1)",
+        guild_ids,
     )
-    .bind(guild_ids)
     .fetch_all(&mut **tx)
     .await?;
-    for (guild_id, channel_id, target_id, kind, allow, deny) in overwrites {
+    for o in overwrites {
+        let (guild_id, channel_id, target_id, kind, allow, deny) = (
+            o.guild_id,
+            o.channel_id,
+            o.target_id,
+            o.kind,
+            o.allow,
+            o.deny,
+        );
         let Some(kind) = OverwriteKind::from_db(kind) else {
             // The schema only admits 0 and 1; anything else would grant nothing.
             tracing::warn!(
@@ -104,9 +114,6 @@ pub async fn load_guilds(
     Ok(out)
 }
 
-/// guild_id, user_id, role_ids, communication_disabled_until
-type MemberRow = (i64, i64, Vec<i64>, Option<DateTime<Utc>>);
-
 /// The memberships of `user_ids` in `guild_ids`, keyed by (guild id, user id),
 /// with their thread memberships. A pair that is absent is not a member.
 pub async fn load_members(
@@ -114,39 +121,40 @@ pub async fn load_members(
     guild_ids: &[i64],
     user_ids: &[i64],
 ) -> Result<BTreeMap<(i64, i64), MemberData>> {
-    let rows: Vec<MemberRow> = sqlx::query_as(
-        "select guild_id, user_id, role_ids, communication_disabled_until
-         from members where guild_id = any($1) and user_id = any($2)",
+    let rows = sqlx::query!(
+        r#"select guild_id, user_id, role_ids,
+             communication_disabled_until as "communication_disabled_until: DateTime<Utc>"
+         from members where guild_id = any($1) and user_id = any($2)"#,
+        guild_ids,
+        user_ids,
     )
-    .bind(guild_ids)
-    .bind(user_ids)
     .fetch_all(&mut **tx)
     .await?;
     let mut out: BTreeMap<(i64, i64), MemberData> = rows
         .into_iter()
-        .map(|(guild_id, user_id, role_ids, until)| {
+        .map(|r| {
             (
-                (guild_id, user_id),
+                (r.guild_id, r.user_id),
                 MemberData {
-                    user_id,
-                    role_ids,
-                    communication_disabled_until: until,
+                    user_id: r.user_id,
+                    role_ids: r.role_ids,
+                    communication_disabled_until: r.communication_disabled_until,
                     thread_ids: Default::default(),
                 },
             )
         })
         .collect();
-    let threads: Vec<(i64, i64, i64)> = sqlx::query_as(
+    let threads = sqlx::query!(
         "select guild_id, thread_id, user_id from thread_members
          where guild_id = any($1) and user_id = any($2)",
+        guild_ids,
+        user_ids,
     )
-    .bind(guild_ids)
-    .bind(user_ids)
     .fetch_all(&mut **tx)
     .await?;
-    for (guild_id, thread_id, user_id) in threads {
-        if let Some(m) = out.get_mut(&(guild_id, user_id)) {
-            m.thread_ids.insert(thread_id);
+    for t in threads {
+        if let Some(m) = out.get_mut(&(t.guild_id, t.user_id)) {
+            m.thread_ids.insert(t.thread_id);
         }
     }
     Ok(out)

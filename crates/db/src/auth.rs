@@ -50,55 +50,58 @@ pub struct TokenOwner {
 
 /// Inserts or refreshes a user at login.
 pub async fn upsert_user(tx: &mut AuthTx, user: &NewUser) -> Result<()> {
-    sqlx::query(
+    sqlx::query!(
         "insert into users (user_id, username, global_name, avatar, last_login) \
          values ($1, $2, $3, $4, now()) \
          on conflict (user_id) do update set username = excluded.username, \
            global_name = excluded.global_name, avatar = excluded.avatar, last_login = now()",
+        user.user_id,
+        user.username,
+        user.global_name,
+        user.avatar,
     )
-    .bind(user.user_id)
-    .bind(&user.username)
-    .bind(&user.global_name)
-    .bind(&user.avatar)
     .execute(&mut **tx)
     .await?;
     Ok(())
 }
 
 pub async fn user(tx: &mut AuthTx, user_id: i64) -> Result<Option<UserRow>> {
-    let row = sqlx::query_as::<_, UserRow>(
+    let row = sqlx::query_as!(
+        UserRow,
         "select user_id, username, global_name, avatar from users where user_id = $1",
+        user_id,
     )
-    .bind(user_id)
     .fetch_optional(&mut **tx)
     .await?;
     Ok(row)
 }
 
 pub async fn store_oauth_token(tx: &mut AuthTx, token: &OAuthTokenRow) -> Result<()> {
-    sqlx::query(
+    sqlx::query!(
         "insert into oauth_tokens (user_id, access_token, refresh_token, expires_at, scope, updated_at) \
          values ($1, $2, $3, $4, $5, now()) \
          on conflict (user_id) do update set access_token = excluded.access_token, \
            refresh_token = coalesce(excluded.refresh_token, oauth_tokens.refresh_token), \
            expires_at = excluded.expires_at, scope = excluded.scope, updated_at = now()",
+        token.user_id,
+        token.access_token,
+        token.refresh_token,
+        token.expires_at as DateTime<Utc>,
+        token.scope,
     )
-    .bind(token.user_id)
-    .bind(&token.access_token)
-    .bind(&token.refresh_token)
-    .bind(token.expires_at)
-    .bind(&token.scope)
     .execute(&mut **tx)
     .await?;
     Ok(())
 }
 
 pub async fn oauth_token(tx: &mut AuthTx, user_id: i64) -> Result<Option<OAuthTokenRow>> {
-    let row = sqlx::query_as::<_, OAuthTokenRow>(
-        "select user_id, access_token, refresh_token, expires_at, scope from oauth_tokens \
-         where user_id = $1",
+    let row = sqlx::query_as!(
+        OAuthTokenRow,
+        r#"select user_id, access_token, refresh_token,
+             expires_at as "expires_at: DateTime<Utc>", scope
+         from oauth_tokens where user_id = $1"#,
+        user_id,
     )
-    .bind(user_id)
     .fetch_optional(&mut **tx)
     .await?;
     Ok(row)
@@ -106,8 +109,7 @@ pub async fn oauth_token(tx: &mut AuthTx, user_id: i64) -> Result<Option<OAuthTo
 
 /// Drops a user's OAuth tokens (Discord rejected them for good).
 pub async fn delete_oauth_token(tx: &mut AuthTx, user_id: i64) -> Result<()> {
-    sqlx::query("delete from oauth_tokens where user_id = $1")
-        .bind(user_id)
+    sqlx::query!("delete from oauth_tokens where user_id = $1", user_id)
         .execute(&mut **tx)
         .await?;
     Ok(())
@@ -115,11 +117,12 @@ pub async fn delete_oauth_token(tx: &mut AuthTx, user_id: i64) -> Result<()> {
 
 /// Guilds the bot is currently in.
 pub async fn bot_guild_ids(tx: &mut AuthTx) -> Result<Vec<i64>> {
-    let rows: Vec<(i64,)> =
-        sqlx::query_as("select guild_id from guilds where removed_at is null order by guild_id")
-            .fetch_all(&mut **tx)
-            .await?;
-    Ok(rows.into_iter().map(|r| r.0).collect())
+    let ids = sqlx::query_scalar!(
+        "select guild_id from guilds where removed_at is null order by guild_id"
+    )
+    .fetch_all(&mut **tx)
+    .await?;
+    Ok(ids)
 }
 
 /// Makes the stored memberships of `user_id` in the `checked` guilds equal to
@@ -154,22 +157,24 @@ pub async fn replace_memberships(
     let member_of: Vec<i64> = memberships.iter().map(|m| m.guild_id).collect();
     // Only guilds with a stored row get a removal recorded: a tombstone for
     // every bot guild the user never joined would grow without bound.
-    let gone: Vec<i64> = sqlx::query_scalar(
+    let gone: Vec<i64> = sqlx::query_scalar!(
         "select guild_id from members \
          where user_id = $1 and guild_id = any($2) and not (guild_id = any($3))",
+        user_id,
+        checked,
+        &member_of,
     )
-    .bind(user_id)
-    .bind(checked)
-    .bind(&member_of)
     .fetch_all(&mut **tx)
     .await?;
     for guild_id in gone {
         ingest::remove_members(tx, guild_id, &[user_id], observed_at, false).await?;
     }
-    sqlx::query("update users set memberships_refreshed_at = now() where user_id = $1")
-        .bind(user_id)
-        .execute(&mut **tx)
-        .await?;
+    sqlx::query!(
+        "update users set memberships_refreshed_at = now() where user_id = $1",
+        user_id,
+    )
+    .execute(&mut **tx)
+    .await?;
     Ok(())
 }
 
@@ -180,16 +185,16 @@ pub async fn users_due_for_refresh(
     older_than: DateTime<Utc>,
     limit: i64,
 ) -> Result<Vec<i64>> {
-    let rows: Vec<(i64,)> = sqlx::query_as(
+    let ids = sqlx::query_scalar!(
         "select u.user_id from users u join oauth_tokens t on t.user_id = u.user_id \
          where u.memberships_refreshed_at is null or u.memberships_refreshed_at < $1 \
          order by u.memberships_refreshed_at nulls first, u.user_id limit $2",
+        older_than as DateTime<Utc>,
+        limit,
     )
-    .bind(older_than)
-    .bind(limit)
     .fetch_all(&mut **tx)
     .await?;
-    Ok(rows.into_iter().map(|r| r.0).collect())
+    Ok(ids)
 }
 
 /// Resolves a bearer secret's SHA-256 to its owner, if the token is live, and
@@ -197,43 +202,48 @@ pub async fn users_due_for_refresh(
 /// Of the token hashes given, those of live (unrevoked) tokens, with the
 /// user each acts as: one query for every connection a recheck covers.
 pub async fn live_api_tokens(tx: &mut AuthTx, hashes: &[Vec<u8>]) -> Result<Vec<(Vec<u8>, i64)>> {
-    Ok(sqlx::query_as(
+    let rows = sqlx::query!(
         "select secret_hash, user_id from api_tokens \
          where secret_hash = any($1) and revoked_at is null",
+        hashes,
     )
-    .bind(hashes)
     .fetch_all(&mut **tx)
-    .await?)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| (r.secret_hash, r.user_id))
+        .collect())
 }
 
 /// Of the login session ids given, those that still exist and have not
 /// expired, in tower-sessions' table (the store reads it through the pool's
 /// own role, and so does this).
 pub async fn live_sessions(pool: &sqlx::PgPool, ids: &[String]) -> Result<Vec<String>> {
-    Ok(sqlx::query_scalar(
+    Ok(sqlx::query_scalar!(
         "select id from tower_sessions.session where id = any($1) and expiry_date > now()",
+        ids,
     )
-    .bind(ids)
     .fetch_all(pool)
     .await?)
 }
 
 pub async fn api_token_owner(tx: &mut AuthTx, secret_hash: &[u8]) -> Result<Option<TokenOwner>> {
-    let row: Option<(Uuid, i64)> = sqlx::query_as(
+    let row = sqlx::query!(
         "select token_id, user_id from api_tokens where secret_hash = $1 and revoked_at is null",
+        secret_hash,
     )
-    .bind(secret_hash)
     .fetch_optional(&mut **tx)
     .await?;
-    let Some((token_id, user_id)) = row else {
+    let Some(row) = row else {
         return Ok(None);
     };
+    let (token_id, user_id) = (row.token_id, row.user_id);
     // Coarse on purpose: one write a minute per token, not one per request.
-    sqlx::query(
+    sqlx::query!(
         "update api_tokens set last_used_at = now() where token_id = $1 \
          and (last_used_at is null or last_used_at < now() - interval '1 minute')",
+        token_id,
     )
-    .bind(token_id)
     .execute(&mut **tx)
     .await?;
     Ok(Some(TokenOwner { token_id, user_id }))

@@ -35,18 +35,18 @@ pub(crate) async fn apply(conn: &mut PgConnection, obs: &[&BotAccessObservation]
     let c: Vec<i64> = newest.values().map(|o| o.channel_id).collect();
     let r: Vec<bool> = newest.values().map(|o| o.readable).collect();
     let t: Vec<DateTime<Utc>> = newest.values().map(|o| o.observed_at).collect();
-    sqlx::query(
+    sqlx::query!(
         "update channels ch set bot_can_read = o.readable, bot_access_checked_at = o.at
          from unnest($1::int8[], $2::int8[], $3::bool[], $4::timestamptz[]) as o(g, c, readable, at)
          where ch.guild_id = o.g and ch.channel_id = o.c
            and (ch.bot_access_checked_at is null or ch.bot_access_checked_at <= o.at)
            and (ch.bot_can_read is distinct from o.readable
                 or ch.bot_access_checked_at is distinct from o.at)",
+        &g,
+        &c,
+        &r,
+        &t as &[DateTime<Utc>],
     )
-    .bind(&g)
-    .bind(&c)
-    .bind(&r)
-    .bind(&t)
     .execute(&mut *conn)
     .await?;
     Ok(())
@@ -54,10 +54,10 @@ pub(crate) async fn apply(conn: &mut PgConnection, obs: &[&BotAccessObservation]
 
 /// Channels of `guild_id` the bot was last refused (worker session).
 pub async fn unreadable_channels(tx: &mut crate::WorkerTx, guild_id: i64) -> Result<Vec<i64>> {
-    let ids = sqlx::query_scalar(
+    let ids = sqlx::query_scalar!(
         "select channel_id from channels where guild_id = $1 and bot_can_read = false",
+        guild_id,
     )
-    .bind(guild_id)
     .fetch_all(&mut **tx)
     .await?;
     Ok(ids)

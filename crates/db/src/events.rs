@@ -109,10 +109,12 @@ fn check_limit(limit: i64) -> Result<()> {
 /// snapshot's xmin are final, later ones may still appear. Starting here means
 /// "from now on". `seq` 0 sorts before every event (identity starts at 1).
 pub async fn head(tx: &mut FanoutTx) -> Result<Cursor> {
-    let xmin: i64 =
-        sqlx::query_scalar("select pg_snapshot_xmin(pg_current_snapshot())::text::bigint")
-            .fetch_one(&mut **tx)
-            .await?;
+    // "xmin!": the xmin of the current snapshot always exists.
+    let xmin: i64 = sqlx::query_scalar!(
+        r#"select pg_snapshot_xmin(pg_current_snapshot())::text::bigint as "xmin!""#
+    )
+    .fetch_one(&mut **tx)
+    .await?;
     Ok(Cursor::new(xmin, 0))
 }
 
@@ -122,22 +124,45 @@ pub async fn head(tx: &mut FanoutTx) -> Result<Cursor> {
 /// statement took its snapshot, so the page shows their messages; later ones
 /// are replayed (some perhaps again, which clients absorb by upserting by id).
 pub async fn head_for_viewer(tx: &mut ViewerTx) -> Result<Cursor> {
-    let xmin: i64 =
-        sqlx::query_scalar("select pg_snapshot_xmin(pg_current_snapshot())::text::bigint")
-            .fetch_one(&mut **tx)
-            .await?;
+    // The same statement as `head`'s (one offline entry serves both).
+    let xmin: i64 = sqlx::query_scalar!(
+        r#"select pg_snapshot_xmin(pg_current_snapshot())::text::bigint as "xmin!""#
+    )
+    .fetch_one(&mut **tx)
+    .await?;
     Ok(Cursor::new(xmin, 0))
 }
 
-#[derive(sqlx::FromRow)]
+/// An event's columns, then every `MessageRow` column (flat: `query_as!`
+/// cannot fill a nested struct). [`read_after`] and [`replay_for_viewer`]
+/// select the same list; the macro checks each against this struct.
+///
+/// Overrides in their SQL: `ev_xid!` (a cast of a not-null `xid8`), `present!`
+/// (`is not null`), and the message columns `coalesce`d with a non-null
+/// fallback (`author_bot!`, `content!`, `created_at!`, `attachments!`). The
+/// left join in [`read_after`] exists because a retention purge may remove a
+/// message whose event is still in the log: the cursor must still move past it.
 struct JoinedRow {
     ev_xid: i64,
     ev_seq: i64,
     ev_kind: i16,
     ev_at: DateTime<Utc>,
     present: bool,
-    #[sqlx(flatten)]
-    message: MessageRow,
+    guild_id: i64,
+    message_id: i64,
+    channel_id: i64,
+    author_id: Option<i64>,
+    author_username: Option<String>,
+    author_display_name: Option<String>,
+    author_avatar: Option<String>,
+    author_bot: bool,
+    content: String,
+    created_at: DateTime<Utc>,
+    edited_at: Option<DateTime<Utc>>,
+    deleted_at: Option<DateTime<Utc>>,
+    deletion_detected_at: Option<DateTime<Utc>>,
+    attachments: serde_json::Value,
+    reply_to_id: Option<i64>,
 }
 
 impl JoinedRow {
@@ -146,24 +171,29 @@ impl JoinedRow {
         self.present.then(|| EventRow {
             cursor: Cursor::new(self.ev_xid, self.ev_seq),
             kind,
-            guild_id: self.message.guild_id,
-            channel_id: self.message.channel_id,
+            guild_id: self.guild_id,
+            channel_id: self.channel_id,
             at: self.ev_at,
-            message: self.message,
+            message: MessageRow {
+                guild_id: self.guild_id,
+                message_id: self.message_id,
+                channel_id: self.channel_id,
+                author_id: self.author_id,
+                author_username: self.author_username,
+                author_display_name: self.author_display_name,
+                author_avatar: self.author_avatar,
+                author_bot: self.author_bot,
+                content: self.content,
+                created_at: self.created_at,
+                edited_at: self.edited_at,
+                deleted_at: self.deleted_at,
+                deletion_detected_at: self.deletion_detected_at,
+                attachments: self.attachments,
+                reply_to_id: self.reply_to_id,
+            },
         })
     }
 }
-
-/// Event columns, then every `MessageRow` column. A left join, because a
-/// retention purge may remove a message whose event is still in the log: the
-/// cursor must still move past it.
-const JOINED_COLUMNS: &str = "e.xid::text::bigint as ev_xid, e.seq as ev_seq, e.kind as ev_kind, \
-     e.at as ev_at, m.message_id is not null as present, \
-     e.guild_id, e.message_id, e.channel_id, m.author_id, m.author_username, \
-     m.author_display_name, m.author_avatar, coalesce(m.author_bot, false) as author_bot, \
-     coalesce(m.content, '') as content, coalesce(m.created_at, e.at) as created_at, \
-     m.edited_at, m.deleted_at, m.deletion_detected_at, \
-     coalesce(m.attachments, '[]'::jsonb) as attachments, m.reply_to_id";
 
 /// Readable message events after `after`, in log order, at most `limit`, with
 /// each message's current row; returns them and the cursor to read from next
@@ -175,20 +205,28 @@ pub async fn read_after(
     limit: i64,
 ) -> Result<(Vec<EventRow>, Cursor)> {
     check_limit(limit)?;
-    let sql = format!(
-        "select {JOINED_COLUMNS} \
-         from message_events e \
-         left join messages m on m.guild_id = e.guild_id and m.message_id = e.message_id \
-         where e.xid < pg_snapshot_xmin(pg_current_snapshot()) \
-           and (e.xid, e.seq) > ($1::text::xid8, $2::bigint) \
-         order by e.xid, e.seq limit $3"
-    );
-    let rows = sqlx::query_as::<_, JoinedRow>(&sql)
-        .bind(after.xid.to_string())
-        .bind(after.seq)
-        .bind(limit)
-        .fetch_all(&mut **tx)
-        .await?;
+    let rows = sqlx::query_as!(
+        JoinedRow,
+        r#"select e.xid::text::bigint as "ev_xid!", e.seq as ev_seq, e.kind as ev_kind,
+             e.at as "ev_at: DateTime<Utc>", m.message_id is not null as "present!",
+             e.guild_id, e.message_id, e.channel_id, m.author_id, m.author_username,
+             m.author_display_name, m.author_avatar,
+             coalesce(m.author_bot, false) as "author_bot!",
+             coalesce(m.content, '') as "content!", coalesce(m.created_at, e.at) as "created_at!: DateTime<Utc>",
+             m.edited_at as "edited_at: DateTime<Utc>", m.deleted_at as "deleted_at: DateTime<Utc>",
+             m.deletion_detected_at as "deletion_detected_at: DateTime<Utc>",
+             coalesce(m.attachments, '[]'::jsonb) as "attachments!", m.reply_to_id
+         from message_events e
+         left join messages m on m.guild_id = e.guild_id and m.message_id = e.message_id
+         where e.xid < pg_snapshot_xmin(pg_current_snapshot())
+           and (e.xid, e.seq) > ($1::text::xid8, $2::bigint)
+         order by e.xid, e.seq limit $3"#,
+        after.xid.to_string(),
+        after.seq,
+        limit,
+    )
+    .fetch_all(&mut **tx)
+    .await?;
     let next = rows
         .last()
         .map(|r| Cursor::new(r.ev_xid, r.ev_seq))
@@ -209,16 +247,17 @@ pub async fn revisions(tx: &mut dyn FanoutRead, keys: &[(i64, i64)]) -> Result<V
     }
     let guild_ids: Vec<i64> = keys.iter().map(|k| k.0).collect();
     let message_ids: Vec<i64> = keys.iter().map(|k| k.1).collect();
-    let rows = sqlx::query_as::<_, RevisionRow>(
-        "select r.guild_id, r.message_id, r.version_at, r.content \
-         from message_revisions r \
-         join messages m on m.guild_id = r.guild_id and m.message_id = r.message_id \
-         where (r.guild_id, r.message_id) in (select * from unnest($1::bigint[], $2::bigint[])) \
-           and r.version_at <> coalesce(m.edited_at, m.created_at) \
-         order by r.guild_id, r.message_id, r.version_at",
+    let rows = sqlx::query_as!(
+        RevisionRow,
+        r#"select r.guild_id, r.message_id, r.version_at as "version_at: DateTime<Utc>", r.content
+         from message_revisions r
+         join messages m on m.guild_id = r.guild_id and m.message_id = r.message_id
+         where (r.guild_id, r.message_id) in (select * from unnest($1::bigint[], $2::bigint[]))
+           and r.version_at <> coalesce(m.edited_at, m.created_at)
+         order by r.guild_id, r.message_id, r.version_at"#,
+        &guild_ids,
+        &message_ids,
     )
-    .bind(&guild_ids)
-    .bind(&message_ids)
     .fetch_all(&mut **tx)
     .await?;
     Ok(rows)
@@ -232,23 +271,24 @@ pub async fn access_after(
     limit: i64,
 ) -> Result<(Vec<AccessEventRow>, Cursor)> {
     check_limit(limit)?;
-    let rows: Vec<(i64, i64, i64, Option<i64>)> = sqlx::query_as(
-        "select xid::text::bigint, seq, guild_id, user_id from access_events \
-         where xid < pg_snapshot_xmin(pg_current_snapshot()) \
-           and (xid, seq) > ($1::text::xid8, $2::bigint) \
-         order by xid, seq limit $3",
+    // "xid!": a cast of the not-null `xid8` column.
+    let rows = sqlx::query!(
+        r#"select xid::text::bigint as "xid!", seq, guild_id, user_id from access_events
+         where xid < pg_snapshot_xmin(pg_current_snapshot())
+           and (xid, seq) > ($1::text::xid8, $2::bigint)
+         order by xid, seq limit $3"#,
+        after.xid.to_string(),
+        after.seq,
+        limit,
     )
-    .bind(after.xid.to_string())
-    .bind(after.seq)
-    .bind(limit)
     .fetch_all(&mut **tx)
     .await?;
     let out: Vec<AccessEventRow> = rows
         .into_iter()
-        .map(|(xid, seq, guild_id, user_id)| AccessEventRow {
-            cursor: Cursor::new(xid, seq),
-            guild_id,
-            user_id,
+        .map(|r| AccessEventRow {
+            cursor: Cursor::new(r.xid, r.seq),
+            guild_id: r.guild_id,
+            user_id: r.user_id,
         })
         .collect();
     let next = out.last().map(|r| r.cursor).unwrap_or(after);
@@ -268,7 +308,8 @@ pub async fn listen(db: &crate::Db) -> Result<(Listener, i32)> {
     listener
         .listen_all([CHANNEL_EVENTS, CHANNEL_ACCESS])
         .await?;
-    let pid: i32 = sqlx::query_scalar("select pg_backend_pid()")
+    // "pid!": a connected backend always has a pid.
+    let pid: i32 = sqlx::query_scalar!(r#"select pg_backend_pid() as "pid!""#)
         .fetch_one(&mut listener)
         .await?;
     Ok((listener, pid))
@@ -276,8 +317,7 @@ pub async fn listen(db: &crate::Db) -> Result<(Listener, i32)> {
 
 /// Guilds in which `user_id` is a member (whose access data fan-out needs).
 pub async fn member_guild_ids(tx: &mut FanoutTx, user_id: i64) -> Result<Vec<i64>> {
-    let ids = sqlx::query_scalar("select guild_id from members where user_id = $1")
-        .bind(user_id)
+    let ids = sqlx::query_scalar!("select guild_id from members where user_id = $1", user_id)
         .fetch_all(&mut **tx)
         .await?;
     Ok(ids)
@@ -296,19 +336,23 @@ pub struct VisibleChannel {
 /// Every channel the viewer may see (`access.viewer_channels()`, the SQL twin
 /// of [`crate::access::visible_channels`]), ordered by (guild, channel).
 pub async fn viewer_channels(tx: &mut ViewerTx) -> Result<Vec<VisibleChannel>> {
-    let rows: Vec<(i64, i64, bool, bool)> = sqlx::query_as(
-        "select guild_id, channel_id, can_read, can_read_history from access.viewer_channels() \
-         where can_view order by guild_id, channel_id",
+    // PostgreSQL cannot see inside the function: its ids come from not-null
+    // columns, and it only returns rows whose permissions are known (not
+    // null), from which both flags are computed.
+    let rows = sqlx::query!(
+        r#"select guild_id as "guild_id!", channel_id as "channel_id!",
+             can_read as "can_read!", can_read_history as "can_read_history!"
+         from access.viewer_channels() where can_view order by guild_id, channel_id"#
     )
     .fetch_all(&mut **tx)
     .await?;
     Ok(rows
         .into_iter()
-        .map(|(guild_id, channel_id, read, history)| VisibleChannel {
-            guild_id,
-            channel_id,
-            read,
-            history,
+        .map(|r| VisibleChannel {
+            guild_id: r.guild_id,
+            channel_id: r.channel_id,
+            read: r.can_read,
+            history: r.can_read_history,
         })
         .collect())
 }
@@ -328,27 +372,37 @@ pub async fn replay_for_viewer(
     if after >= upto {
         return Ok(Vec::new());
     }
-    let sql = format!(
-        "select {JOINED_COLUMNS} \
-         from message_events e \
-         join messages m on m.guild_id = e.guild_id and m.message_id = e.message_id \
-         where e.xid < pg_snapshot_xmin(pg_current_snapshot()) \
-           and (e.xid, e.seq) > ($1::text::xid8, $2::bigint) \
-           and (e.xid, e.seq) <= ($3::text::xid8, $4::bigint) \
-           and ($5::bigint is null or e.guild_id = $5) \
-           and ($6::bigint[] is null or e.channel_id = any($6)) \
-         order by e.xid, e.seq limit $7"
-    );
-    let rows = sqlx::query_as::<_, JoinedRow>(&sql)
-        .bind(after.xid.to_string())
-        .bind(after.seq)
-        .bind(upto.xid.to_string())
-        .bind(upto.seq)
-        .bind(scope.guild_id)
-        .bind(scope.channel_ids.as_deref())
-        .bind(limit)
-        .fetch_all(&mut **tx)
-        .await?;
+    // The column list of `read_after` (overrides explained at `JoinedRow`);
+    // the inner join makes the coalesces no-ops here.
+    let rows = sqlx::query_as!(
+        JoinedRow,
+        r#"select e.xid::text::bigint as "ev_xid!", e.seq as ev_seq, e.kind as ev_kind,
+             e.at as "ev_at: DateTime<Utc>", m.message_id is not null as "present!",
+             e.guild_id, e.message_id, e.channel_id, m.author_id, m.author_username,
+             m.author_display_name, m.author_avatar,
+             coalesce(m.author_bot, false) as "author_bot!",
+             coalesce(m.content, '') as "content!", coalesce(m.created_at, e.at) as "created_at!: DateTime<Utc>",
+             m.edited_at as "edited_at: DateTime<Utc>", m.deleted_at as "deleted_at: DateTime<Utc>",
+             m.deletion_detected_at as "deletion_detected_at: DateTime<Utc>",
+             coalesce(m.attachments, '[]'::jsonb) as "attachments!", m.reply_to_id
+         from message_events e
+         join messages m on m.guild_id = e.guild_id and m.message_id = e.message_id
+         where e.xid < pg_snapshot_xmin(pg_current_snapshot())
+           and (e.xid, e.seq) > ($1::text::xid8, $2::bigint)
+           and (e.xid, e.seq) <= ($3::text::xid8, $4::bigint)
+           and ($5::bigint is null or e.guild_id = $5)
+           and ($6::bigint[] is null or e.channel_id = any($6))
+         order by e.xid, e.seq limit $7"#,
+        after.xid.to_string(),
+        after.seq,
+        upto.xid.to_string(),
+        upto.seq,
+        scope.guild_id,
+        scope.channel_ids.as_deref(),
+        limit,
+    )
+    .fetch_all(&mut **tx)
+    .await?;
     Ok(rows.into_iter().filter_map(JoinedRow::into_event).collect())
 }
 

@@ -25,6 +25,13 @@
 //! - [`server`]: a private PostgreSQL cluster from the installed server binaries
 //!   (the demo without `DATABASE_URL`; tests that restart PostgreSQL). No SQL.
 //!
+//! SQL: static queries are `sqlx::query!`/`query_as!`/`query_scalar!`, checked
+//! at compile time against the committed `.sqlx/` (crates/db/README.md); the
+//! few dynamic ones say why in a `// dynamic:` comment. Timestamps are written
+//! `DateTime<Utc>` explicitly in them (`"col: DateTime<Utc>"`, `arg as
+//! DateTime<Utc>`): a workspace build also enables sqlx's `time` feature
+//! (tower-sessions' store), and the macros would otherwise pick `time` types.
+//!
 //! Errors: functions return [`Error`]; callers branch on the few variants that
 //! matter (not found, conflict) and log the rest with their cause chain;
 //! [`Error::is_transient`] says whether a failed write is worth retrying as is.

@@ -66,17 +66,17 @@ pub async fn apply_policies(pool: &PgPool) -> Result<()> {
 
 async fn apply_policies_once(pool: &PgPool) -> Result<()> {
     let mut tx = pool.begin().await?;
-    sqlx::query("select pg_advisory_xact_lock($1)")
-        .bind(POLICY_LOCK_KEY)
+    sqlx::query!("select pg_advisory_xact_lock($1)", POLICY_LOCK_KEY)
         .execute(&mut *tx)
         .await?;
     // The files drop-and-recreate idempotently; "does not exist, skipping"
     // notices on a fresh database are expected, not news.
-    sqlx::query("set local client_min_messages = warning")
+    sqlx::query!("set local client_min_messages = warning")
         .execute(&mut *tx)
         .await?;
     for (name, sql) in POLICY_FILES {
         tracing::debug!(file = name, "applying policy file");
+        // dynamic: a whole file of DDL, several statements sent as one simple query.
         sqlx::raw_sql(sql).execute(&mut *tx).await.map_err(|err| {
             tracing::error!(file = name, %err, "policy file failed");
             err

@@ -21,16 +21,16 @@ pub async fn live_message_ids(
     low: i64,
     high: i64,
 ) -> Result<Vec<i64>> {
-    let ids = sqlx::query_scalar(
+    let ids = sqlx::query_scalar!(
         "select message_id from messages
          where channel_id = $2 and guild_id = $1 and message_id between $3 and $4
            and deleted_at is null and deletion_detected_at is null
          order by message_id",
+        guild_id,
+        channel_id,
+        low,
+        high,
     )
-    .bind(guild_id)
-    .bind(channel_id)
-    .bind(low)
-    .bind(high)
     .fetch_all(&mut **tx)
     .await?;
     Ok(ids)
@@ -50,8 +50,9 @@ pub(crate) async fn mark_gone(
     if message_ids.is_empty() {
         return Ok(0);
     }
-    let n: i64 = sqlx::query_scalar(
-        "with gone as (
+    // "count!": count(*) is never null.
+    let n: i64 = sqlx::query_scalar!(
+        r#"with gone as (
              update messages set deletion_detected_at = $4
              where guild_id = $1 and channel_id = $2 and message_id = any($3)
                and deleted_at is null and deletion_detected_at is null
@@ -60,12 +61,12 @@ pub(crate) async fn mark_gone(
              insert into message_events (guild_id, kind, channel_id, message_id)
              select guild_id, 3, channel_id, message_id from gone
              returning 1)
-         select count(*) from logged",
+         select count(*) as "count!" from logged"#,
+        guild_id,
+        channel_id,
+        message_ids,
+        detected_at as DateTime<Utc>,
     )
-    .bind(guild_id)
-    .bind(channel_id)
-    .bind(message_ids)
-    .bind(detected_at)
     .fetch_one(&mut *conn)
     .await?;
     Ok(u64::try_from(n).unwrap_or(0))

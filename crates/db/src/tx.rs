@@ -139,13 +139,12 @@ impl Db {
         // Once per connection: plain statements (a multi-statement `raw_sql`
         // future is not `Send` enough for the tasks that hold these).
         if read_only {
-            sqlx::query("set session characteristics as transaction read only")
+            sqlx::query!("set session characteristics as transaction read only")
                 .execute(&mut conn)
                 .await?;
         }
-        sqlx::query("select set_config('role', $1, false)")
-            .bind(role)
-            .execute(&mut conn)
+        sqlx::query!("select set_config('role', $1, false)", role)
+            .fetch_one(&mut conn)
             .await?;
         Ok(conn)
     }
@@ -166,6 +165,7 @@ impl Db {
     /// per statement. Under load every round trip waits for a CPU on both
     /// sides, so this is latency on every live event and every request.
     async fn begin_with(&self, statements: String) -> Result<Transaction<'static, Postgres>> {
+        // dynamic: several statements in one simple query, which the macros cannot describe.
         Ok(self.pool.begin_with(statements).await?)
     }
 }

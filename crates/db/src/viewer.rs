@@ -49,12 +49,6 @@ pub struct ChannelRow {
     pub bot_can_read: Option<bool>,
 }
 
-/// Channel columns; `bot_can_read` only where the viewer may manage the guild
-/// (an InitPlan: the manager set is computed once per statement).
-const CHANNEL_COLUMNS: &str = "guild_id, channel_id, kind, name, parent_id, position, \
-     case when guild_id = any ((select access.manageable_guild_ids())::bigint[]) \
-          then bot_can_read end as bot_can_read";
-
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct MessageRow {
     pub guild_id: i64,
@@ -101,17 +95,13 @@ pub struct ApiTokenRow {
     pub revoked_at: Option<DateTime<Utc>>,
 }
 
-const MESSAGE_COLUMNS: &str = "m.guild_id, m.message_id, m.channel_id, m.author_id, \
-     m.author_username, m.author_display_name, m.author_avatar, m.author_bot, m.content, \
-     m.created_at, m.edited_at, m.deleted_at, m.deletion_detected_at, m.attachments, \
-     m.reply_to_id";
-
 /// The viewer's own user row (RLS shows no other).
 pub async fn viewer_user(tx: &mut ViewerTx, viewer_id: i64) -> Result<Option<UserRow>> {
-    let row = sqlx::query_as::<_, UserRow>(
+    let row = sqlx::query_as!(
+        UserRow,
         "select user_id, username, global_name, avatar from users where user_id = $1",
+        viewer_id,
     )
-    .bind(viewer_id)
     .fetch_optional(&mut **tx)
     .await?;
     Ok(row)
@@ -119,7 +109,8 @@ pub async fn viewer_user(tx: &mut ViewerTx, viewer_id: i64) -> Result<Option<Use
 
 /// Guilds in which the viewer sees at least one channel (the policy's definition).
 pub async fn guilds(tx: &mut ViewerTx) -> Result<Vec<GuildRow>> {
-    let rows = sqlx::query_as::<_, GuildRow>(
+    let rows = sqlx::query_as!(
+        GuildRow,
         "select guild_id, name, icon, observer_role_ids, \
            (extract(epoch from retention) / 86400)::int as retention_days from guilds \
          order by lower(name), guild_id",
@@ -130,12 +121,13 @@ pub async fn guilds(tx: &mut ViewerTx) -> Result<Vec<GuildRow>> {
 }
 
 pub async fn guild(tx: &mut ViewerTx, guild_id: i64) -> Result<Option<GuildRow>> {
-    let row = sqlx::query_as::<_, GuildRow>(
+    let row = sqlx::query_as!(
+        GuildRow,
         "select guild_id, name, icon, observer_role_ids, \
            (extract(epoch from retention) / 86400)::int as retention_days from guilds \
          where guild_id = $1",
+        guild_id,
     )
-    .bind(guild_id)
     .fetch_optional(&mut **tx)
     .await?;
     Ok(row)
@@ -143,32 +135,50 @@ pub async fn guild(tx: &mut ViewerTx, guild_id: i64) -> Result<Option<GuildRow>>
 
 /// Visible channels of the given guilds, ordered for display (position, then id).
 pub async fn channels_of_guilds(tx: &mut ViewerTx, guild_ids: &[i64]) -> Result<Vec<ChannelRow>> {
-    let sql = format!(
-        "select {CHANNEL_COLUMNS} from channels \
-         where guild_id = any($1) order by guild_id, position, channel_id"
-    );
-    let rows = sqlx::query_as::<_, ChannelRow>(&sql)
-        .bind(guild_ids)
-        .fetch_all(&mut **tx)
-        .await?;
+    // `bot_can_read` only where the viewer may manage the guild (an InitPlan:
+    // the manager set is computed once per statement); same list in `channel`.
+    let rows = sqlx::query_as!(
+        ChannelRow,
+        "select guild_id, channel_id, kind, name, parent_id, position, \
+           case when guild_id = any ((select access.manageable_guild_ids())::bigint[]) \
+                then bot_can_read end as bot_can_read \
+         from channels \
+         where guild_id = any($1) order by guild_id, position, channel_id",
+        guild_ids,
+    )
+    .fetch_all(&mut **tx)
+    .await?;
     Ok(rows)
 }
 
 pub async fn channel(tx: &mut ViewerTx, channel_id: i64) -> Result<Option<ChannelRow>> {
-    let sql = format!("select {CHANNEL_COLUMNS} from channels where channel_id = $1");
-    let row = sqlx::query_as::<_, ChannelRow>(&sql)
-        .bind(channel_id)
-        .fetch_optional(&mut **tx)
-        .await?;
+    let row = sqlx::query_as!(
+        ChannelRow,
+        "select guild_id, channel_id, kind, name, parent_id, position, \
+           case when guild_id = any ((select access.manageable_guild_ids())::bigint[]) \
+                then bot_can_read end as bot_can_read \
+         from channels where channel_id = $1",
+        channel_id,
+    )
+    .fetch_optional(&mut **tx)
+    .await?;
     Ok(row)
 }
 
 pub async fn message(tx: &mut ViewerTx, message_id: i64) -> Result<Option<MessageRow>> {
-    let sql = format!("select {MESSAGE_COLUMNS} from messages m where m.message_id = $1");
-    let row = sqlx::query_as::<_, MessageRow>(&sql)
-        .bind(message_id)
-        .fetch_optional(&mut **tx)
-        .await?;
+    let row = sqlx::query_as!(
+        MessageRow,
+        r#"select m.guild_id, m.message_id, m.channel_id, m.author_id,
+           m.author_username, m.author_display_name, m.author_avatar, m.author_bot, m.content,
+           m.created_at as "created_at: DateTime<Utc>", m.edited_at as "edited_at: DateTime<Utc>",
+           m.deleted_at as "deleted_at: DateTime<Utc>",
+           m.deletion_detected_at as "deletion_detected_at: DateTime<Utc>", m.attachments,
+           m.reply_to_id
+         from messages m where m.message_id = $1"#,
+        message_id,
+    )
+    .fetch_optional(&mut **tx)
+    .await?;
     Ok(row)
 }
 
@@ -183,17 +193,23 @@ pub async fn messages(
     if !(1..=MAX_PAGE + 1).contains(&limit) {
         return Err(Error::Invalid(format!("page size {limit} out of range")));
     }
-    let sql = format!(
-        "select {MESSAGE_COLUMNS} from messages m \
-         where m.channel_id = $1 and ($2::bigint is null or m.message_id < $2) \
-         order by m.message_id desc limit $3"
-    );
-    let rows = sqlx::query_as::<_, MessageRow>(&sql)
-        .bind(channel_id)
-        .bind(before)
-        .bind(limit)
-        .fetch_all(&mut **tx)
-        .await?;
+    let rows = sqlx::query_as!(
+        MessageRow,
+        r#"select m.guild_id, m.message_id, m.channel_id, m.author_id,
+           m.author_username, m.author_display_name, m.author_avatar, m.author_bot, m.content,
+           m.created_at as "created_at: DateTime<Utc>", m.edited_at as "edited_at: DateTime<Utc>",
+           m.deleted_at as "deleted_at: DateTime<Utc>",
+           m.deletion_detected_at as "deletion_detected_at: DateTime<Utc>", m.attachments,
+           m.reply_to_id
+         from messages m
+         where m.channel_id = $1 and ($2::bigint is null or m.message_id < $2)
+         order by m.message_id desc limit $3"#,
+        channel_id,
+        before,
+        limit,
+    )
+    .fetch_all(&mut **tx)
+    .await?;
     Ok(rows)
 }
 
@@ -212,32 +228,48 @@ pub async fn search_messages(
     if !(1..=MAX_PAGE + 1).contains(&limit) {
         return Err(Error::Invalid(format!("page size {limit} out of range")));
     }
-    #[derive(sqlx::FromRow)]
-    struct Hit {
-        #[sqlx(flatten)]
-        message: MessageRow,
-        rank: f32,
-    }
-    let sql = format!(
-        "select {MESSAGE_COLUMNS}, ts_rank(m.search, q) as rank \
-         from messages m, websearch_to_tsquery('english', $1) q \
-         where m.search @@ q \
-           and ($2::bigint is null or m.guild_id = $2) \
-           and ($3::real is null or (ts_rank(m.search, q), m.message_id) < ($3::real, $4::bigint)) \
-         order by rank desc, m.message_id desc limit $5"
-    );
-    let rows = sqlx::query_as::<_, Hit>(&sql)
-        .bind(query)
-        .bind(guild_id)
-        .bind(after.map(|(rank, _)| rank))
-        .bind(after.map(|(_, id)| id))
-        .bind(limit)
-        .fetch_all(&mut **tx)
-        .await?;
+    // "rank!": ts_rank of a document and a query that are both present (the
+    // generated `search` of a not-null `content`, the parsed `$1`) is a number.
+    let rows = sqlx::query!(
+        r#"select m.guild_id, m.message_id, m.channel_id, m.author_id,
+             m.author_username, m.author_display_name, m.author_avatar, m.author_bot, m.content,
+             m.created_at as "created_at: DateTime<Utc>", m.edited_at as "edited_at: DateTime<Utc>",
+             m.deleted_at as "deleted_at: DateTime<Utc>",
+             m.deletion_detected_at as "deletion_detected_at: DateTime<Utc>", m.attachments,
+             m.reply_to_id, ts_rank(m.search, q) as "rank!"
+         from messages m, websearch_to_tsquery('english', $1) q
+         where m.search @@ q
+           and ($2::bigint is null or m.guild_id = $2)
+           and ($3::real is null or (ts_rank(m.search, q), m.message_id) < ($3::real, $4::bigint))
+         order by "rank!" desc, m.message_id desc limit $5"#,
+        query,
+        guild_id,
+        after.map(|(rank, _)| rank),
+        after.map(|(_, id)| id),
+        limit,
+    )
+    .fetch_all(&mut **tx)
+    .await?;
     Ok(rows
         .into_iter()
         .map(|h| SearchHit {
-            message: h.message,
+            message: MessageRow {
+                guild_id: h.guild_id,
+                message_id: h.message_id,
+                channel_id: h.channel_id,
+                author_id: h.author_id,
+                author_username: h.author_username,
+                author_display_name: h.author_display_name,
+                author_avatar: h.author_avatar,
+                author_bot: h.author_bot,
+                content: h.content,
+                created_at: h.created_at,
+                edited_at: h.edited_at,
+                deleted_at: h.deleted_at,
+                deletion_detected_at: h.deletion_detected_at,
+                attachments: h.attachments,
+                reply_to_id: h.reply_to_id,
+            },
             rank: h.rank,
         })
         .collect())
@@ -252,16 +284,17 @@ pub async fn revisions(tx: &mut ViewerTx, keys: &[(i64, i64)]) -> Result<Vec<Rev
     }
     let guild_ids: Vec<i64> = keys.iter().map(|k| k.0).collect();
     let message_ids: Vec<i64> = keys.iter().map(|k| k.1).collect();
-    let rows = sqlx::query_as::<_, RevisionRow>(
-        "select r.guild_id, r.message_id, r.version_at, r.content \
-         from message_revisions r \
-         join messages m on m.guild_id = r.guild_id and m.message_id = r.message_id \
-         where (r.guild_id, r.message_id) in (select * from unnest($1::bigint[], $2::bigint[])) \
-           and r.version_at <> coalesce(m.edited_at, m.created_at) \
-         order by r.guild_id, r.message_id, r.version_at",
+    let rows = sqlx::query_as!(
+        RevisionRow,
+        r#"select r.guild_id, r.message_id, r.version_at as "version_at: DateTime<Utc>", r.content
+         from message_revisions r
+         join messages m on m.guild_id = r.guild_id and m.message_id = r.message_id
+         where (r.guild_id, r.message_id) in (select * from unnest($1::bigint[], $2::bigint[]))
+           and r.version_at <> coalesce(m.edited_at, m.created_at)
+         order by r.guild_id, r.message_id, r.version_at"#,
+        &guild_ids,
+        &message_ids,
     )
-    .bind(&guild_ids)
-    .bind(&message_ids)
     .fetch_all(&mut **tx)
     .await?;
     Ok(rows)
@@ -274,25 +307,27 @@ pub async fn existing_role_ids(
     guild_id: i64,
     role_ids: &[i64],
 ) -> Result<Vec<i64>> {
-    let rows: Vec<(i64,)> =
-        sqlx::query_as("select role_id from roles where guild_id = $1 and role_id = any($2)")
-            .bind(guild_id)
-            .bind(role_ids)
-            .fetch_all(&mut **tx)
-            .await?;
-    Ok(rows.into_iter().map(|r| r.0).collect())
+    let ids = sqlx::query_scalar!(
+        "select role_id from roles where guild_id = $1 and role_id = any($2)",
+        guild_id,
+        role_ids,
+    )
+    .fetch_all(&mut **tx)
+    .await?;
+    Ok(ids)
 }
 
 /// Sets a guild's retention period in days (None: keep forever); the
 /// worker's purge applies it. Same permission rule and answers as
 /// [`set_observer_roles`].
 pub async fn set_retention_days(tx: &mut ViewerTx, guild_id: i64, days: Option<i32>) -> Result<()> {
-    let done =
-        sqlx::query("update guilds set retention = make_interval(days => $2) where guild_id = $1")
-            .bind(guild_id)
-            .bind(days)
-            .execute(&mut **tx)
-            .await;
+    let done = sqlx::query!(
+        "update guilds set retention = make_interval(days => $2) where guild_id = $1",
+        guild_id,
+        days,
+    )
+    .execute(&mut **tx)
+    .await;
     one_guild_setting(done)
 }
 
@@ -300,11 +335,13 @@ pub async fn set_retention_days(tx: &mut ViewerTx, guild_id: i64, days: Option<i
 /// the owner, ADMINISTRATOR or MANAGE_GUILD; anything else (including a guild
 /// the viewer cannot see) updates nothing and is reported as [`Error::NotFound`].
 pub async fn set_observer_roles(tx: &mut ViewerTx, guild_id: i64, role_ids: &[i64]) -> Result<()> {
-    let done = sqlx::query("update guilds set observer_role_ids = $2 where guild_id = $1")
-        .bind(guild_id)
-        .bind(role_ids)
-        .execute(&mut **tx)
-        .await;
+    let done = sqlx::query!(
+        "update guilds set observer_role_ids = $2 where guild_id = $1",
+        guild_id,
+        role_ids,
+    )
+    .execute(&mut **tx)
+    .await;
     one_guild_setting(done)
 }
 
@@ -335,14 +372,17 @@ pub async fn create_api_token(
     name: &str,
     secret_hash: &[u8],
 ) -> Result<ApiTokenRow> {
-    let row = sqlx::query_as::<_, ApiTokenRow>(
+    let row = sqlx::query_as!(
+        ApiTokenRow,
         "insert into api_tokens (token_id, user_id, name, secret_hash) values ($1, $2, $3, $4) \
-         returning token_id, name, created_at, last_used_at, revoked_at",
+         returning token_id, name, created_at as \"created_at: DateTime<Utc>\", \
+           last_used_at as \"last_used_at: DateTime<Utc>\", \
+           revoked_at as \"revoked_at: DateTime<Utc>\"",
+        token_id,
+        viewer_id,
+        name,
+        secret_hash,
     )
-    .bind(token_id)
-    .bind(viewer_id)
-    .bind(name)
-    .bind(secret_hash)
     .fetch_one(&mut **tx)
     .await?;
     Ok(row)
@@ -350,9 +390,12 @@ pub async fn create_api_token(
 
 /// The viewer's tokens, newest first (never the hashes).
 pub async fn api_tokens(tx: &mut ViewerTx) -> Result<Vec<ApiTokenRow>> {
-    let rows = sqlx::query_as::<_, ApiTokenRow>(
-        "select token_id, name, created_at, last_used_at, revoked_at from api_tokens \
-         order by created_at desc, token_id",
+    let rows = sqlx::query_as!(
+        ApiTokenRow,
+        r#"select token_id, name, created_at as "created_at: DateTime<Utc>",
+             last_used_at as "last_used_at: DateTime<Utc>", revoked_at as "revoked_at: DateTime<Utc>"
+         from api_tokens
+         order by created_at desc, token_id"#,
     )
     .fetch_all(&mut **tx)
     .await?;
@@ -361,10 +404,10 @@ pub async fn api_tokens(tx: &mut ViewerTx) -> Result<Vec<ApiTokenRow>> {
 
 /// Revokes one of the viewer's tokens. `false` when there is no such live token.
 pub async fn revoke_api_token(tx: &mut ViewerTx, token_id: Uuid) -> Result<bool> {
-    let r = sqlx::query(
+    let r = sqlx::query!(
         "update api_tokens set revoked_at = now() where token_id = $1 and revoked_at is null",
+        token_id,
     )
-    .bind(token_id)
     .execute(&mut **tx)
     .await?;
     Ok(r.rows_affected() > 0)
@@ -372,6 +415,6 @@ pub async fn revoke_api_token(tx: &mut ViewerTx, token_id: Uuid) -> Result<bool>
 
 /// Cheap liveness probe of the connection and role switch (for `/readyz`).
 pub async fn ping(tx: &mut ViewerTx) -> Result<()> {
-    sqlx::query("select 1").execute(&mut **tx).await?;
+    sqlx::query_scalar!("select 1").fetch_one(&mut **tx).await?;
     Ok(())
 }

@@ -1,5 +1,9 @@
 //! Fixture rows written as the superuser test connection (reads under test
 //! go through the API or a role-switched transaction).
+//!
+//! dynamic: test-only seeding that runs against a migrated test database; not
+//! part of the product's query surface, so it is not checked at compile time
+//! (crates/db/README.md, "Compile-time checked SQL").
 
 use sqlx::PgPool;
 

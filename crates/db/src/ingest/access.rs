@@ -73,11 +73,11 @@ async fn apply_access(conn: &mut PgConnection, op: &IngestOp) -> Result<()> {
             observed_at,
         } => threads::guild_removed(conn, *guild_id, *observed_at).await,
         IngestOp::GuildUnavailable { guild_id } => {
-            sqlx::query(
+            sqlx::query!(
                 "update guilds set unavailable = true, updated_at = now()
                  where guild_id = $1 and not unavailable",
+                guild_id,
             )
-            .bind(guild_id)
             .execute(&mut *conn)
             .await?;
             Ok(())
@@ -125,20 +125,22 @@ async fn apply_access(conn: &mut PgConnection, op: &IngestOp) -> Result<()> {
         IngestOp::RoleUpsert(r) => upsert_roles(conn, std::slice::from_ref(r)).await,
         IngestOp::RolesSync { guild_id, roles } => sync_roles(conn, *guild_id, roles).await,
         IngestOp::RoleDelete { guild_id, role_id } => {
-            sqlx::query("delete from roles where guild_id = $1 and role_id = $2")
-                .bind(guild_id)
-                .bind(role_id)
-                .execute(&mut *conn)
-                .await?;
+            sqlx::query!(
+                "delete from roles where guild_id = $1 and role_id = $2",
+                guild_id,
+                role_id,
+            )
+            .execute(&mut *conn)
+            .await?;
             // Discord strips the role from its members without sending member
             // updates. (Its overwrites stay until a CHANNEL_UPDATE says
             // otherwise; a role nobody holds grants nothing anyway.)
-            sqlx::query(
+            sqlx::query!(
                 "update members set role_ids = array_remove(role_ids, $2), updated_at = now()
                  where guild_id = $1 and $2 = any(role_ids)",
+                guild_id,
+                role_id,
             )
-            .bind(guild_id)
-            .bind(role_id)
             .execute(&mut *conn)
             .await?;
             Ok(())
@@ -172,7 +174,7 @@ async fn upsert_guild(
     rejoined: Option<DateTime<Utc>>,
 ) -> Result<()> {
     // observer_role_ids and retention are tenant settings: never touched here.
-    sqlx::query(
+    sqlx::query!(
         "insert into guilds (guild_id, name, icon, owner_id, presence_observed_at)
          values ($1, $2, $3, $4, coalesce($5::timestamptz, '-infinity'))
          on conflict (guild_id) do update
@@ -187,12 +189,12 @@ async fn upsert_guild(
            where (guilds.name, guilds.icon, guilds.owner_id) is distinct from
                  (excluded.name, excluded.icon, excluded.owner_id)
               or $5 > guilds.presence_observed_at",
+        g.guild_id,
+        sanitize(&g.name, MAX_NAME_BYTES),
+        sanitize_opt(g.icon.as_deref(), MAX_NAME_BYTES),
+        g.owner_id,
+        rejoined as Option<DateTime<Utc>>,
     )
-    .bind(g.guild_id)
-    .bind(sanitize(&g.name, MAX_NAME_BYTES))
-    .bind(sanitize_opt(g.icon.as_deref(), MAX_NAME_BYTES))
-    .bind(g.owner_id)
-    .bind(rejoined)
     .execute(&mut *conn)
     .await?;
     Ok(())
@@ -205,14 +207,14 @@ async fn guild_snapshot(conn: &mut PgConnection, s: &GuildSnapshot) -> Result<()
     sync_roles(conn, gid, &s.roles).await?;
 
     let channel_ids: Vec<i64> = s.channels.iter().map(|c| c.channel_id).collect();
-    let gone: Vec<i64> = sqlx::query_scalar(
+    let gone: Vec<i64> = sqlx::query_scalar!(
         "delete from channels where guild_id = $1 and channel_id <> all($2)
            and not (kind = any($3))
          returning channel_id",
+        gid,
+        &channel_ids,
+        &THREAD_KINDS[..],
     )
-    .bind(gid)
-    .bind(&channel_ids)
-    .bind(&THREAD_KINDS[..])
     .fetch_all(&mut *conn)
     .await?;
     if !gone.is_empty() {
@@ -228,11 +230,13 @@ async fn guild_snapshot(conn: &mut PgConnection, s: &GuildSnapshot) -> Result<()
 async fn sync_roles(conn: &mut PgConnection, guild_id: i64, roles: &[RoleInfo]) -> Result<()> {
     let roles = last_by_key(roles.to_vec(), |r| r.role_id);
     let role_ids: Vec<i64> = roles.iter().map(|r| r.role_id).collect();
-    sqlx::query("delete from roles where guild_id = $1 and role_id <> all($2)")
-        .bind(guild_id)
-        .bind(&role_ids)
-        .execute(&mut *conn)
-        .await?;
+    sqlx::query!(
+        "delete from roles where guild_id = $1 and role_id <> all($2)",
+        guild_id,
+        &role_ids,
+    )
+    .execute(&mut *conn)
+    .await?;
     upsert_roles(conn, &roles).await
 }
 
@@ -248,19 +252,19 @@ async fn upsert_roles(conn: &mut PgConnection, roles: &[RoleInfo]) -> Result<()>
         .collect();
     let perm: Vec<i64> = roles.iter().map(|r| r.permissions).collect();
     let pos: Vec<i32> = roles.iter().map(|r| r.position).collect();
-    sqlx::query(
+    sqlx::query!(
         "insert into roles (guild_id, role_id, name, permissions, position)
          select * from unnest($1::int8[], $2::int8[], $3::text[], $4::int8[], $5::int4[])
          on conflict (guild_id, role_id) do update
            set name = excluded.name, permissions = excluded.permissions, position = excluded.position
            where (roles.name, roles.permissions, roles.position)
                  is distinct from (excluded.name, excluded.permissions, excluded.position)",
+        &g,
+        &id,
+        &name,
+        &perm,
+        &pos,
     )
-    .bind(&g)
-    .bind(&id)
-    .bind(&name)
-    .bind(&perm)
-    .bind(&pos)
     .execute(&mut *conn)
     .await?;
     Ok(())
@@ -285,7 +289,7 @@ async fn upsert_channels(conn: &mut PgConnection, chans: &[ChannelInfo]) -> Resu
         .collect();
     let archived: Vec<bool> = chans.iter().map(|c| c.archived).collect();
     let owner: Vec<Option<i64>> = chans.iter().map(|c| c.owner_id).collect();
-    sqlx::query(
+    sqlx::query!(
         "insert into channels (guild_id, channel_id, kind, name, parent_id, position, topic, archived, owner_id)
          select * from unnest($1::int8[], $2::int8[], $3::int2[], $4::text[], $5::int8[],
                               $6::int4[], $7::text[], $8::bool[], $9::int8[])
@@ -297,16 +301,17 @@ async fn upsert_channels(conn: &mut PgConnection, chans: &[ChannelInfo]) -> Resu
                   channels.topic, channels.archived, channels.owner_id)
                  is distinct from (excluded.kind, excluded.name, excluded.parent_id, excluded.position,
                                    excluded.topic, excluded.archived, excluded.owner_id)",
+        &g,
+        &id,
+        &kind,
+        &name,
+        // `as`: the macros would type these arrays without NULL elements, which they hold.
+        &parent as &[Option<i64>],
+        &pos,
+        &topic as &[Option<String>],
+        &archived,
+        &owner as &[Option<i64>],
     )
-    .bind(&g)
-    .bind(&id)
-    .bind(&kind)
-    .bind(&name)
-    .bind(&parent)
-    .bind(&pos)
-    .bind(&topic)
-    .bind(&archived)
-    .bind(&owner)
     .execute(&mut *conn)
     .await?;
 
@@ -329,37 +334,37 @@ async fn upsert_channels(conn: &mut PgConnection, chans: &[ChannelInfo]) -> Resu
             od.push(o.deny);
         }
     }
-    sqlx::query(
+    sqlx::query!(
         "delete from permission_overwrites p
          using unnest($1::int8[], $2::int8[]) as c(g, id)
          where p.guild_id = c.g and p.channel_id = c.id
            and (p.target_id, p.kind) not in (
                select n.t, n.k from unnest($3::int8[], $4::int8[], $5::int8[], $6::int2[]) as n(g, c, t, k)
                where n.g = p.guild_id and n.c = p.channel_id)",
+        &g,
+        &id,
+        &og,
+        &oc,
+        &ot,
+        &ok,
     )
-    .bind(&g)
-    .bind(&id)
-    .bind(&og)
-    .bind(&oc)
-    .bind(&ot)
-    .bind(&ok)
     .execute(&mut *conn)
     .await?;
     if !og.is_empty() {
-        sqlx::query(
+        sqlx::query!(
             "insert into permission_overwrites (guild_id, channel_id, target_id, kind, allow, deny)
              select * from unnest($1::int8[], $2::int8[], $3::int8[], $4::int2[], $5::int8[], $6::int8[])
              on conflict (guild_id, channel_id, target_id, kind) do update
                set allow = excluded.allow, deny = excluded.deny
                where (permission_overwrites.allow, permission_overwrites.deny)
                      is distinct from (excluded.allow, excluded.deny)",
+            &og,
+            &oc,
+            &ot,
+            &ok,
+            &oa,
+            &od,
         )
-        .bind(&og)
-        .bind(&oc)
-        .bind(&ot)
-        .bind(&ok)
-        .bind(&oa)
-        .bind(&od)
         .execute(&mut *conn)
         .await?;
     }
@@ -369,15 +374,15 @@ async fn upsert_channels(conn: &mut PgConnection, chans: &[ChannelInfo]) -> Resu
 async fn delete_channel(conn: &mut PgConnection, guild_id: i64, channel_id: i64) -> Result<()> {
     // Deleting a channel deletes its threads too (Discord does not always send
     // THREAD_DELETE for them).
-    let gone: Vec<i64> = sqlx::query_scalar(
+    let gone: Vec<i64> = sqlx::query_scalar!(
         "delete from channels
          where guild_id = $1
            and (channel_id = $2 or (parent_id = $2 and kind = any($3)))
          returning channel_id",
+        guild_id,
+        channel_id,
+        &THREAD_KINDS[..],
     )
-    .bind(guild_id)
-    .bind(channel_id)
-    .bind(&THREAD_KINDS[..])
     .fetch_all(&mut *conn)
     .await?;
     let mut ids = gone;
@@ -392,15 +397,19 @@ async fn delete_channel_children(
     guild_id: i64,
     ids: &[i64],
 ) -> Result<()> {
-    sqlx::query("delete from permission_overwrites where guild_id = $1 and channel_id = any($2)")
-        .bind(guild_id)
-        .bind(ids)
-        .execute(&mut *conn)
-        .await?;
-    sqlx::query("delete from thread_members where guild_id = $1 and thread_id = any($2)")
-        .bind(guild_id)
-        .bind(ids)
-        .execute(&mut *conn)
-        .await?;
+    sqlx::query!(
+        "delete from permission_overwrites where guild_id = $1 and channel_id = any($2)",
+        guild_id,
+        ids,
+    )
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query!(
+        "delete from thread_members where guild_id = $1 and thread_id = any($2)",
+        guild_id,
+        ids,
+    )
+    .execute(&mut *conn)
+    .await?;
     Ok(())
 }

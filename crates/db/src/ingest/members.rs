@@ -55,7 +55,7 @@ pub(crate) async fn upsert_members(conn: &mut PgConnection, members: &[MemberInf
         .map(|m| m.communication_disabled_until)
         .collect();
     let observed: Vec<DateTime<Utc>> = members.iter().map(|m| m.observed_at).collect();
-    sqlx::query(
+    sqlx::query!(
         "insert into members (guild_id, user_id, role_ids, nick, joined_at,
                               communication_disabled_until, observed_at)
          select g, u, coalesce(string_to_array(nullif(r, ''), ',')::int8[], '{}'), n, j, t, o
@@ -79,14 +79,15 @@ pub(crate) async fn upsert_members(conn: &mut PgConnection, members: &[MemberInf
                                         excluded.communication_disabled_until)
                  then now() else members.updated_at end
            where members.observed_at < excluded.observed_at",
+        &g,
+        &u,
+        &roles,
+        // `as`: the macros would type these arrays without NULL elements, which they hold.
+        &nick as &[Option<String>],
+        &joined as &[Option<DateTime<Utc>>],
+        &timeout as &[Option<DateTime<Utc>>],
+        &observed as &[DateTime<Utc>],
     )
-    .bind(&g)
-    .bind(&u)
-    .bind(&roles)
-    .bind(&nick)
-    .bind(&joined)
-    .bind(&timeout)
-    .bind(&observed)
     .execute(&mut *conn)
     .await?;
     Ok(())
@@ -107,26 +108,26 @@ pub(crate) async fn remove_members(
     if user_ids.is_empty() {
         return Ok(Vec::new());
     }
-    sqlx::query(
+    sqlx::query!(
         "insert into member_removals (guild_id, user_id, observed_at)
          select $1, u, $3 from unnest($2::int8[]) as u
          on conflict (guild_id, user_id) do update
            set observed_at = excluded.observed_at
            where member_removals.observed_at < excluded.observed_at",
+        guild_id,
+        user_ids,
+        observed_at as DateTime<Utc>,
     )
-    .bind(guild_id)
-    .bind(user_ids)
-    .bind(observed_at)
     .execute(&mut *conn)
     .await?;
-    let gone: Vec<i64> = sqlx::query_scalar(
+    let gone: Vec<i64> = sqlx::query_scalar!(
         "delete from members
          where guild_id = $1 and user_id = any($2) and observed_at < $3
          returning user_id",
+        guild_id,
+        user_ids,
+        observed_at as DateTime<Utc>,
     )
-    .bind(guild_id)
-    .bind(user_ids)
-    .bind(observed_at)
     .fetch_all(&mut *conn)
     .await?;
     if !threads {
@@ -134,14 +135,14 @@ pub(crate) async fn remove_members(
     }
     // Thread memberships go with the guild membership, unless the member row
     // is newer than this removal (re-joined; those threads are current).
-    sqlx::query(
+    sqlx::query!(
         "delete from thread_members t
          where t.guild_id = $1 and t.user_id = any($2)
            and not exists (select 1 from members m
                            where m.guild_id = t.guild_id and m.user_id = t.user_id)",
+        guild_id,
+        user_ids,
     )
-    .bind(guild_id)
-    .bind(user_ids)
     .execute(&mut *conn)
     .await?;
     Ok(gone)

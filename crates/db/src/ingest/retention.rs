@@ -19,25 +19,26 @@ pub async fn newest_message_ids(
     // With a retention period, history older than it is never fetched again
     // (the purge would only delete it): the retention horizon, as a snowflake,
     // is a floor under the newest stored id. `greatest` ignores NULLs.
-    let rows: Vec<(i64, Option<i64>)> = sqlx::query_as(
-        "select c, greatest(
+    // "c!": an element of `$2`, which holds no nulls; `newest` stays nullable.
+    let rows = sqlx::query!(
+        r#"select c as "c!", greatest(
                    (select m.message_id from messages m
                     where m.channel_id = c and m.guild_id = $1 and m.message_id < $3
                       and m.seen_create
                     order by m.message_id desc limit 1),
                    (select ((extract(epoch from now() - g.retention) * 1000)::bigint
                             - 1420070400000) << 22
-                    from guilds g where g.guild_id = $1 and g.retention is not null))
-         from unnest($2::int8[]) as c",
+                    from guilds g where g.guild_id = $1 and g.retention is not null)) as newest
+         from unnest($2::int8[]) as c"#,
+        guild_id,
+        channel_ids,
+        before,
     )
-    .bind(guild_id)
-    .bind(channel_ids)
-    .bind(before)
     .fetch_all(&mut **tx)
     .await?;
     Ok(rows
         .into_iter()
-        .filter_map(|(c, m)| m.map(|m| (c, m)))
+        .filter_map(|r| r.newest.map(|m| (r.c, m)))
         .collect())
 }
 
@@ -49,10 +50,10 @@ pub const MEMBER_REMOVAL_TTL: std::time::Duration = std::time::Duration::from_se
 /// Forgets member-removal tombstones older than `keep`; returns how many.
 /// Without this the table grows with every member who ever left.
 pub async fn purge_member_removals(tx: &mut WorkerTx, keep: std::time::Duration) -> Result<u64> {
-    let done = sqlx::query(
+    let done = sqlx::query!(
         "delete from member_removals where observed_at < now() - make_interval(secs => $1)",
+        keep.as_secs_f64(),
     )
-    .bind(keep.as_secs_f64())
     .execute(&mut **tx)
     .await?;
     Ok(done.rows_affected())
@@ -64,8 +65,9 @@ pub async fn purge_member_removals(tx: &mut WorkerTx, keep: std::time::Duration)
 /// returns less than `limit`, so no transaction holds many locks for long.
 /// Subscribers resuming from an older cursor simply find those events gone.
 pub async fn purge_expired(tx: &mut WorkerTx, limit: i64) -> Result<u64> {
-    let purged: i64 = sqlx::query_scalar(
-        "with expired as (
+    // "count!": count(*) is never null.
+    let purged: i64 = sqlx::query_scalar!(
+        r#"with expired as (
              select m.guild_id, m.message_id
              from guilds g
              join messages m on m.guild_id = g.guild_id
@@ -82,9 +84,9 @@ pub async fn purge_expired(tx: &mut WorkerTx, limit: i64) -> Result<u64> {
              delete from messages m using expired e
              where m.guild_id = e.guild_id and m.message_id = e.message_id
              returning 1)
-         select count(*) from gone",
+         select count(*) as "count!" from gone"#,
+        limit,
     )
-    .bind(limit)
     .fetch_one(&mut **tx)
     .await?;
     Ok(u64::try_from(purged).unwrap_or(0))
@@ -93,13 +95,13 @@ pub async fn purge_expired(tx: &mut WorkerTx, limit: i64) -> Result<u64> {
 /// Channels of a guild that hold messages the worker should backfill: text and
 /// announcement channels, and threads that are not archived.
 pub async fn backfill_channels(tx: &mut WorkerTx, guild_id: i64) -> Result<Vec<i64>> {
-    let ids = sqlx::query_scalar(
+    let ids = sqlx::query_scalar!(
         "select channel_id from channels
          where guild_id = $1 and (kind in (0, 5) or (kind = any($2) and not archived))
          order by channel_id",
+        guild_id,
+        &THREAD_KINDS[..],
     )
-    .bind(guild_id)
-    .bind(&THREAD_KINDS[..])
     .fetch_all(&mut **tx)
     .await?;
     Ok(ids)

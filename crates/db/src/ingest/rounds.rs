@@ -198,6 +198,7 @@ pub(super) async fn write_rounds(
             // round trip, on edits and deletes only): a cached generic plan
             // of this join, made while the table was small, scanned all of
             // `messages` on every later batch (see the lookup above).
+            // dynamic: format! of shared column lists; 17 arrays bound by MsgColumns::bind.
             let n = updates
                 .bind(sqlx::query(&format!(
                     "update messages m set
@@ -253,6 +254,7 @@ pub(super) async fn write_rounds(
              )
              select guild_id, message_id from ins"
         );
+        // dynamic: format! of the shared column lists, arrays bound by MsgColumns::bind (as above).
         let q = sqlx::query(&sql);
         let done = inserts
             .bind(q)
@@ -300,6 +302,7 @@ async fn lock_stored(
     // The locking subquery cannot be flattened, so it stays a parameterised
     // index lookup. Keys arrive sorted (`pending` is a BTreeMap), so rows
     // are locked in key order.
+    // dynamic: format! of MESSAGE_COLUMNS shared with the writes; rows decoded by `row_to_state`.
     let rows = sqlx::query(&format!(
         "select m.* from unnest($1::int8[], $2::int8[]) as k(g, id)
          cross join lateral (

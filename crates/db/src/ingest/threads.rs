@@ -42,7 +42,7 @@ pub(crate) async fn add_thread_members(
     if threads.is_empty() {
         return Ok(());
     }
-    sqlx::query(
+    sqlx::query!(
         "insert into thread_members (guild_id, thread_id, user_id, observed_at)
          select distinct $1::int8, t, u, $4::timestamptz
          from unnest($2::int8[], $3::int8[]) as x(t, u)
@@ -53,11 +53,11 @@ pub(crate) async fn add_thread_members(
          on conflict (guild_id, thread_id, user_id) do update
            set observed_at = excluded.observed_at
            where thread_members.observed_at < excluded.observed_at",
+        guild_id,
+        threads,
+        users,
+        observed_at as DateTime<Utc>,
     )
-    .bind(guild_id)
-    .bind(threads)
-    .bind(users)
-    .bind(observed_at)
     .execute(&mut *conn)
     .await?;
     Ok(())
@@ -75,27 +75,27 @@ pub(crate) async fn remove_thread_members(
     if users.is_empty() {
         return Ok(());
     }
-    sqlx::query(
+    sqlx::query!(
         "insert into thread_member_removals (guild_id, thread_id, user_id, observed_at)
          select distinct $1::int8, $2::int8, u, $4::timestamptz from unnest($3::int8[]) as u
          on conflict (guild_id, thread_id, user_id) do update
            set observed_at = excluded.observed_at
            where thread_member_removals.observed_at < excluded.observed_at",
+        guild_id,
+        thread_id,
+        users,
+        observed_at as DateTime<Utc>,
     )
-    .bind(guild_id)
-    .bind(thread_id)
-    .bind(users)
-    .bind(observed_at)
     .execute(&mut *conn)
     .await?;
-    sqlx::query(
+    sqlx::query!(
         "delete from thread_members
          where guild_id = $1 and thread_id = $2 and user_id = any($3) and observed_at < $4",
+        guild_id,
+        thread_id,
+        users,
+        observed_at as DateTime<Utc>,
     )
-    .bind(guild_id)
-    .bind(thread_id)
-    .bind(users)
-    .bind(observed_at)
     .execute(&mut *conn)
     .await?;
     Ok(())
@@ -109,14 +109,14 @@ pub(crate) async fn sync_thread_members(
     user_ids: &[i64],
     observed_at: DateTime<Utc>,
 ) -> Result<()> {
-    let gone: Vec<i64> = sqlx::query_scalar(
+    let gone: Vec<i64> = sqlx::query_scalar!(
         "select user_id from thread_members
          where guild_id = $1 and thread_id = $2 and user_id <> all($3) and observed_at < $4",
+        guild_id,
+        thread_id,
+        user_ids,
+        observed_at as DateTime<Utc>,
     )
-    .bind(guild_id)
-    .bind(thread_id)
-    .bind(user_ids)
-    .bind(observed_at)
     .fetch_all(&mut *conn)
     .await?;
     let mut tombstones = gone;
@@ -135,13 +135,13 @@ pub(crate) async fn sync_members(
     observed_at: DateTime<Utc>,
 ) -> Result<()> {
     let listed: Vec<i64> = members.iter().map(|m| m.user_id).collect();
-    let gone: Vec<i64> = sqlx::query_scalar(
+    let gone: Vec<i64> = sqlx::query_scalar!(
         "select user_id from members
          where guild_id = $1 and user_id <> all($2) and observed_at < $3",
+        guild_id,
+        &listed,
+        observed_at as DateTime<Utc>,
     )
-    .bind(guild_id)
-    .bind(&listed)
-    .bind(observed_at)
     .fetch_all(&mut *conn)
     .await?;
     let mut tombstones = gone;
@@ -163,16 +163,16 @@ pub(crate) async fn guild_removed(
     guild_id: i64,
     observed_at: DateTime<Utc>,
 ) -> Result<()> {
-    sqlx::query(
+    sqlx::query!(
         "insert into guilds (guild_id, removed_at, presence_observed_at) values ($1, $2, $2)
          on conflict (guild_id) do update
            set removed_at = coalesce(guilds.removed_at, excluded.removed_at),
                presence_observed_at = excluded.presence_observed_at,
                updated_at = now()
            where guilds.presence_observed_at < excluded.presence_observed_at",
+        guild_id,
+        observed_at as DateTime<Utc>,
     )
-    .bind(guild_id)
-    .bind(observed_at)
     .execute(&mut *conn)
     .await?;
     Ok(())
@@ -188,10 +188,10 @@ pub async fn purge_thread_member_removals(
     tx: &mut WorkerTx,
     keep: std::time::Duration,
 ) -> Result<u64> {
-    let done = sqlx::query(
+    let done = sqlx::query!(
         "delete from thread_member_removals where observed_at < now() - make_interval(secs => $1)",
+        keep.as_secs_f64(),
     )
-    .bind(keep.as_secs_f64())
     .execute(&mut **tx)
     .await?;
     Ok(done.rows_affected())
