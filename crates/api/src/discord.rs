@@ -1,6 +1,7 @@
 //! The slice of Discord the API talks to: OAuth2 (authorize URL, code
 //! exchange with PKCE, refresh) through the `oauth2` crate, and the
-//! `/users/@me...` REST calls made with a viewer's own access token through
+//! `/users/@me...` REST calls made with a viewer's own access token. Every
+//! request, the `oauth2` crate's token grants included, goes through
 //! `observer_discord` (the worker's client: same rate limits, retries,
 //! invalid-request guard and payload types). Works against any
 //! Discord-compatible base URL.
@@ -36,8 +37,6 @@ pub enum DiscordError {
     /// A REST call failed (network, 5xx, rate limits, an unexpected answer).
     #[error("discord: {0}")]
     Rest(observer_discord::Error),
-    #[error("request to discord failed: {0}")]
-    Http(#[from] reqwest::Error),
     #[error("oauth exchange failed: {0}")]
     OAuth(String),
     #[error("invalid configuration: {0}")]
@@ -66,13 +65,15 @@ impl From<observer_discord::Error> for DiscordError {
 #[derive(Debug, Clone)]
 pub struct Discord {
     oauth: OAuthClient,
-    /// For the token endpoint only (the `oauth2` crate's grant requests).
-    http: reqwest::Client,
     rest: observer_discord::Client,
 }
 
 impl Discord {
-    pub fn new(config: &Config) -> Result<Self, DiscordError> {
+    /// `observer`: where the client reports rate limits, refusals and retries.
+    pub fn new(
+        config: &Config,
+        observer: std::sync::Arc<dyn observer_discord::Observer>,
+    ) -> Result<Self, DiscordError> {
         let base = config.api_base_trimmed();
         let cfg = |e: url::ParseError| DiscordError::Config(e.to_string());
         let oauth = BasicClient::new(ClientId::new(config.discord_client_id.clone()))
@@ -82,15 +83,13 @@ impl Discord {
             .set_auth_uri(AuthUrl::new(format!("{base}/oauth2/authorize")).map_err(cfg)?)
             .set_token_uri(TokenUrl::new(format!("{base}/api/oauth2/token")).map_err(cfg)?)
             .set_redirect_uri(RedirectUrl::new(config.redirect_url()).map_err(cfg)?);
-        // Redirects disabled: a token endpoint that redirects is an attack or
-        // a misconfiguration, and following it could leak the code.
-        let http = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .timeout(Duration::from_secs(15))
-            .user_agent("SupportObserver (https://github.com/, 0.1)")
+        // observer_discord follows no redirects: a token endpoint that
+        // redirects is an attack or a misconfiguration, and following it
+        // could leak the code.
+        let rest = observer_discord::Client::builder(base)
+            .observer(observer)
             .build()?;
-        let rest = observer_discord::Client::builder(base).build()?;
-        Ok(Self { oauth, http, rest })
+        Ok(Self { oauth, rest })
     }
 
     /// The browser authorize URL with fresh CSRF state and a PKCE S256 challenge.
@@ -114,7 +113,7 @@ impl Discord {
             .oauth
             .exchange_code(AuthorizationCode::new(code))
             .set_pkce_verifier(PkceCodeVerifier::new(verifier))
-            .request_async(&self.http)
+            .request_async(&Grants(self.rest.clone()))
             .await;
         token_set(res)
     }
@@ -124,7 +123,7 @@ impl Discord {
         let res = self
             .oauth
             .exchange_refresh_token(&token)
-            .request_async(&self.http)
+            .request_async(&Grants(self.rest.clone()))
             .await;
         token_set(res)
     }
@@ -222,6 +221,39 @@ type TokenResult<E> = Result<
     oauth2::basic::BasicTokenResponse,
     RequestTokenError<E, StandardErrorResponse<BasicErrorResponseType>>,
 >;
+
+/// The `oauth2` crate's HTTP client for grant requests: the shared client, so
+/// logins and token refreshes count against the same limits and budget as
+/// everything else this process sends Discord. (A struct, not a closure: the
+/// crate's blanket impl for closures cannot name the borrow's lifetime.)
+struct Grants(observer_discord::Client);
+
+impl<'c> oauth2::AsyncHttpClient<'c> for Grants {
+    type Error = observer_discord::Error;
+    type Future = std::pin::Pin<
+        Box<
+            dyn std::future::Future<Output = Result<oauth2::HttpResponse, Self::Error>> + Send + 'c,
+        >,
+    >;
+
+    fn call(&'c self, request: oauth2::HttpRequest) -> Self::Future {
+        Box::pin(grant_request(&self.0, request))
+    }
+}
+
+async fn grant_request(
+    rest: &observer_discord::Client,
+    req: oauth2::HttpRequest,
+) -> Result<oauth2::HttpResponse, observer_discord::Error> {
+    let (parts, body) = req.into_parts();
+    let got = rest
+        .send_raw(parts.method, &parts.uri.to_string(), parts.headers, body)
+        .await?;
+    let mut resp = oauth2::HttpResponse::new(got.body);
+    *resp.status_mut() = got.status;
+    *resp.headers_mut() = got.headers;
+    Ok(resp)
+}
 
 fn token_set<E: std::error::Error + 'static>(
     res: TokenResult<E>,

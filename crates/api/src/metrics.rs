@@ -10,6 +10,7 @@ use axum::response::{IntoResponse, Response};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
@@ -38,6 +39,86 @@ pub struct Metrics {
     pub logins: Family<CodeLabels, Counter>,
     /// Live fan-out (`observer_api_live_*`).
     pub live: crate::live::metrics::LiveMetrics,
+    /// Requests to Discord (`observer_api_discord_*`).
+    pub discord: DiscordMetrics,
+}
+
+/// What the API's Discord client met (OAuth grants, `/users/@me…`): the same
+/// hooks the worker counts, so rate limits and the invalid-request budget
+/// show on both services' dashboards. No route label: paths carry ids.
+#[derive(Clone, Debug, Default)]
+pub struct DiscordMetrics {
+    pub rate_limited: Counter,
+    pub gave_up: Counter,
+    pub forbidden: Counter,
+    /// 401/403/429 in the guard's rolling 10-minute window (Discord bans the
+    /// IP, the whole deployment, at 10,000).
+    pub invalid_requests: Gauge,
+    pub budget_refusals: Counter,
+    pub retries: Counter,
+}
+
+impl DiscordMetrics {
+    fn register(&self, r: &mut Registry) {
+        let r = r.sub_registry_with_prefix("discord");
+        r.register(
+            "rate_limited",
+            "429 answers from Discord",
+            self.rate_limited.clone(),
+        );
+        r.register(
+            "rate_limit_give_ups",
+            "Requests abandoned after too many 429 answers",
+            self.gave_up.clone(),
+        );
+        r.register(
+            "forbidden",
+            "403 answers from Discord",
+            self.forbidden.clone(),
+        );
+        r.register(
+            "invalid_requests",
+            "401/403/429 answers in the rolling 10-minute window",
+            self.invalid_requests.clone(),
+        );
+        r.register(
+            "budget_refusals",
+            "Requests refused before Discord's invalid-request ban threshold",
+            self.budget_refusals.clone(),
+        );
+        r.register(
+            "retries",
+            "Requests retried after a connection error or 5xx",
+            self.retries.clone(),
+        );
+    }
+}
+
+impl observer_discord::Observer for DiscordMetrics {
+    fn rate_limited(&self, _route: &str, _global: bool) {
+        self.rate_limited.inc();
+    }
+
+    fn gave_up(&self, _route: &str) {
+        self.gave_up.inc();
+    }
+
+    fn forbidden(&self, _route: &str, _code: Option<u64>) {
+        self.forbidden.inc();
+    }
+
+    fn invalid_request(&self, _route: &str, in_window: usize) {
+        self.invalid_requests
+            .set(i64::try_from(in_window).unwrap_or(i64::MAX));
+    }
+
+    fn budget_refused(&self, _route: &str) {
+        self.budget_refusals.inc();
+    }
+
+    fn retrying(&self, _route: &str, _after: std::time::Duration) {
+        self.retries.inc();
+    }
 }
 
 impl std::fmt::Debug for Metrics {
@@ -69,6 +150,8 @@ impl Metrics {
         registry.register("logins", "OAuth login attempts by outcome", logins.clone());
         let live = crate::live::metrics::LiveMetrics::default();
         live.register(&mut registry);
+        let discord = DiscordMetrics::default();
+        discord.register(&mut registry);
         Self {
             registry,
             requests,
@@ -76,6 +159,7 @@ impl Metrics {
             graphql_errors,
             logins,
             live,
+            discord,
         }
     }
 

@@ -33,7 +33,6 @@ pub struct AppState {
 impl AppState {
     /// Builds the state from configuration; fails only on invalid URLs.
     pub fn new(config: Config, db: Db) -> anyhow::Result<Self> {
-        let discord = Discord::new(&config)?;
         let schema = crate::graphql::build_schema(&config.limits);
         let rate_limiter = RateLimiter::new(config.limits.rate_burst, config.limits.rate_per_sec);
         let factor = crate::config::ADDRESS_RATE_FACTOR;
@@ -44,6 +43,7 @@ impl AppState {
         let subscription_slots =
             crate::live::conn::Slots::new(config.limits.max_subscriptions_per_viewer);
         let metrics = Metrics::new();
+        let discord = Discord::new(&config, Arc::new(metrics.discord.clone()))?;
         let live = crate::live::hub::Hub::new(
             db.clone(),
             crate::live::hub::HubConfig::default(),

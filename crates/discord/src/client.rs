@@ -18,6 +18,14 @@ use crate::models::{
 use crate::ratelimit::{Limited, Limits, Permit, RateLimiter, Scope};
 use crate::Error;
 
+/// An answer to [`Client::send_raw`], whatever its status.
+#[derive(Debug, Clone)]
+pub struct RawResponse {
+    pub status: StatusCode,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Vec<u8>,
+}
+
 /// What a GET found. 403 and 404 are answers, not failures: the bot lacks a
 /// permission retrying will not give it, or the thing is gone.
 #[derive(Debug, Clone, PartialEq)]
@@ -350,6 +358,89 @@ impl Client {
             )
             .await?
             .map(|m| in_guild(m, guild_id)))
+    }
+
+    /// A request the typed calls do not cover — the OAuth2 token grant, which
+    /// the `oauth2` crate builds and parses — under the same limiter and
+    /// invalid-request guard. `url` must lie under the base URL. A 429 is
+    /// waited out and retried like any call; every other answer, 4xx
+    /// included, is returned as is for the caller to read. Connection errors
+    /// and 5xx are not retried: a grant is not idempotent (an authorization
+    /// code works once).
+    pub async fn send_raw(
+        &self,
+        method: reqwest::Method,
+        url: &str,
+        headers: reqwest::header::HeaderMap,
+        body: Vec<u8>,
+    ) -> Result<RawResponse, Error> {
+        let inner = &self.inner;
+        let path = self.path_of(url)?;
+        let route = format!("{method} {path}");
+        let mut limited = 0u32;
+        loop {
+            if let Err(count) = inner.guard.check() {
+                inner.observer.budget_refused(&route);
+                return Err(Error::BudgetExhausted { route, count });
+            }
+            let permit = inner
+                .limiter
+                .acquire(Scope::Anonymous, method.as_str(), &path)
+                .await?;
+            let http_err = |source| Error::Http {
+                route: route.clone(),
+                source,
+            };
+            let resp = inner
+                .http
+                .request(method.clone(), url)
+                .headers(headers.clone())
+                .body(body.clone())
+                .send()
+                .await
+                .map_err(http_err)?;
+            let status = resp.status();
+            let got_headers = resp.headers().clone();
+            let got = resp.bytes().await.map_err(http_err)?.to_vec();
+            if status != StatusCode::TOO_MANY_REQUESTS {
+                inner.limiter.complete(permit, &got_headers);
+                if matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) {
+                    let n = inner.guard.record();
+                    inner.observer.invalid_request(&route, n);
+                }
+                return Ok(RawResponse {
+                    status,
+                    headers: got_headers,
+                    body: got,
+                });
+            }
+            // The limiter learns the wait, so the next acquire sleeps it out.
+            let wait = match self.answer(permit, route.clone(), status, &got_headers, got) {
+                Err(Error::RateLimited { wait, .. }) => wait,
+                _ => Duration::ZERO,
+            };
+            let o = &inner.options;
+            if limited >= o.max_rate_limit_retries || wait > o.limits.max_wait {
+                inner.observer.gave_up(&route);
+                return Err(Error::RateLimited {
+                    route,
+                    retries: limited,
+                    wait,
+                });
+            }
+            limited += 1;
+        }
+    }
+
+    /// The path of `url`, which must lie under the configured base URL: the
+    /// token must never be sent anywhere else.
+    fn path_of(&self, url: &str) -> Result<String, Error> {
+        let base = self.inner.api.trim_end_matches("/api/v10");
+        let rest = url
+            .strip_prefix(base)
+            .filter(|r| r.starts_with('/'))
+            .ok_or_else(|| Error::Setup(format!("{url} is not under {base}")))?;
+        Ok(rest.split('?').next().unwrap_or(rest).to_owned())
     }
 
     async fn call<T: DeserializeOwned>(

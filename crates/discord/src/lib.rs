@@ -2,8 +2,9 @@
 //!
 //! Layout:
 //! - [`client`]: [`Client`] (bot-token calls, and OAuth users' bearer-token
-//!   calls through the same limits and budget), [`Fetched`] (403/404 as
-//!   answers), [`Options`], the [`Observer`] hooks for metrics.
+//!   calls through the same limits and budget; [`Client::send_raw`] for the
+//!   OAuth2 token grant), [`Fetched`] (403/404 as answers), [`Options`],
+//!   the [`Observer`] hooks for metrics.
 //! - [`ratelimit`]: per-route buckets learned from `X-RateLimit-Bucket`,
 //!   the global limit (pacing, and a pause on a global 429), `retry_after`.
 //! - [`guard`]: the invalid-request guard (401/403/429 in a rolling
@@ -21,7 +22,7 @@ pub mod guard;
 pub mod models;
 pub mod ratelimit;
 
-pub use client::{Client, ClientBuilder, Fetched, Observer, Options};
+pub use client::{Client, ClientBuilder, Fetched, Observer, Options, RawResponse};
 pub use error::Error;
 pub use guard::{GuardSettings, DISCORD_INVALID_REQUEST_LIMIT};
 pub use models::{Gateway, Member, PartialGuild, Role, Snowflake, ThreadList, ThreadMember, User};

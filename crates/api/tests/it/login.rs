@@ -270,6 +270,33 @@ async fn full_login_flow_rotates_session_syncs_memberships_and_logs_out(pool: Pg
     env.sim.shutdown().await;
 }
 
+/// The code exchange goes through the shared Discord client: a 429 on the
+/// token endpoint is waited out and retried (the code has not been used), and
+/// the login completes.
+#[sqlx::test(migrator = "observer_db::MIGRATOR")]
+async fn a_rate_limited_token_grant_is_retried_and_the_login_completes(pool: PgPool) {
+    let env = env(pool.clone()).await;
+    let (pre, callback) = begin(&env, "/graphql", |u| u).await;
+    let before = env.sim.rate_stats().injected_429s;
+    // The callback's first Discord request is the token grant.
+    env.sim.rate_limit_burst(1);
+    let r = env
+        .http
+        .get(&callback)
+        .header(COOKIE, &pre)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 303, "{:?}", r.text().await);
+    assert_eq!(env.sim.rate_stats().injected_429s, before + 1);
+    let seen = &env.api.state.metrics.discord;
+    assert_eq!(seen.rate_limited.get(), 1, "counted in observer_api_discord_*");
+    assert_eq!(seen.invalid_requests.get(), 1);
+    let (post, _) = session_cookie(&r).expect("login sets the session cookie");
+    let d = gql_cookie(&env, &post, "{ viewer { id } }").await;
+    assert_eq!(d["data"]["viewer"], json!({"id": "1"}), "{d}");
+}
+
 #[sqlx::test(migrator = "observer_db::MIGRATOR")]
 async fn bad_state_is_refused_without_a_session(pool: PgPool) {
     let env = env(pool.clone()).await;

@@ -366,3 +366,53 @@ fn the_token_never_shows_in_debug_output() {
     assert!(!shown.contains("very-secret-token"), "{shown}");
     assert!(shown.contains("bot_token: true"), "{shown}");
 }
+
+const INVALID_GRANT: &str = "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n\
+    content-length: 26\r\nconnection: close\r\n\r\n{\"error\": \"invalid_grant\"}";
+
+/// Raw requests (the OAuth2 token grant) hand every answer back as is, are
+/// never retried on a 5xx (an authorization code works once), and are never
+/// sent outside the configured base URL.
+#[tokio::test]
+async fn raw_requests_are_answered_as_is_and_never_replayed() {
+    let post = |client: Client, url: String| async move {
+        client
+            .send_raw(
+                reqwest::Method::POST,
+                &url,
+                reqwest::header::HeaderMap::new(),
+                b"grant_type=authorization_code&code=c".to_vec(),
+            )
+            .await
+    };
+    let (base, hits) = serve(vec![INVALID_GRANT]).await;
+    let got = post(
+        plain(base.clone(), quick()),
+        format!("{base}/api/oauth2/token"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(got.status.as_u16(), 400);
+    assert_eq!(got.body, b"{\"error\": \"invalid_grant\"}");
+    assert_eq!(hits.load(Ordering::SeqCst), 1);
+
+    let (base, hits) = serve(vec![BAD_GATEWAY, EMPTY]).await;
+    let got = post(
+        plain(base.clone(), quick()),
+        format!("{base}/api/oauth2/token"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(got.status.as_u16(), 502, "handed back, not retried");
+    assert_eq!(hits.load(Ordering::SeqCst), 1);
+
+    let (base, hits) = serve(vec![EMPTY]).await;
+    let err = post(
+        plain(base, quick()),
+        "http://127.0.0.1:9/api/oauth2/token".into(),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, Error::Setup(_)), "{err}");
+    assert_eq!(hits.load(Ordering::SeqCst), 0);
+}
