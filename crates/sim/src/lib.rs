@@ -57,7 +57,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use gateway::PRIVILEGED_INTENTS;
 pub use model::{
-    perms, Attachment, AttachmentSpec, Channel, ChannelKind, Guild, Member, MessageState,
+    perms, Attachment, AttachmentSpec, Channel, ChannelKind, ForumTag, Guild, Member, MessageState,
     Overwrite, OverwriteKind, PostOptions, Revision, Role, Scenario, ThreadInfo, User,
 };
 pub use permissions::ChannelView;

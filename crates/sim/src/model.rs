@@ -200,6 +200,11 @@ impl ChannelKind {
     }
 
     /// Channels that hold messages directly (threads included).
+    /// Forum and media channels: their posts are threads, and they offer tags.
+    pub fn has_posts(self) -> bool {
+        matches!(self, ChannelKind::Forum | ChannelKind::Media)
+    }
+
     pub fn is_textual(self) -> bool {
         matches!(
             self,
@@ -246,6 +251,23 @@ pub struct ThreadInfo {
     /// Archived-thread listings page by it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub archive_timestamp: Option<DateTime<Utc>>,
+    /// Forum and media posts: ids of the parent's `available_tags` applied to this thread
+    /// (Discord allows 5).
+    #[serde(with = "sf::vec", default, skip_serializing_if = "Vec::is_empty")]
+    pub applied_tags: Vec<u64>,
+}
+
+/// A tag a forum or media channel offers its posts (Discord allows 20 per channel).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForumTag {
+    #[serde(with = "sf")]
+    pub id: u64,
+    pub name: String,
+    /// Only members with MANAGE_THREADS may apply or remove it.
+    #[serde(default)]
+    pub moderated: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub emoji_name: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -267,6 +289,9 @@ pub struct Channel {
     /// Present exactly for threads.
     #[serde(default)]
     pub thread: Option<ThreadInfo>,
+    /// Forum and media channels only: the tags their posts may carry.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub available_tags: Vec<ForumTag>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

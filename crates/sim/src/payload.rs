@@ -77,9 +77,35 @@ pub(crate) fn channel(c: &Channel, guild_id: u64, created: &DateTime<Utc>) -> Va
         "rate_limit_per_user": 0,
         "flags": 0,
     });
+    if let (true, Some(obj)) = (c.kind.has_posts(), v.as_object_mut()) {
+        // Discord sends these on every forum and media channel, tags or none.
+        let tags: Vec<Value> = c
+            .available_tags
+            .iter()
+            .map(|t| {
+                json!({
+                    "id": t.id.to_string(),
+                    "name": t.name,
+                    "moderated": t.moderated,
+                    "emoji_id": null,
+                    "emoji_name": t.emoji_name,
+                })
+            })
+            .collect();
+        obj.insert("available_tags".into(), Value::Array(tags));
+        obj.insert("default_reaction_emoji".into(), Value::Null);
+        obj.insert("default_sort_order".into(), Value::Null);
+        obj.insert("default_forum_layout".into(), json!(0));
+    }
     if let (Some(t), Some(obj)) = (&c.thread, v.as_object_mut()) {
         obj.insert("owner_id".into(), Value::String(t.owner_id.to_string()));
         obj.insert("member_count".into(), json!(t.members.len().min(50)));
+        // Discord sends `applied_tags` on posts of forum and media channels; an empty list
+        // and an absent one mean the same to a reader, so only tagged posts carry it.
+        if !t.applied_tags.is_empty() {
+            let ids: Vec<String> = t.applied_tags.iter().map(u64::to_string).collect();
+            obj.insert("applied_tags".into(), json!(ids));
+        }
         obj.insert("message_count".into(), json!(0));
         obj.insert(
             "thread_metadata".into(),

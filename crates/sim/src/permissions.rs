@@ -221,6 +221,7 @@ mod tests {
             topic: None,
             overwrites,
             thread: None,
+            available_tags: vec![],
         };
         g.channels
             .insert(10, chan(10, ChannelKind::Text, None, vec![]));
@@ -245,6 +246,7 @@ mod tests {
             invitable: false,
             members: vec![5],
             archive_timestamp: None,
+            applied_tags: vec![],
         });
         g.channels.insert(30, t);
         for (user, roles) in [(5u64, vec![]), (6, vec![]), (7, vec![2u64]), (99, vec![])] {

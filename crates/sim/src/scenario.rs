@@ -9,7 +9,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::model::{
-    perms, snowflake_at, snowflake_time, Channel, ChannelKind, Guild, Member, Overwrite,
+    perms, snowflake_at, snowflake_time, Channel, ChannelKind, ForumTag, Guild, Member, Overwrite,
     OverwriteKind, Role, Scenario, ThreadInfo, User,
 };
 
@@ -99,6 +99,7 @@ fn text(
         topic: None,
         overwrites,
         thread: None,
+        available_tags: vec![],
     }
 }
 
@@ -476,9 +477,42 @@ fn generate_channels(
         topic: Some("One thread per ticket".into()),
         ..text(forum, "tickets", Some(support_cat), 6, vec![])
     });
-    channels.extend(generate_threads(gi, forum, escalations, people, opts, ids));
+    // Allocated after the threads so that adding tags moved no other id.
+    let mut threads = generate_threads(gi, forum, escalations, people, opts, ids);
+    let tags: Vec<ForumTag> = FORUM_TAGS
+        .iter()
+        .map(|(name, moderated)| ForumTag {
+            id: ids.next(),
+            name: (*name).into(),
+            moderated: *moderated,
+            emoji_name: None,
+        })
+        .collect();
+    for (t, c) in threads.iter_mut().enumerate() {
+        let in_forum = c.parent_id == Some(forum);
+        if let (true, Some(info)) = (in_forum, c.thread.as_mut()) {
+            // A question or a bug; the archived ticket was also marked solved.
+            info.applied_tags.push(tags[t % 2].id);
+            if info.archived {
+                info.applied_tags.push(tags[2].id);
+            }
+        }
+    }
+    if let Some(f) = channels.iter_mut().find(|c| c.id == forum) {
+        f.available_tags = tags;
+    }
+    channels.extend(threads);
     channels
 }
+
+/// The generated forum's tags: (name, moderated). "solved" is moderated, as support
+/// servers usually make it, so only staff can mark a post solved.
+const FORUM_TAGS: [(&str, bool); 4] = [
+    ("question", false),
+    ("bug", false),
+    ("solved", true),
+    ("feature request", false),
+];
 
 /// A forum ticket per `tickets_per_guild` (a customer and a helper in each,
 /// the last one archived) and a private escalation thread in the staff area
@@ -524,7 +558,9 @@ fn generate_threads(
                 invitable: true,
                 members: vec![owner, helper],
                 archive_timestamp: None,
+                applied_tags: vec![],
             }),
+            available_tags: vec![],
         });
     }
     // A private escalation thread in the staff area that one customer was invited into.
@@ -545,7 +581,9 @@ fn generate_threads(
             invitable: false,
             members: staff_ids.iter().copied().take(2).chain(escalated).collect(),
             archive_timestamp: None,
+            applied_tags: vec![],
         }),
+        available_tags: vec![],
     });
     channels
 }

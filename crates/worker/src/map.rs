@@ -2,8 +2,8 @@
 
 use chrono::{DateTime, Utc};
 use observer_db::ingest::{
-    Author, ChannelInfo, GuildInfo, GuildSnapshot, IngestOp, MemberInfo, MessagePatch, NewMessage,
-    Overwrite, RoleInfo,
+    Author, ChannelInfo, ForumTag, GuildInfo, GuildSnapshot, IngestOp, MemberInfo, MessagePatch,
+    NewMessage, Overwrite, RoleInfo,
 };
 use serde_json::{json, Value};
 use serenity::all::{
@@ -88,6 +88,22 @@ pub(crate) fn channel(c: &GuildChannel) -> ChannelInfo {
         topic: c.topic.clone(),
         archived: c.thread_metadata.as_ref().is_some_and(|m| m.archived),
         owner_id: c.owner_id.map(|o| id(o.get())),
+        available_tags: c
+            .available_tags
+            .iter()
+            .map(|t| ForumTag {
+                id: id(t.id.get()),
+                name: t.name.clone(),
+                moderated: t.moderated,
+            })
+            .collect(),
+        applied_tags: c.applied_tags.iter().map(|t| id(t.get())).collect(),
+        locked: c.thread_metadata.as_ref().is_some_and(|m| m.locked),
+        thread_created_at: c
+            .thread_metadata
+            .as_ref()
+            .and_then(|m| m.create_timestamp)
+            .and_then(|t| ts(&t)),
         overwrites: c
             .permission_overwrites
             .iter()

@@ -92,6 +92,7 @@ pub(super) fn build_world(sc: &mut Scenario, a: &Args) -> anyhow::Result<World> 
                 }))
                 .collect(),
                 thread: None,
+                available_tags: vec![],
             });
             w.channels.push((g.id, cid, author));
             w.channel_role.insert(cid, Some(rid));
@@ -108,6 +109,7 @@ pub(super) fn build_world(sc: &mut Scenario, a: &Args) -> anyhow::Result<World> 
                 topic: None,
                 overwrites: Vec::new(),
                 thread: None,
+                available_tags: vec![],
             });
             w.channels.push((g.id, cid, author));
             w.channel_role.insert(cid, None);

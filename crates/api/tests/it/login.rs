@@ -290,7 +290,11 @@ async fn a_rate_limited_token_grant_is_retried_and_the_login_completes(pool: PgP
     assert_eq!(r.status().as_u16(), 303, "{:?}", r.text().await);
     assert_eq!(env.sim.rate_stats().injected_429s, before + 1);
     let seen = &env.api.state.metrics.discord;
-    assert_eq!(seen.rate_limited.get(), 1, "counted in observer_api_discord_*");
+    assert_eq!(
+        seen.rate_limited.get(),
+        1,
+        "counted in observer_api_discord_*"
+    );
     assert_eq!(seen.invalid_requests.get(), 1);
     let (post, _) = session_cookie(&r).expect("login sets the session cookie");
     let d = gql_cookie(&env, &post, "{ viewer { id } }").await;

@@ -270,6 +270,18 @@ async fn upsert_roles(conn: &mut PgConnection, roles: &[RoleInfo]) -> Result<()>
     Ok(())
 }
 
+/// A channel's tags as stored (`channels.available_tags`): ids as strings, as
+/// Discord sends them.
+fn tags_json(c: &ChannelInfo) -> serde_json::Value {
+    c.available_tags
+        .iter()
+        .map(|t| {
+            let name = sanitize(&t.name, MAX_NAME_BYTES);
+            serde_json::json!({"id": t.id.to_string(), "name": name, "moderated": t.moderated})
+        })
+        .collect()
+}
+
 async fn upsert_channels(conn: &mut PgConnection, chans: &[ChannelInfo]) -> Result<()> {
     if chans.is_empty() {
         return Ok(());
@@ -289,18 +301,44 @@ async fn upsert_channels(conn: &mut PgConnection, chans: &[ChannelInfo]) -> Resu
         .collect();
     let archived: Vec<bool> = chans.iter().map(|c| c.archived).collect();
     let owner: Vec<Option<i64>> = chans.iter().map(|c| c.owner_id).collect();
+    let available: Vec<serde_json::Value> = chans.iter().map(tags_json).collect();
+    // One text per row ("1,2,3"): unnest would flatten a two-dimensional array.
+    let applied: Vec<String> = chans
+        .iter()
+        .map(|c| {
+            c.applied_tags
+                .iter()
+                .map(i64::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .collect();
+    let locked: Vec<bool> = chans.iter().map(|c| c.locked).collect();
+    let created: Vec<Option<DateTime<Utc>>> = chans.iter().map(|c| c.thread_created_at).collect();
     sqlx::query!(
-        "insert into channels (guild_id, channel_id, kind, name, parent_id, position, topic, archived, owner_id)
-         select * from unnest($1::int8[], $2::int8[], $3::int2[], $4::text[], $5::int8[],
-                              $6::int4[], $7::text[], $8::bool[], $9::int8[])
+        "insert into channels (guild_id, channel_id, kind, name, parent_id, position, topic, archived,
+                               owner_id, available_tags, applied_tags, locked, thread_created_at)
+         select g, id, kind, name, parent, pos, topic, archived, owner, available,
+                coalesce(string_to_array(nullif(applied, ''), ',')::int8[], '{}'), locked, created
+         from unnest($1::int8[], $2::int8[], $3::int2[], $4::text[], $5::int8[],
+                     $6::int4[], $7::text[], $8::bool[], $9::int8[], $10::jsonb[],
+                     $11::text[], $12::bool[], $13::timestamptz[])
+              as u(g, id, kind, name, parent, pos, topic, archived, owner, available,
+                   applied, locked, created)
          on conflict (guild_id, channel_id) do update
            set kind = excluded.kind, name = excluded.name, parent_id = excluded.parent_id,
                position = excluded.position, topic = excluded.topic, archived = excluded.archived,
-               owner_id = excluded.owner_id, updated_at = now()
+               owner_id = excluded.owner_id, available_tags = excluded.available_tags,
+               applied_tags = excluded.applied_tags, locked = excluded.locked,
+               thread_created_at = coalesce(excluded.thread_created_at, channels.thread_created_at),
+               updated_at = now()
            where (channels.kind, channels.name, channels.parent_id, channels.position,
-                  channels.topic, channels.archived, channels.owner_id)
+                  channels.topic, channels.archived, channels.owner_id, channels.available_tags,
+                  channels.applied_tags, channels.locked, channels.thread_created_at)
                  is distinct from (excluded.kind, excluded.name, excluded.parent_id, excluded.position,
-                                   excluded.topic, excluded.archived, excluded.owner_id)",
+                                   excluded.topic, excluded.archived, excluded.owner_id,
+                                   excluded.available_tags, excluded.applied_tags, excluded.locked,
+                                   coalesce(excluded.thread_created_at, channels.thread_created_at))",
         &g,
         &id,
         &kind,
@@ -311,6 +349,10 @@ async fn upsert_channels(conn: &mut PgConnection, chans: &[ChannelInfo]) -> Resu
         &topic as &[Option<String>],
         &archived,
         &owner as &[Option<i64>],
+        &available,
+        &applied,
+        &locked,
+        &created as &[Option<DateTime<Utc>>],
     )
     .execute(&mut *conn)
     .await?;

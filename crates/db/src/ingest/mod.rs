@@ -56,8 +56,8 @@ mod threads;
 pub use batch::{write_batch, write_batch_on};
 pub use merge::{MsgState, Version};
 pub use ops::{
-    Author, BatchStats, ChannelInfo, GuildInfo, GuildSnapshot, IngestOp, MemberInfo, MessagePatch,
-    NewMessage, Overwrite, RoleInfo,
+    Author, BatchStats, ChannelInfo, ForumTag, GuildInfo, GuildSnapshot, IngestOp, MemberInfo,
+    MessagePatch, NewMessage, Overwrite, RoleInfo,
 };
 pub use retention::{
     backfill_channels, newest_message_ids, purge_expired, purge_member_removals, MEMBER_REMOVAL_TTL,

@@ -35,6 +35,23 @@ pub struct ChannelInfo {
     pub owner_id: Option<i64>,
     /// The complete set: stored overwrites not listed here are removed.
     pub overwrites: Vec<Overwrite>,
+    /// Forum and media channels: the tags their posts may carry (the complete list).
+    pub available_tags: Vec<ForumTag>,
+    /// Forum and media posts: ids of the parent's tags applied to this thread.
+    pub applied_tags: Vec<i64>,
+    /// Threads: locked (only MANAGE_THREADS may unarchive it or post).
+    pub locked: bool,
+    /// Threads: `thread_metadata.create_timestamp` (absent before 2022-01-09).
+    pub thread_created_at: Option<DateTime<Utc>>,
+}
+
+/// A tag a forum or media channel offers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForumTag {
+    pub id: i64,
+    pub name: String,
+    /// Only members with MANAGE_THREADS may apply or remove it.
+    pub moderated: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

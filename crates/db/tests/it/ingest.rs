@@ -422,6 +422,10 @@ fn chan(g: i64, id: i64, kind: i16, parent: Option<i64>, ows: Vec<Overwrite>) ->
         archived: false,
         owner_id: None,
         overwrites: ows,
+        applied_tags: vec![],
+        available_tags: vec![],
+        locked: false,
+        thread_created_at: None,
     }
 }
 

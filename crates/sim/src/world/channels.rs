@@ -28,9 +28,11 @@ impl World {
                     invitable: false,
                     members: vec![],
                     archive_timestamp: None,
+                    applied_tags: vec![],
                 });
             }
         }
+        self.check_tags(guild_id, &c)?;
         if c.id == 0 || self.channel_guild.contains_key(&c.id) {
             c.id = self.next_id();
         }
@@ -63,6 +65,7 @@ impl World {
             ));
         }
         let was_archived = old.thread.as_ref().map(|t| t.archived);
+        self.check_tags(guild_id, &c)?;
         let mut c = c;
         if let Some(t) = c.thread.as_mut() {
             // Discord's archive_timestamp moves whenever the archived flag changes; the
@@ -79,6 +82,45 @@ impl World {
             self.dispatch(guild_id, "CHANNEL_UPDATE", &json);
         }
         Ok(c)
+    }
+
+    /// Discord's rules for forum tags: only forum and media channels offer them (at most 20,
+    /// distinct ids, names of 1 to 20 characters); only their posts carry them (at most 5,
+    /// each one the parent offers).
+    fn check_tags(&self, guild_id: u64, c: &Channel) -> Result<(), SimError> {
+        let invalid = |m: &str| Err(SimError::Invalid(m.into()));
+        if !c.available_tags.is_empty() && !c.kind.has_posts() {
+            return invalid("only forum and media channels have available_tags");
+        }
+        if c.available_tags.len() > 20 {
+            return invalid("a channel offers at most 20 tags");
+        }
+        let mut ids = std::collections::BTreeSet::new();
+        for t in &c.available_tags {
+            if !ids.insert(t.id) || t.name.is_empty() || t.name.chars().count() > 20 {
+                return invalid("tag ids must be distinct and names 1 to 20 characters");
+            }
+        }
+        let applied = c.thread.as_ref().map_or(&[][..], |t| &t.applied_tags[..]);
+        if applied.is_empty() {
+            return Ok(());
+        }
+        if applied.len() > 5 {
+            return invalid("a post carries at most 5 tags");
+        }
+        let parent = c
+            .parent_id
+            .and_then(|p| self.guild(guild_id).ok()?.channels.get(&p));
+        let Some(parent) = parent.filter(|p| p.kind.has_posts()) else {
+            return invalid("only posts in forum and media channels carry tags");
+        };
+        if applied
+            .iter()
+            .any(|id| !parent.available_tags.iter().any(|t| t.id == *id))
+        {
+            return invalid("applied_tags must be tags the parent channel offers");
+        }
+        Ok(())
     }
 
     pub fn delete_channel(&mut self, id: u64) -> Result<(), SimError> {
@@ -139,7 +181,9 @@ impl World {
                 invitable: !private,
                 members: vec![owner_id],
                 archive_timestamp: None,
+                applied_tags: vec![],
             }),
+            available_tags: vec![],
         };
         self.create_channel(guild_id, c)
     }

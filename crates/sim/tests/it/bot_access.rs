@@ -169,6 +169,7 @@ async fn channel_routes_answer_403_where_the_bot_cannot_view() {
                     deny: perms::CONNECT,
                 }],
                 thread: None,
+                available_tags: vec![],
             },
         )
         .unwrap();
@@ -262,6 +263,7 @@ async fn gateway_sends_only_viewable_channels_events_and_syncs_threads_on_gain()
                     deny: perms::CONNECT,
                 }],
                 thread: None,
+                available_tags: vec![],
             },
         )
         .unwrap();

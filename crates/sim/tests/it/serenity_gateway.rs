@@ -255,6 +255,7 @@ async fn ready_guild_create_and_message_events_arrive_typed() {
                 topic: None,
                 overwrites: vec![],
                 thread: None,
+                available_tags: vec![],
             },
         )
         .unwrap();

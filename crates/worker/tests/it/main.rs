@@ -5,4 +5,5 @@ mod common;
 
 mod bot_access;
 mod e2e;
+mod forum;
 mod sigkill;
