@@ -127,6 +127,16 @@ async fn begin(env: &Env, next: &str, tamper: impl Fn(String) -> String) -> (Str
     (cookie, callback)
 }
 
+/// Step 3: the browser returns to the callback with its pre-login cookie.
+async fn callback_with(env: &Env, cookie: &str, callback: &str) -> reqwest::Response {
+    env.http
+        .get(callback)
+        .header(COOKIE, cookie)
+        .send()
+        .await
+        .unwrap()
+}
+
 async fn gql_cookie(env: &Env, cookie: &str, query: &str) -> Value {
     env.http
         .post(format!("{}/graphql", env.api.base))
@@ -152,13 +162,7 @@ async fn full_login_flow_rotates_session_syncs_memberships_and_logs_out(pool: Pg
     let env = env(pool.clone()).await;
     let (pre, callback) = begin(&env, "/graphql", |u| u).await;
 
-    let r = env
-        .http
-        .get(&callback)
-        .header(COOKIE, &pre)
-        .send()
-        .await
-        .unwrap();
+    let r = callback_with(&env, &pre, &callback).await;
     assert_eq!(r.status().as_u16(), 303);
     assert_eq!(location(&r), "/graphql");
     let (post, attrs) = session_cookie(&r).expect("login sets the session cookie");
@@ -280,13 +284,7 @@ async fn a_rate_limited_token_grant_is_retried_and_the_login_completes(pool: PgP
     let before = env.sim.rate_stats().injected_429s;
     // The callback's first Discord request is the token grant.
     env.sim.rate_limit_burst(1);
-    let r = env
-        .http
-        .get(&callback)
-        .header(COOKIE, &pre)
-        .send()
-        .await
-        .unwrap();
+    let r = callback_with(&env, &pre, &callback).await;
     assert_eq!(r.status().as_u16(), 303, "{:?}", r.text().await);
     assert_eq!(env.sim.rate_stats().injected_429s, before + 1);
     let seen = &env.api.state.metrics.discord;
@@ -339,13 +337,7 @@ async fn bad_state_is_refused_without_a_session(pool: PgPool) {
     // and the state cannot be replayed after a failure.
     let r = env.http.get(&callback).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 400);
-    let r = env
-        .http
-        .get(&callback)
-        .header(COOKIE, &pre)
-        .send()
-        .await
-        .unwrap();
+    let r = callback_with(&env, &pre, &callback).await;
     assert_eq!(r.status().as_u16(), 400);
     env.sim.shutdown().await;
 }
@@ -371,13 +363,7 @@ async fn wrong_pkce_verifier_gives_no_session(pool: PgPool) {
         url.to_string()
     })
     .await;
-    let r = env
-        .http
-        .get(&callback)
-        .header(COOKIE, &pre)
-        .send()
-        .await
-        .unwrap();
+    let r = callback_with(&env, &pre, &callback).await;
     assert_eq!(r.status().as_u16(), 401);
     assert!(session_cookie(&r).map(|(p, _)| p != pre).unwrap_or(true));
     assert_eq!(session_rows(&pool).await, 0);
