@@ -385,6 +385,17 @@ pub async fn run() -> anyhow::Result<()> {
     // Late extras (more than expected) would show as wrong counts.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let _ = stop_tx.send(true);
+    let result = summarize(tasks, &last_frame).await?;
+    say(&format!("result {result}"));
+    Ok(())
+}
+
+/// The readers' tallies as the result line: frames per viewer, violations,
+/// latency percentiles and errors.
+async fn summarize(
+    tasks: Vec<tokio::task::JoinHandle<Tally>>,
+    last_frame: &AtomicU64,
+) -> anyhow::Result<Value> {
     let mut per_viewer = Vec::with_capacity(tasks.len());
     let mut violations = 0;
     let mut lat: Vec<u32> = Vec::new();
@@ -406,7 +417,7 @@ pub async fn run() -> anyhow::Result<()> {
         let i = ((lat.len() as f64 - 1.0) * q).round() as usize;
         (f64::from(lat[i]) / 1000.0 * 100.0).round() / 100.0
     };
-    let result = json!({
+    Ok(json!({
         "per_viewer": per_viewer,
         "violations": violations,
         "samples": lat.len(),
@@ -416,7 +427,5 @@ pub async fn run() -> anyhow::Result<()> {
         "max_ms": pct(1.0),
         "last_frame_unix_nanos": last_frame.load(Ordering::Relaxed),
         "errors": errors,
-    });
-    say(&format!("result {result}"));
-    Ok(())
+    }))
 }
