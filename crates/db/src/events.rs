@@ -109,13 +109,7 @@ fn check_limit(limit: i64) -> Result<()> {
 /// snapshot's xmin are final, later ones may still appear. Starting here means
 /// "from now on". `seq` 0 sorts before every event (identity starts at 1).
 pub async fn head(tx: &mut FanoutTx) -> Result<Cursor> {
-    // "xmin!": the xmin of the current snapshot always exists.
-    let xmin: i64 = sqlx::query_scalar!(
-        r#"select pg_snapshot_xmin(pg_current_snapshot())::text::bigint as "xmin!""#
-    )
-    .fetch_one(&mut **tx)
-    .await?;
-    Ok(Cursor::new(xmin, 0))
+    snapshot_head(tx).await
 }
 
 /// [`head`] for a viewer's transaction: read before a history page in the
@@ -124,11 +118,16 @@ pub async fn head(tx: &mut FanoutTx) -> Result<Cursor> {
 /// statement took its snapshot, so the page shows their messages; later ones
 /// are replayed (some perhaps again, which clients absorb by upserting by id).
 pub async fn head_for_viewer(tx: &mut ViewerTx) -> Result<Cursor> {
-    // The same statement as `head`'s (one offline entry serves both).
+    snapshot_head(tx).await
+}
+
+/// Private: only the role-scoped wrappers above may hand it a connection.
+async fn snapshot_head(conn: &mut sqlx::PgConnection) -> Result<Cursor> {
+    // "xmin!": the xmin of the current snapshot always exists.
     let xmin: i64 = sqlx::query_scalar!(
         r#"select pg_snapshot_xmin(pg_current_snapshot())::text::bigint as "xmin!""#
     )
-    .fetch_one(&mut **tx)
+    .fetch_one(conn)
     .await?;
     Ok(Cursor::new(xmin, 0))
 }

@@ -15,7 +15,7 @@ use crate::guard::{Guard, GuardSettings};
 use crate::models::{
     Gateway, Member, PartialGuild, Role, Snowflake, ThreadList, ThreadMember, User,
 };
-use crate::ratelimit::{Limited, Limits, Permit, RateLimiter, Scope};
+use crate::ratelimit::{Limited, Limits, RateLimiter, Scope};
 use crate::Error;
 
 /// An answer to [`Client::send_raw`], whatever its status.
@@ -374,61 +374,25 @@ impl Client {
         headers: reqwest::header::HeaderMap,
         body: Vec<u8>,
     ) -> Result<RawResponse, Error> {
-        let inner = &self.inner;
         let path = self.path_of(url)?;
         let route = format!("{method} {path}");
         let mut limited = 0u32;
         loop {
-            if let Err(count) = inner.guard.check() {
-                inner.observer.budget_refused(&route);
-                return Err(Error::BudgetExhausted { route, count });
-            }
-            let permit = inner
-                .limiter
-                .acquire(Scope::Anonymous, method.as_str(), &path)
-                .await?;
-            let http_err = |source| Error::Http {
-                route: route.clone(),
-                source,
-            };
-            let resp = inner
+            let req = self
+                .inner
                 .http
                 .request(method.clone(), url)
                 .headers(headers.clone())
-                .body(body.clone())
-                .send()
+                .body(body.clone());
+            match self
+                .exchange(Auth::None, method.as_str(), &path, &route, req)
                 .await
-                .map_err(http_err)?;
-            let status = resp.status();
-            let got_headers = resp.headers().clone();
-            let got = resp.bytes().await.map_err(http_err)?.to_vec();
-            if status != StatusCode::TOO_MANY_REQUESTS {
-                inner.limiter.complete(permit, &got_headers);
-                if matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) {
-                    let n = inner.guard.record();
-                    inner.observer.invalid_request(&route, n);
+            {
+                Err(Error::RateLimited { route, wait, .. }) => {
+                    self.after_429(route, &mut limited, wait)?;
                 }
-                return Ok(RawResponse {
-                    status,
-                    headers: got_headers,
-                    body: got,
-                });
+                other => return other,
             }
-            // The limiter learns the wait, so the next acquire sleeps it out.
-            let wait = match self.answer(permit, route.clone(), status, &got_headers, got) {
-                Err(Error::RateLimited { wait, .. }) => wait,
-                _ => Duration::ZERO,
-            };
-            let o = &inner.options;
-            if limited >= o.max_rate_limit_retries || wait > o.limits.max_wait {
-                inner.observer.gave_up(&route);
-                return Err(Error::RateLimited {
-                    route,
-                    retries: limited,
-                    wait,
-                });
-            }
-            limited += 1;
         }
     }
 
@@ -485,29 +449,72 @@ impl Client {
                 .await;
             match res {
                 Err(Error::RateLimited { route, wait, .. }) => {
-                    if limited >= o.max_rate_limit_retries || wait > o.limits.max_wait {
-                        self.inner.observer.gave_up(&route);
-                        tracing::warn!(%route, retries = limited, "still rate limited; giving up on this request");
-                        return Err(Error::RateLimited {
-                            route,
-                            retries: limited,
-                            wait,
-                        });
-                    }
-                    limited += 1;
+                    self.after_429(route, &mut limited, wait)?;
                 }
                 other => return other,
             }
         }
     }
 
-    /// One request: budget check, rate-limit slot, send, read.
+    /// After a 429 (the limiter has learned the wait and the next acquire
+    /// sleeps it out): go on, or give up when this call was limited too often
+    /// or would wait longer than the cap.
+    fn after_429(&self, route: String, limited: &mut u32, wait: Duration) -> Result<(), Error> {
+        let o = &self.inner.options;
+        if *limited >= o.max_rate_limit_retries || wait > o.limits.max_wait {
+            self.inner.observer.gave_up(&route);
+            tracing::warn!(%route, retries = *limited, "still rate limited; giving up on this request");
+            return Err(Error::RateLimited {
+                route,
+                retries: *limited,
+                wait,
+            });
+        }
+        *limited += 1;
+        Ok(())
+    }
+
+    /// One GET, its answer read as a typed call's: 403 and 404 are answers,
+    /// 401 and other failures errors.
     async fn once(&self, auth: Auth<'_>, path: &str) -> Result<Fetched<Vec<u8>>, Error> {
-        let inner = &self.inner;
         let route = label(path);
+        let req = self.inner.http.get(format!("{}{path}", self.inner.api));
+        let raw = self.exchange(auth, "GET", path, &route, req).await?;
+        match raw.status {
+            s if s.is_success() => Ok(Fetched::Ok(raw.body)),
+            StatusCode::UNAUTHORIZED => Err(Error::Unauthorized { route }),
+            StatusCode::FORBIDDEN => {
+                let code = error_code(&raw.body);
+                self.inner.observer.forbidden(&route, code);
+                Ok(Fetched::Forbidden { code })
+            }
+            StatusCode::NOT_FOUND => Ok(Fetched::NotFound),
+            s => Err(Error::Status {
+                route,
+                status: s.as_u16(),
+                code: error_code(&raw.body),
+            }),
+        }
+    }
+
+    /// One request, typed or raw: budget check, rate-limit slot, send, read,
+    /// and what the answer teaches the limiter and the invalid-request guard.
+    /// A 429 comes back as [`Error::RateLimited`], every other answer as is.
+    async fn exchange(
+        &self,
+        auth: Auth<'_>,
+        method: &str,
+        path: &str,
+        route: &str,
+        mut req: reqwest::RequestBuilder,
+    ) -> Result<RawResponse, Error> {
+        let inner = &self.inner;
         if let Err(count) = inner.guard.check() {
-            inner.observer.budget_refused(&route);
-            return Err(Error::BudgetExhausted { route, count });
+            inner.observer.budget_refused(route);
+            return Err(Error::BudgetExhausted {
+                route: route.to_owned(),
+                count,
+            });
         }
         let (scope, authorization) = match auth {
             Auth::Bot => {
@@ -522,8 +529,7 @@ impl Client {
             ),
             Auth::None => (Scope::Anonymous, None),
         };
-        let permit = inner.limiter.acquire(scope, "GET", path).await?;
-        let mut req = inner.http.get(format!("{}{path}", inner.api));
+        let permit = inner.limiter.acquire(scope, method, path).await?;
         if let Some(a) = authorization {
             let mut v = HeaderValue::from_str(&a)
                 .map_err(|_| Error::Setup("token is not a valid header".into()))?;
@@ -531,7 +537,7 @@ impl Client {
             req = req.header(AUTHORIZATION, v);
         }
         let http_err = |source| Error::Http {
-            route: route.clone(),
+            route: route.to_owned(),
             source,
         };
         // On a connection error the permit is dropped, freeing its slot.
@@ -539,55 +545,31 @@ impl Client {
         let status = resp.status();
         let headers = resp.headers().clone();
         let body = resp.bytes().await.map_err(http_err)?.to_vec();
-        self.answer(permit, route, status, &headers, body)
-    }
-
-    fn answer(
-        &self,
-        permit: Permit,
-        route: String,
-        status: StatusCode,
-        headers: &reqwest::header::HeaderMap,
-        body: Vec<u8>,
-    ) -> Result<Fetched<Vec<u8>>, Error> {
-        let inner = &self.inner;
         if status == StatusCode::TOO_MANY_REQUESTS {
-            let l = Limited::read(headers, &body);
-            inner.limiter.limited(permit, headers, l);
+            let l = Limited::read(&headers, &body);
+            inner.limiter.limited(permit, &headers, l);
             if !l.shared {
                 let n = inner.guard.record();
-                inner.observer.invalid_request(&route, n);
+                inner.observer.invalid_request(route, n);
             }
-            inner.observer.rate_limited(&route, l.global);
+            inner.observer.rate_limited(route, l.global);
             tracing::info!(%route, retry_after = l.wait.as_secs_f64(), global = l.global, "rate limited");
             return Err(Error::RateLimited {
-                route,
+                route: route.to_owned(),
                 retries: 0,
                 wait: l.wait,
             });
         }
-        inner.limiter.complete(permit, headers);
-        match status {
-            s if s.is_success() => Ok(Fetched::Ok(body)),
-            StatusCode::UNAUTHORIZED => {
-                let n = inner.guard.record();
-                inner.observer.invalid_request(&route, n);
-                Err(Error::Unauthorized { route })
-            }
-            StatusCode::FORBIDDEN => {
-                let n = inner.guard.record();
-                inner.observer.invalid_request(&route, n);
-                let code = error_code(&body);
-                inner.observer.forbidden(&route, code);
-                Ok(Fetched::Forbidden { code })
-            }
-            StatusCode::NOT_FOUND => Ok(Fetched::NotFound),
-            s => Err(Error::Status {
-                route,
-                status: s.as_u16(),
-                code: error_code(&body),
-            }),
+        inner.limiter.complete(permit, &headers);
+        if matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) {
+            let n = inner.guard.record();
+            inner.observer.invalid_request(route, n);
         }
+        Ok(RawResponse {
+            status,
+            headers,
+            body,
+        })
     }
 }
 
