@@ -63,6 +63,22 @@ grant select, insert, update, delete on members to observer_auth;
 grant insert on access_events to observer_auth;
 grant usage on sequence access_events_seq_seq to observer_auth;
 
+-- The support queue (migrations/0034). The worker derives conversations and
+-- runs recomputations; the API reads conversations under the access rule, and
+-- managers read and change the settings (with an audit row per change).
+revoke all on support_settings, support_settings_audit, conversation_solved_marks, conversations
+    from public, observer_api, observer_worker, observer_auth, observer_access, observer_fanout;
+revoke all on sequence support_settings_audit_audit_id_seq
+    from public, observer_api, observer_worker, observer_auth, observer_access, observer_fanout;
+grant select, insert, update, delete on conversations, conversation_solved_marks to observer_worker;
+grant select on support_settings to observer_worker;
+grant update (recompute_requested, recompute_total, recompute_done, recomputed_at)
+    on support_settings to observer_worker;
+grant select on conversations to observer_api;
+grant select, insert, update on support_settings to observer_api;
+grant select, insert on support_settings_audit to observer_api;
+grant usage on sequence support_settings_audit_audit_id_seq to observer_api;
+
 -- Sessions are not tenant data: only the connecting user (the session store uses
 -- the raw pool) touches them.
 revoke all on schema tower_sessions from public, observer_api, observer_worker, observer_auth, observer_access, observer_fanout;

@@ -36,7 +36,9 @@ begin
           and policyname like 'observer\_%'
           and tablename in ('guilds', 'channels', 'permission_overwrites', 'roles', 'members', 'member_removals',
                             'thread_members', 'thread_member_removals', 'messages', 'message_revisions', 'message_events',
-                            'access_events', 'users', 'oauth_tokens', 'api_tokens')
+                            'access_events', 'users', 'oauth_tokens', 'api_tokens',
+                            'support_settings', 'support_settings_audit', 'conversation_solved_marks',
+                            'conversations')
     loop
         execute format('drop policy %I on %I.%I', p.policyname, p.schemaname, p.tablename);
     end loop;
@@ -114,6 +116,23 @@ create policy observer_api_own on users for select to observer_api
 create policy observer_api_own on api_tokens for all to observer_api
     using (user_id = (select access.viewer_id()))
     with check (user_id = (select access.viewer_id()));
+
+-- support queue: conversations follow their governing channel exactly as
+-- messages do; settings and their audit are for the guild's managers only.
+create policy observer_worker_all on conversations for all to observer_worker using (true) with check (true);
+create policy observer_worker_all on conversation_solved_marks for all to observer_worker using (true) with check (true);
+create policy observer_worker_all on support_settings for all to observer_worker using (true) with check (true);
+create policy observer_api_read on conversations for select to observer_api
+    using (channel_id = any ((select access.visible_channel_ids(true))::bigint[])
+           and guild_id = any ((select access.visible_guild_ids())::bigint[]));
+create policy observer_api_manage on support_settings for all to observer_api
+    using (guild_id = any ((select access.manageable_guild_ids())::bigint[]))
+    with check (guild_id = any ((select access.manageable_guild_ids())::bigint[]));
+create policy observer_api_read on support_settings_audit for select to observer_api
+    using (guild_id = any ((select access.manageable_guild_ids())::bigint[]));
+create policy observer_api_append on support_settings_audit for insert to observer_api
+    with check (guild_id = any ((select access.manageable_guild_ids())::bigint[])
+                and changed_by = (select access.viewer_id()));
 
 -- auth: the login path works before a viewer exists; grants (20_grants.sql)
 -- limit it to these tables and commands.

@@ -20,6 +20,9 @@
 //!   message write rounds, backfill bounds and retention.
 //! - [`reconcile`]: a channel's recent window after a gap; deletions detected
 //!   rather than reported.
+//! - [`support`]: the support queue: conversations derived from forum posts
+//!   in the ingest transaction, their settings, and the API's queue and
+//!   telemetry reads (docs/support-queue.md).
 //! - [`viewer`]: reads for the API, always under RLS.
 //! - [`auth`]: users, OAuth tokens, API tokens and memberships for the login path.
 //! - [`server`]: a private PostgreSQL cluster from the installed server binaries
@@ -46,6 +49,7 @@ pub mod ingest;
 pub mod migrate;
 pub mod reconcile;
 pub mod server;
+pub mod support;
 pub mod tx;
 pub mod viewer;
 

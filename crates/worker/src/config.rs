@@ -78,6 +78,9 @@ pub struct Config {
     /// How often messages older than their guild's retention period are
     /// purged. None disables purging (retention is then not enforced).
     pub purge_interval: Option<Duration>,
+    /// How often queued support recomputations (after a settings change)
+    /// are picked up; the startup sweep runs first. None disables both.
+    pub support_interval: Option<Duration>,
     /// Discord REST client settings: global pacing, wait caps, the
     /// invalid-request guard's threshold, retries.
     pub rest: observer_discord::Options,
@@ -100,6 +103,7 @@ impl Config {
             reconcile: Some(crate::reconcile::Window::default()),
             access_reread: Some(Duration::from_secs(2)),
             purge_interval: Some(Duration::from_secs(600)),
+            support_interval: Some(Duration::from_secs(2)),
             rest: observer_discord::Options::default(),
         }
     }

@@ -20,6 +20,8 @@
 //! - `snapshot`: on every guild snapshot (GUILD_CREATE, THREAD_LIST_SYNC),
 //!   REST listings of what the gateway never sends: guild members, archived
 //!   private threads and private threads' members.
+//! - `support`: the support queue's background work: the startup sweep and
+//!   the recomputations settings changes queue (batches derive the rest).
 //! - [`metrics`]: Prometheus registry, `/metrics` endpoint, health log line.
 //! - this file: the raw event handler, client setup, [`run`] and shutdown.
 //!
@@ -38,6 +40,7 @@ mod requests;
 mod reread;
 mod rest;
 mod snapshot;
+mod support;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -247,6 +250,7 @@ struct Background {
     reread: Option<tokio::task::JoinHandle<()>>,
     snapshot: Option<tokio::task::JoinHandle<()>>,
     purge: Option<tokio::task::JoinHandle<()>>,
+    support: Option<tokio::task::JoinHandle<()>>,
     backfill_tx: Option<mpsc::UnboundedSender<requests::BackfillRequest>>,
     reread_tx: Option<mpsc::UnboundedSender<reread::Key>>,
     snapshot_tx: mpsc::UnboundedSender<requests::SnapshotRequest>,
@@ -312,11 +316,15 @@ impl Background {
         let purge = config
             .purge_interval
             .map(|every| tokio::spawn(purge_loop(db.clone(), every)));
+        let support = config
+            .support_interval
+            .map(|every| tokio::spawn(support::run(db.clone(), every)));
         Background {
             backfill,
             reread,
             snapshot,
             purge,
+            support,
             backfill_tx: config.backfill.then_some(bf_tx),
             reread_tx: config.access_reread.is_some().then_some(rr_tx),
             snapshot_tx: snap_tx,
@@ -324,7 +332,13 @@ impl Background {
     }
 
     fn abort(self) {
-        for t in [self.backfill, self.reread, self.snapshot, self.purge]
+        for t in [
+            self.backfill,
+            self.reread,
+            self.snapshot,
+            self.purge,
+            self.support,
+        ]
             .into_iter()
             .flatten()
         {

@@ -9,6 +9,7 @@ use super::types::{Guild, NewApiToken};
 use crate::error::{bad_request, from_db, not_found, GqlResult};
 use crate::tokens;
 
+#[derive(Default)]
 pub struct Mutation;
 
 /// Longest API token name accepted.

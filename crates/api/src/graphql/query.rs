@@ -13,6 +13,7 @@ use super::types::{
 };
 use crate::error::{bad_request, from_db, not_found, unauthenticated, GqlResult};
 
+#[derive(Default)]
 pub struct Query;
 
 /// Validates `first` (docs/interfaces.md: at most 100).

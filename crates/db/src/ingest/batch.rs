@@ -42,10 +42,16 @@ pub async fn write_batch_on(session: &mut WorkerConn, ops: &[IngestOp]) -> Resul
     let mut stats = BatchStats::of(ops);
     let (merged, mut revisions) = prepare_messages(ops, &mut stats);
     let left = write_rounds(session.conn(), merged, &mut revisions, &mut stats, 0..1).await?;
-    if !left.is_empty() {
+    let touched = crate::support::touched(ops);
+    let support = crate::support::any_support_thread(session.conn(), &touched).await?;
+    if !left.is_empty() || support {
         let mut tx = session.begin().await?;
         let left = write_rounds(&mut tx, left, &mut revisions, &mut stats, 1..ROUNDS).await?;
         settled(&left)?;
+        // Not in the first statement's transaction: a crash before this
+        // commit leaves the conversation behind its messages until the
+        // worker's startup sweep (crate::support).
+        crate::support::refresh(&mut tx, &touched).await?;
         tx.commit().await?;
     }
     Ok(stats)
@@ -107,6 +113,8 @@ async fn write_batch_in(conn: &mut PgConnection, ops: &[IngestOp]) -> Result<Bat
             stats.events_deleted += usize::try_from(n).unwrap_or(0);
         }
     }
+    // Last, from what is now stored: the conversations this batch touched.
+    crate::support::refresh(conn, &crate::support::touched(ops)).await?;
     Ok(stats)
 }
 

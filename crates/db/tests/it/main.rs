@@ -10,3 +10,4 @@ mod ingest_throughput;
 mod migrate;
 mod retention;
 mod rls;
+mod support;
