@@ -339,8 +339,8 @@ impl Background {
             self.purge,
             self.support,
         ]
-            .into_iter()
-            .flatten()
+        .into_iter()
+        .flatten()
         {
             t.abort();
         }

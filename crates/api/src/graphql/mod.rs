@@ -44,11 +44,11 @@ pub fn build_schema(limits: &Limits) -> ObserverSchema {
         MutationRoot::default(),
         subscription::Subscription,
     )
-        .limit_depth(limits.max_depth)
-        .limit_complexity(limits.max_complexity)
-        .limit_recursive_depth(limits.max_depth.saturating_mul(2).max(16))
-        .limit_directives(16)
-        .finish()
+    .limit_depth(limits.max_depth)
+    .limit_complexity(limits.max_complexity)
+    .limit_recursive_depth(limits.max_depth.saturating_mul(2).max(16))
+    .limit_directives(16)
+    .finish()
 }
 
 /// The SDL the code defines (checked in as `crates/api/schema.graphql`).

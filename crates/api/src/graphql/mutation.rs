@@ -19,7 +19,7 @@ const MAX_OBSERVER_ROLES: usize = 250;
 /// Longest retention period accepted (100 years).
 const MAX_RETENTION_DAYS: i32 = 36_500;
 
-#[Object]
+#[Object(name = "MirrorMutation")]
 impl Mutation {
     /// Sets the roles that gate observing a guild (empty: no gate). Allowed
     /// for the owner, ADMINISTRATOR or MANAGE_GUILD; anyone else gets

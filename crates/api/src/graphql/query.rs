@@ -64,7 +64,7 @@ async fn connection<T>(
     })
 }
 
-#[Object]
+#[Object(name = "MirrorQuery")]
 impl Query {
     /// The logged-in user (or the user an API token acts for).
     async fn viewer(&self, ctx: &Context<'_>) -> GqlResult<Viewer> {

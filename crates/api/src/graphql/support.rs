@@ -304,7 +304,9 @@ impl From<db_settings::SettingsView> for SupportSettings {
         let s = v.settings;
         SupportSettings {
             guild_id: id(v.guild_id),
-            support_channel_ids: s.support_channel_ids.map(|c| c.into_iter().map(id).collect()),
+            support_channel_ids: s
+                .support_channel_ids
+                .map(|c| c.into_iter().map(id).collect()),
             staff_role_ids: s.staff_role_ids.into_iter().map(id).collect(),
             solved_tag_names: s.solved_tag_names,
             locked_means_solved: s.locked_means_solved,
@@ -378,7 +380,9 @@ impl SupportSettingsInput {
                         .iter()
                         .any(|n| n.trim().is_empty() || n.chars().count() > 100)
                 {
-                    return Err(bad_request("solvedTagNames: 1-100 characters each, at most 250"));
+                    return Err(bad_request(
+                        "solvedTagNames: 1-100 characters each, at most 250",
+                    ));
                 }
                 Some(names.into_iter().map(|n| n.trim().to_owned()).collect())
             }
@@ -403,7 +407,9 @@ impl SupportSettingsInput {
                         .chars()
                         .all(|c| c.is_ascii_alphanumeric() || "/_+-".contains(c))
                 {
-                    return Err(bad_request("businessHours.timeZone: not an IANA time zone name"));
+                    return Err(bad_request(
+                        "businessHours.timeZone: not an IANA time zone name",
+                    ));
                 }
                 let mut weekly = Vec::new();
                 for s in h.weekly.into_iter().take(64) {
@@ -438,9 +444,8 @@ impl SupportSettingsInput {
 }
 
 fn encode_cursor(c: queue::Cursor) -> String {
-    let key = c
-        .0
-        .map_or_else(|| "n".to_owned(), |t| t.timestamp_micros().to_string());
+    let key =
+        c.0.map_or_else(|| "n".to_owned(), |t| t.timestamp_micros().to_string());
     cursor::opaque(&format!("q1:{key}:{}", c.1))
 }
 
@@ -553,7 +558,9 @@ impl SupportQuery {
         let to = to.unwrap_or_else(Utc::now);
         let from = from.unwrap_or(to - chrono::Duration::days(30));
         if from >= to || to - from > chrono::Duration::days(MAX_WINDOW_DAYS) {
-            return Err(bad_request("`from` must be before `to`, at most 366 days apart"));
+            return Err(bad_request(
+                "`from` must be before `to`, at most 366 days apart",
+            ));
         }
         if bucket == StatsBucket::Hour && to - from > chrono::Duration::days(31) {
             return Err(bad_request("hourly buckets: at most 31 days"));
@@ -627,7 +634,11 @@ impl SupportQuery {
 
     /// The guild's support settings: for its managers (owner, ADMINISTRATOR,
     /// MANAGE_GUILD); NOT_FOUND for anyone else.
-    async fn support_settings(&self, ctx: &Context<'_>, guild_id: ID) -> GqlResult<SupportSettings> {
+    async fn support_settings(
+        &self,
+        ctx: &Context<'_>,
+        guild_id: ID,
+    ) -> GqlResult<SupportSettings> {
         let rdb = request_db(ctx)?;
         rdb.viewer()?;
         let guild_id = parse_id(&guild_id).ok_or_else(not_found)?;

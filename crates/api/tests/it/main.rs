@@ -17,3 +17,4 @@ mod login;
 mod mirror_threads;
 mod module_cycles;
 mod schema;
+mod support;

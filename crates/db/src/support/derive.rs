@@ -338,7 +338,11 @@ mod tests {
         };
         let d = derive(
             &open,
-            &[msg(1, REQ_WHO_IS_STAFF, 0), msg(2, BOT, 1), msg(3, REQ_WHO_IS_STAFF, 2)],
+            &[
+                msg(1, REQ_WHO_IS_STAFF, 0),
+                msg(2, BOT, 1),
+                msg(3, REQ_WHO_IS_STAFF, 2),
+            ],
             &[],
             staff,
         );
@@ -405,7 +409,12 @@ mod tests {
             owner_id: Some(BOT),
             opened_at: at(0),
         };
-        let d = derive(&open, &[msg(1, BOT, 0), msg(2, REQ, 1), msg(3, STAFF, 3)], &[], staff);
+        let d = derive(
+            &open,
+            &[msg(1, BOT, 0), msg(2, REQ, 1), msg(3, STAFF, 3)],
+            &[],
+            staff,
+        );
         assert_eq!(d.requester_id, Some(REQ));
         assert_eq!(d.first_response_at, Some(at(3)));
     }

@@ -108,10 +108,8 @@ pub async fn refresh(conn: &mut PgConnection, keys: &[(i64, i64)]) -> Result<usi
     }
     observe_marks(conn, &candidates, now).await?;
 
-    let (cg, ct): (Vec<i64>, Vec<i64>) = candidates
-        .iter()
-        .map(|c| (c.guild_id, c.thread_id))
-        .unzip();
+    let (cg, ct): (Vec<i64>, Vec<i64>) =
+        candidates.iter().map(|c| (c.guild_id, c.thread_id)).unzip();
     let mut msgs = load_messages(conn, &cg, &ct).await?;
     let mut marks = load_marks(conn, &cg, &ct).await?;
     let staff = staff_of(conn, &candidates, &msgs).await?;
@@ -266,13 +264,15 @@ async fn load_messages(
     .await?;
     let mut out: ByConversation<Msg> = HashMap::new();
     for r in rows {
-        out.entry((r.guild_id, r.channel_id)).or_default().push(Msg {
-            message_id: r.message_id,
-            author_id: r.author_id,
-            bot: r.author_bot,
-            created_at: r.created_at,
-            deleted: r.deleted,
-        });
+        out.entry((r.guild_id, r.channel_id))
+            .or_default()
+            .push(Msg {
+                message_id: r.message_id,
+                author_id: r.author_id,
+                bot: r.author_bot,
+                created_at: r.created_at,
+                deleted: r.deleted,
+            });
     }
     Ok(out)
 }

@@ -245,15 +245,17 @@ async fn forum_posts_become_conversations_seen_under_each_viewers_rights(
         let db = db.clone();
         async move {
             let mut tx = db.viewer(viewer).await?;
-            let s =
-                queue::stats(&mut tx, G, at(-60), Utc::now(), "day", &[]).await?;
+            let s = queue::stats(&mut tx, G, at(-60), Utc::now(), "day", &[]).await?;
             tx.commit().await?;
             anyhow::Ok(s)
         }
     };
     let (s_staff, s_plain) = (stats(STAFF).await?, stats(PLAIN).await?);
     assert_eq!((s_staff.summary.opened, s_plain.summary.opened), (2, 1));
-    assert_eq!((s_staff.summary.unanswered, s_plain.summary.unanswered), (1, 0));
+    assert_eq!(
+        (s_staff.summary.unanswered, s_plain.summary.unanswered),
+        (1, 0)
+    );
     assert_eq!((s_staff.summary.backlog, s_plain.summary.backlog), (1, 0));
     assert_eq!(s_plain.summary.first_response.median, Some(600.0));
     assert_eq!(s_plain.top_responders.len(), 1);
@@ -269,7 +271,10 @@ async fn forum_posts_become_conversations_seen_under_each_viewers_rights(
     // The marker was observed now: the follow-up comes after it.
     write(&db, &[msg(1000, 1004, ALICE, 48 * 60 + 5)]).await?;
     let t1 = queue_of(&db, PLAIN).await?.remove(0);
-    assert_eq!((t1.state.as_str(), t1.reopen_count), ("WAITING_ON_STAFF", 1));
+    assert_eq!(
+        (t1.state.as_str(), t1.reopen_count),
+        ("WAITING_ON_STAFF", 1)
+    );
 
     // Deleting the thread removes its conversation.
     write(
@@ -452,7 +457,11 @@ async fn the_startup_sweep_catches_up_with_messages_written_without_recomputatio
 ) -> anyhow::Result<()> {
     let db = observer_testkit::db(&pool).await?;
     write(&db, &[guild()]).await?;
-    write(&db, &[post(1000, FORUM, ALICE, vec![]), msg(1000, 1000, ALICE, 0)]).await?;
+    write(
+        &db,
+        &[post(1000, FORUM, ALICE, vec![]), msg(1000, 1000, ALICE, 0)],
+    )
+    .await?;
     // As if the worker died between a live write and its recomputation.
     sqlx::query(
         "insert into messages (guild_id, message_id, channel_id, author_id, created_at, seen_create) \
