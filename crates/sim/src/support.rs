@@ -127,6 +127,7 @@ pub struct ConversationTruth {
     pub first_response_ms: Option<i64>,
     /// The first response was deleted later (it still counts).
     pub first_response_deleted: bool,
+    /// Next-response data points, in order (the rule is on `compute` below).
     pub next_responses: Vec<ResponseGap>,
     /// When the conversation first became SOLVED.
     pub first_solved_at: Option<DateTime<Utc>>,
@@ -173,7 +174,7 @@ impl SupportTruth {
     }
 }
 
-/// What `back-dated history` produced.
+/// What [`crate::Simulator::generate_support_history`] produced.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SupportHistory {
     /// The posts created, oldest first.

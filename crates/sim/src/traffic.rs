@@ -100,7 +100,6 @@ pub(crate) fn start(sim: Simulator, opts: TrafficOptions) -> TrafficHandle {
 struct GuildView {
     support: Vec<u64>,
     staff_channels: Vec<u64>,
-    forums: Vec<u64>,
     tickets: Vec<u64>,
     staff: Vec<u64>,
     customers: Vec<u64>,
@@ -204,7 +203,6 @@ impl Generator {
                         .map(|o| o.deny)
                         .unwrap_or(0);
                     match c.kind {
-                        ChannelKind::Forum => v.forums.push(c.id),
                         // Forum posts get support traffic; other threads the generic kind.
                         k if k.is_thread()
                             && !c.thread.as_ref().is_some_and(|t| t.archived)
@@ -241,7 +239,14 @@ impl Generator {
             })
             .filter(|v| !v.support.is_empty() && !v.staff.is_empty() && !v.customers.is_empty())
             .collect();
-        self.forums = self.views.iter().flat_map(|v| v.forums.clone()).collect();
+        // Every forum of the selected guilds, even of guilds too bare for the other kinds.
+        self.forums = truth
+            .guilds
+            .iter()
+            .filter(|g| self.opts.guilds.is_empty() || self.opts.guilds.contains(&g.id))
+            .flat_map(|g| g.channels.iter().filter(|c| c.kind.has_posts()))
+            .map(|c| c.id)
+            .collect();
         let w = sim.shared.world();
         self.people = self
             .forums
@@ -286,7 +291,12 @@ impl Generator {
 
     /// One operation. Views are refreshed every 500 steps (a step count, so runs stay reproducible).
     pub fn step(&mut self, sim: &Simulator) {
-        if self.steps >= self.next_refresh || self.views.is_empty() {
+        let starved = if self.opts.support_only {
+            self.forums.is_empty()
+        } else {
+            self.views.is_empty()
+        };
+        if self.steps >= self.next_refresh || starved {
             self.next_refresh = self.steps + 500;
             self.refresh(sim);
         }
