@@ -11,7 +11,7 @@ use observer_sim::{
 };
 use serde_json::Value;
 
-/// 2025-10-09 (a Thursday) 21:33:20 UTC.
+/// 2025-10-09 (a Thursday) 08:53:20 UTC.
 const START_MS: i64 = 1_760_000_000_000;
 
 async fn sim_with(guilds: usize) -> (Simulator, Scenario) {
@@ -199,6 +199,76 @@ async fn a_hand_written_conversation_gives_exact_numbers() {
         .clone();
     assert_eq!(json["state"], "SOLVED");
     assert_eq!(json["reopen_count"], 1);
+    let as_of = ts(t0, 92).to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let (status, body) = get(&sim, &format!("/_sim/support-truth?as_of={as_of}")).await;
+    assert_eq!(status, 200, "{body}");
+    let json = body["conversations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["thread_id"].as_str().and_then(|s| s.parse().ok()) == Some(thread.id))
+        .unwrap()
+        .clone();
+    assert_eq!(json["state"], "WAITING_ON_REQUESTER");
+    assert_eq!(json["requester_wait_ms"], (10 + 15 + 20) * 60_000);
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn locks_and_tags_already_on_a_post_are_solved_markers() {
+    let (sim, s) = sim_with(1).await;
+    let g = &s.guilds[0];
+    // The generated forum's archived ticket was loaded with the solved tag: dated at its
+    // opening, as it has no message.
+    let truth = sim.support_truth();
+    let loaded = g
+        .channels
+        .iter()
+        .find(|c| {
+            c.thread
+                .as_ref()
+                .is_some_and(|t| t.archived && c.parent_id == Some(forum(g)))
+        })
+        .unwrap();
+    let c = truth.get(loaded.id).unwrap();
+    assert_eq!(c.state, ConversationState::Solved);
+    assert_eq!(c.first_solved_at, Some(snowflake_time(loaded.id)));
+
+    // A lock solves ("locked means solved" is on by default); unlocking undoes it.
+    let requester = with_role(g, "Customer")[0];
+    let staff = with_role(g, "Staff")[0];
+    let (thread, _) = sim
+        .create_forum_post(forum(g), requester, "Refund", "Duplicate charge", vec![])
+        .unwrap();
+    sim.post_message(thread.id, staff, "Refunded.", PostOptions::default())
+        .unwrap();
+    let mut locked = thread.clone();
+    locked.thread.as_mut().unwrap().locked = true;
+    sim.update_thread(locked.clone()).unwrap();
+    let lock_time = sim.clock_now();
+    let c = sim.support_truth().get(thread.id).cloned().unwrap();
+    assert_eq!(c.state, ConversationState::Solved);
+    assert_eq!(c.first_solved_at, Some(lock_time));
+    // The solved tag on top of the lock sets no new marker.
+    sim.set_solved(thread.id, true).unwrap();
+    assert_eq!(sim.support_truth().get(thread.id).unwrap().markers.len(), 1);
+    let mut open = sim
+        .access_truth()
+        .guilds
+        .iter()
+        .flat_map(|g| g.channels.clone())
+        .find(|c| c.id == thread.id)
+        .unwrap();
+    open.thread.as_mut().unwrap().locked = false;
+    open.thread.as_mut().unwrap().applied_tags.clear();
+    sim.update_thread(open).unwrap();
+    let c = sim.support_truth().get(thread.id).cloned().unwrap();
+    assert_eq!(c.state, ConversationState::WaitingOnRequester);
+    assert_eq!(c.reopen_count, 0, "a marker going is not a reopen");
+    assert_eq!(
+        c.markers.iter().map(|m| m.present).collect::<Vec<_>>(),
+        vec![true, false]
+    );
     sim.shutdown().await;
 }
 
