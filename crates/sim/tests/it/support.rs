@@ -510,3 +510,37 @@ async fn back_dated_history_is_in_the_past_archived_and_listed() {
     sim.shutdown().await;
     sim2.shutdown().await;
 }
+
+#[tokio::test]
+async fn support_traffic_runs_on_a_wall_clock() {
+    let sim = Simulator::start(SimConfig::default()).await.unwrap();
+    sim.load(Scenario::generate(2, GenOptions::default()));
+    let started = sim.clock_now();
+    // Delays of minutes to days become milliseconds to seconds.
+    let h = sim.start_traffic(observer_sim::TrafficOptions {
+        rate_per_sec: 200.0,
+        seed: 4,
+        support_only: true,
+        support_speedup: 100_000.0,
+        ..Default::default()
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(2_500)).await;
+    h.stop();
+    let truth = sim.support_truth();
+    let live: Vec<_> = truth
+        .conversations
+        .iter()
+        .filter(|c| c.opened_at >= started)
+        .collect();
+    assert!(live.len() > 5, "{} posts", live.len());
+    assert!(live.iter().any(|c| c.first_response_ms.is_some()));
+    for c in &live {
+        assert!(c.first_response_ms.unwrap_or(0) >= 0);
+        assert_eq!(
+            c.messages[0].id, c.thread_id,
+            "starter message shares the id"
+        );
+        assert_eq!(c.messages[0].side, Side::Requester);
+    }
+    sim.shutdown().await;
+}
