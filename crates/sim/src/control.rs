@@ -99,6 +99,9 @@ pub(crate) fn router() -> Router<Arc<Shared>> {
         .route("/_sim/rate-stats", get(rate_stats))
         .route("/_sim/rate-stats/reset", post(rate_stats_reset))
         .route("/_sim/ground-truth", get(ground_truth))
+        .route("/_sim/support-truth", get(support_truth))
+        .route("/_sim/support_truth", get(support_truth))
+        .route("/_sim/guilds/{gid}/support-history", post(support_history))
         .route("/_sim/access-truth", get(get_scenario))
         .route("/_sim/traffic/start", post(traffic_start))
         .route("/_sim/traffic/stop", post(traffic_stop))
@@ -451,6 +454,43 @@ async fn ground_truth(State(sh): State<Arc<Shared>>) -> ApiResult {
     to_json(&sim(&sh).ground_truth())
 }
 
+#[derive(Deserialize)]
+struct TruthQuery {
+    /// RFC 3339; the simulator's current time when absent.
+    #[serde(default)]
+    as_of: Option<DateTime<Utc>>,
+}
+
+async fn support_truth(
+    State(sh): State<Arc<Shared>>,
+    axum::extract::Query(q): axum::extract::Query<TruthQuery>,
+) -> ApiResult {
+    let s = sim(&sh);
+    to_json(&match q.as_of {
+        Some(t) => s.support_truth_at(t),
+        None => s.support_truth(),
+    })
+}
+
+#[derive(Deserialize)]
+struct HistoryBody {
+    days: u32,
+    #[serde(default)]
+    seed: u64,
+}
+
+async fn support_history(
+    State(sh): State<Arc<Shared>>,
+    Path(gid): Path<u64>,
+    Json(b): Json<HistoryBody>,
+) -> ApiResult {
+    let s = sim(&sh);
+    let out = tokio::task::spawn_blocking(move || s.generate_support_history(gid, b.days, b.seed))
+        .await
+        .map_err(|e| ApiError::bad_request(e.to_string()))??;
+    to_json(&out)
+}
+
 async fn traffic_start(State(sh): State<Arc<Shared>>, Json(o): Json<TrafficOptions>) -> ApiResult {
     let s = sim(&sh);
     s.stop_traffic();
@@ -475,6 +515,9 @@ struct StepsBody {
     #[serde(default)]
     seed: u64,
     steps: u64,
+    /// Support traffic only (`Simulator::run_support_steps`).
+    #[serde(default)]
+    support_only: bool,
 }
 
 async fn traffic_steps(
@@ -483,8 +526,14 @@ async fn traffic_steps(
 ) -> Result<Json<Value>, ApiError> {
     let s = sim(&sh);
     // Step-driven traffic runs synchronously; keep it off the async worker threads.
-    tokio::task::spawn_blocking(move || s.run_traffic_steps(b.seed, b.steps))
-        .await
-        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    tokio::task::spawn_blocking(move || {
+        if b.support_only {
+            s.run_support_steps(b.seed, b.steps)
+        } else {
+            s.run_traffic_steps(b.seed, b.steps)
+        }
+    })
+    .await
+    .map_err(|e| ApiError::bad_request(e.to_string()))?;
     ok()
 }

@@ -17,6 +17,10 @@
 //! - `control`  — the `/_sim/` JSON control API, thin over [`Simulator`]'s methods.
 //! - `scenario` — [`Scenario::generate`]: a realistic support organisation from a seed.
 //! - `traffic`  — synthetic support conversations, by wall-clock rate or by step count.
+//! - `support`  — the support queue's truth: a journal of every forum post (written by the world's
+//!   mutation paths) and the metrics of docs/support-queue.md computed from it alone;
+//!   `support/live` (forum support traffic with time-of-day delays, solved tags, reopens) and
+//!   `support/history` (back-dated posts, archived when idle).
 //!
 //! Quick use (in-process):
 //! ```no_run
@@ -40,6 +44,7 @@ mod payload;
 mod permissions;
 mod rest;
 mod scenario;
+mod support;
 mod traffic;
 mod world;
 
@@ -63,6 +68,10 @@ pub use model::{
 pub use permissions::ChannelView;
 pub use rest::{RateStats, DEFAULT_GLOBAL_PER_SEC};
 pub use scenario::GenOptions;
+pub use support::{
+    is_solved_tag_name, ConversationState, ConversationTruth, MarkerChange, ResponseGap, Side,
+    SupportHistory, SupportMessage, SupportTruth,
+};
 pub use traffic::{TrafficHandle, TrafficOptions};
 
 /// Errors of the simulator's Rust API (also mapped to HTTP statuses by the control API).
@@ -176,6 +185,8 @@ pub(crate) struct Shared {
     pub rate: Mutex<rest::RateState>,
     pub oauth: Mutex<oauth::OAuthState>,
     pub traffic: Mutex<Option<TrafficHandle>>,
+    /// Planned support actions. Locked before the world, never while holding it.
+    pub support_plan: Mutex<support::live::Plan>,
     pub shutdown: CancellationToken,
 }
 
@@ -184,6 +195,10 @@ impl Shared {
         // A panic while holding the lock cannot leave the maps half-updated in a way that matters
         // more than stopping the whole simulator would.
         self.world.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn support_plan(&self) -> MutexGuard<'_, support::live::Plan> {
+        self.support_plan.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -235,6 +250,7 @@ impl Simulator {
             rate: Mutex::new(rest::RateState::default()),
             oauth: Mutex::new(oauth::OAuthState::default()),
             traffic: Mutex::new(None),
+            support_plan: Mutex::new(Default::default()),
             shutdown: CancellationToken::new(),
         });
         let app = router(Arc::clone(&shared));
@@ -547,6 +563,77 @@ impl Simulator {
         self.world().add_bot_to_guild(guild_id)
     }
 
+    // ----- support --------------------------------------------------------------------------
+
+    /// The simulator's own record of every support conversation (every post of a forum or media
+    /// channel) with the metrics of docs/support-queue.md, as of the simulator's current time.
+    /// Computed from the journal kept as things happened, never from the stored messages.
+    pub fn support_truth(&self) -> SupportTruth {
+        let w = self.world();
+        w.support.truth(w.peek_now())
+    }
+
+    /// [`Simulator::support_truth`] as of `as_of`: later events are left out, and wait times
+    /// run to `as_of`.
+    pub fn support_truth_at(&self, as_of: DateTime<Utc>) -> SupportTruth {
+        self.world().support.truth(as_of)
+    }
+
+    /// Inserts `days` of back-dated support history into each forum of `guild_id`, ending at the
+    /// simulator's current time: posts whose ids (shared with their starter messages) and
+    /// messages are in the past and increase with time, idle ones archived (they are then only
+    /// listed by `/threads/archived/public`), solved ones tagged. No gateway event is sent (as for
+    /// a scenario's past): call it before the product connects, or let it backfill. The same
+    /// seed on the same world gives the same history. Solved tags here are dated at the
+    /// conversation's last message (see [`MarkerChange`]); history has no reopens.
+    pub fn generate_support_history(
+        &self,
+        guild_id: u64,
+        days: u32,
+        seed: u64,
+    ) -> Result<SupportHistory, SimError> {
+        support::history::generate(&mut self.world(), guild_id, days, seed)
+    }
+
+    /// A forum post as Discord creates one: THREAD_CREATE then MESSAGE_CREATE of its starter
+    /// message, which shares the thread's id.
+    pub fn create_forum_post(
+        &self,
+        forum_id: u64,
+        owner_id: u64,
+        name: impl Into<String>,
+        content: impl Into<String>,
+        applied_tags: Vec<u64>,
+    ) -> Result<(Channel, MessageState), SimError> {
+        self.world().create_forum_post(
+            forum_id,
+            owner_id,
+            name.into(),
+            content.into(),
+            applied_tags,
+        )
+    }
+
+    /// Applies (`true`) or removes the forum's first tag named like solved (see
+    /// [`is_solved_tag_name`]) on a post, through the ordinary THREAD_UPDATE path. Applying it
+    /// when it is already there removes it first (two THREAD_UPDATEs), so the marker is set anew.
+    pub fn set_solved(&self, thread_id: u64, solved: bool) -> Result<Channel, SimError> {
+        self.world().set_solved(thread_id, solved)
+    }
+
+    /// The simulator's current time, without advancing a virtual clock.
+    pub fn clock_now(&self) -> DateTime<Utc> {
+        self.world().peek_now()
+    }
+
+    /// With a virtual clock, makes the next operation happen at `at` (never moves backwards);
+    /// false with a wall clock, which cannot be moved.
+    pub fn advance_clock_to(&self, at: DateTime<Utc>) -> bool {
+        let mut w = self.world();
+        w.advance_clock_to(at);
+        w.has_virtual_clock()
+    }
+
     // ----- faults ---------------------------------------------------------------------------
 
     /// Drops every gateway socket without a close frame (sessions stay resumable).
@@ -647,6 +734,20 @@ impl Simulator {
     pub fn run_traffic_steps(&self, seed: u64, steps: u64) {
         let mut g = traffic::Generator::new(TrafficOptions {
             seed,
+            ..TrafficOptions::default()
+        });
+        for _ in 0..steps {
+            g.step(self);
+        }
+    }
+
+    /// Runs `steps` support steps only (forum posts, answers, solved tags, reopens; see
+    /// [`TrafficOptions`]): with a virtual clock, each step jumps to the next planned action, so
+    /// a few thousand steps cover days. Reproducible like [`Simulator::run_traffic_steps`].
+    pub fn run_support_steps(&self, seed: u64, steps: u64) {
+        let mut g = traffic::Generator::new(TrafficOptions {
+            seed,
+            support_only: true,
             ..TrafficOptions::default()
         });
         for _ in 0..steps {

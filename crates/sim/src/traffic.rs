@@ -1,6 +1,6 @@
-//! Synthetic support traffic: customer questions, staff replies, forum tickets, escalations,
-//! edits, deletions and the odd attachment. A [`Generator`] decides everything from its seed and
-//! the world it sees, so step-driven runs are reproducible.
+//! Synthetic support traffic: customer questions, staff replies, forum support posts (see
+//! `support::live`), escalations, edits, deletions and the odd attachment. A [`Generator`]
+//! decides everything from its seed and the world it sees, so step-driven runs are reproducible.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::model::{perms, AttachmentSpec, ChannelKind, OverwriteKind, PostOptions};
-use crate::Simulator;
+use crate::{support, Simulator};
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default)]
@@ -25,6 +25,12 @@ pub struct TrafficOptions {
     /// Guilds to talk in; empty means every guild.
     #[serde(with = "crate::model::sf::vec", default)]
     pub guilds: Vec<u64>,
+    /// Only forum support traffic (posts, answers, follow-ups, solved tags, reopens), none of
+    /// the other kinds.
+    pub support_only: bool,
+    /// With a wall clock, support delays (minutes to days) are divided by this, so a demo sees
+    /// answers within seconds; with a virtual clock time jumps instead and this is ignored.
+    pub support_speedup: f64,
 }
 
 impl Default for TrafficOptions {
@@ -33,6 +39,8 @@ impl Default for TrafficOptions {
             rate_per_sec: 5.0,
             seed: 0,
             guilds: vec![],
+            support_only: false,
+            support_speedup: 60.0,
         }
     }
 }
@@ -90,10 +98,8 @@ pub(crate) fn start(sim: Simulator, opts: TrafficOptions) -> TrafficHandle {
 
 #[derive(Default, Clone)]
 struct GuildView {
-    id: u64,
     support: Vec<u64>,
     staff_channels: Vec<u64>,
-    forums: Vec<u64>,
     tickets: Vec<u64>,
     staff: Vec<u64>,
     customers: Vec<u64>,
@@ -106,6 +112,9 @@ pub(crate) struct Generator {
     steps: u64,
     next_refresh: u64,
     recent: VecDeque<(u64, u64, u64)>,
+    /// Staff and possible requesters of each forum of `views`.
+    people: support::live::People,
+    forums: Vec<u64>,
 }
 
 const OPENERS: &[&str] = &[
@@ -165,6 +174,8 @@ impl Generator {
             steps: 0,
             next_refresh: 0,
             recent: VecDeque::new(),
+            people: Default::default(),
+            forums: vec![],
         }
     }
 
@@ -177,10 +188,13 @@ impl Generator {
             .iter()
             .filter(|g| self.opts.guilds.is_empty() || self.opts.guilds.contains(&g.id))
             .map(|g| {
-                let mut v = GuildView {
-                    id: g.id,
-                    ..Default::default()
-                };
+                let mut v = GuildView::default();
+                let forums: Vec<u64> = g
+                    .channels
+                    .iter()
+                    .filter(|c| c.kind.has_posts())
+                    .map(|c| c.id)
+                    .collect();
                 for c in &g.channels {
                     let everyone_deny = c
                         .overwrites
@@ -189,8 +203,11 @@ impl Generator {
                         .map(|o| o.deny)
                         .unwrap_or(0);
                     match c.kind {
-                        ChannelKind::Forum => v.forums.push(c.id),
-                        k if k.is_thread() && !c.thread.as_ref().is_some_and(|t| t.archived) => {
+                        // Forum posts get support traffic; other threads the generic kind.
+                        k if k.is_thread()
+                            && !c.thread.as_ref().is_some_and(|t| t.archived)
+                            && !c.parent_id.is_some_and(|p| forums.contains(&p)) =>
+                        {
                             v.tickets.push(c.id)
                         }
                         ChannelKind::Text => {
@@ -222,6 +239,33 @@ impl Generator {
             })
             .filter(|v| !v.support.is_empty() && !v.staff.is_empty() && !v.customers.is_empty())
             .collect();
+        // Every forum of the selected guilds, even of guilds too bare for the other kinds.
+        self.forums = truth
+            .guilds
+            .iter()
+            .filter(|g| self.opts.guilds.is_empty() || self.opts.guilds.contains(&g.id))
+            .flat_map(|g| g.channels.iter().filter(|c| c.kind.has_posts()))
+            .map(|c| c.id)
+            .collect();
+        let w = sim.shared.world();
+        self.people = self
+            .forums
+            .iter()
+            .map(|f| (*f, w.support_people(*f)))
+            .collect();
+    }
+
+    fn support_step(&mut self, sim: &Simulator) {
+        let posted = support::live::step(&mut support::live::Ctx {
+            rng: &mut self.rng,
+            sim,
+            people: &self.people,
+            forums: &self.forums,
+            speedup: self.opts.support_speedup,
+        });
+        for m in &posted {
+            self.remember(m);
+        }
     }
 
     fn remember(&mut self, m: &crate::MessageState) {
@@ -247,11 +291,20 @@ impl Generator {
 
     /// One operation. Views are refreshed every 500 steps (a step count, so runs stay reproducible).
     pub fn step(&mut self, sim: &Simulator) {
-        if self.steps >= self.next_refresh || self.views.is_empty() {
+        let starved = if self.opts.support_only {
+            self.forums.is_empty()
+        } else {
+            self.views.is_empty()
+        };
+        if self.steps >= self.next_refresh || starved {
             self.next_refresh = self.steps + 500;
             self.refresh(sim);
         }
         self.steps += 1;
+        if self.opts.support_only {
+            self.support_step(sim);
+            return;
+        }
         let Some(v) = pick(&mut self.rng, &self.views).cloned() else {
             return;
         };
@@ -292,26 +345,8 @@ impl Generator {
                     None => self.post(sim, support, customer, question, PostOptions::default()),
                 }
             }
-            62..=68 => {
-                let Some(forum) = pick(&mut self.rng, &v.forums).copied() else {
-                    return;
-                };
-                let title = format!(
-                    "Ticket: {}",
-                    pick(&mut self.rng, QUESTIONS).copied().unwrap_or("help")
-                );
-                match sim.create_thread(forum, title, customer, false) {
-                    Ok(t) => {
-                        self.post(sim, t.id, customer, question, PostOptions::default());
-                        let _ = sim.add_thread_member(t.id, staff);
-                        if let Some(view) = self.views.iter_mut().find(|x| x.id == v.id) {
-                            view.tickets.push(t.id);
-                        }
-                    }
-                    Err(e) => tracing::debug!(error = %e, "traffic ticket skipped"),
-                }
-            }
-            69..=79 => {
+            62..=73 => self.support_step(sim),
+            74..=79 => {
                 let Some(t) = pick(&mut self.rng, &v.tickets).copied() else {
                     return;
                 };

@@ -22,9 +22,11 @@ mod channels;
 mod members;
 mod messages;
 mod sessions;
+mod support;
 mod views;
 
 pub(crate) use sessions::{Conn, Dispatch, Outgoing, Session};
+pub(crate) use support::to_ms;
 
 #[derive(Debug)]
 pub(crate) struct GuildState {
@@ -89,6 +91,8 @@ pub(crate) struct World {
     pub sessions: BTreeMap<String, Session>,
     pub partial_updates: bool,
     pub resume_cap: usize,
+    /// Every support conversation (forum post), recorded as it happens.
+    pub support: crate::support::Journal,
     last_id: u64,
     virtual_ms: Option<i64>,
     chaos: Chaos,
@@ -116,6 +120,7 @@ impl World {
             sessions: BTreeMap::new(),
             partial_updates: false,
             resume_cap,
+            support: Default::default(),
             last_id: 0,
             virtual_ms,
             chaos: Chaos::default(),
@@ -198,7 +203,16 @@ impl World {
             }
             self.last_id = self.last_id.max(g.id);
             let json = state.bot_present.then(|| self.guild_create_json(&state));
+            let threads: Vec<u64> = state
+                .channels
+                .values()
+                .filter(|c| c.kind.is_thread())
+                .map(|c| c.id)
+                .collect();
             self.guilds.insert(g.id, state);
+            for t in threads {
+                self.journal_thread(g.id, t);
+            }
             // Connected sessions learn about new guilds the way Discord tells them: GUILD_CREATE.
             if let Some(json) = json {
                 self.dispatch(

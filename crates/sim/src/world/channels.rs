@@ -38,6 +38,7 @@ impl World {
         }
         self.channel_guild.insert(c.id, guild_id);
         self.guild_mut(guild_id)?.channels.insert(c.id, c.clone());
+        self.journal_thread(guild_id, c.id);
         let mut json = self.channel_json(guild_id, &c);
         if c.kind.is_thread() {
             if let Some(obj) = json.as_object_mut() {
@@ -75,6 +76,7 @@ impl World {
             }
         }
         self.guild_mut(guild_id)?.channels.insert(c.id, c.clone());
+        self.journal_thread(guild_id, c.id);
         let json = self.channel_json(guild_id, &c);
         if c.kind.is_thread() {
             self.dispatch_in(guild_id, c.id, "THREAD_UPDATE", &json);
@@ -130,6 +132,7 @@ impl World {
         let bot_saw_it = self.bot_access(g, id).view;
         self.guild_mut(guild_id)?.channels.remove(&id);
         self.channel_guild.remove(&id);
+        self.journal_thread_deleted(id);
         if c.kind.is_thread() && !bot_saw_it {
             // Discord tells the bot nothing about threads it could not see.
         } else if c.kind.is_thread() {

@@ -16,6 +16,18 @@ impl World {
         content: String,
         opts: PostOptions,
     ) -> Result<MessageState, SimError> {
+        self.post_message_with_id(channel_id, author_id, content, opts, None)
+    }
+
+    /// `post_message` with a chosen id (a forum post's starter message shares the thread's).
+    pub(crate) fn post_message_with_id(
+        &mut self,
+        channel_id: u64,
+        author_id: u64,
+        content: String,
+        opts: PostOptions,
+        id: Option<u64>,
+    ) -> Result<MessageState, SimError> {
         let (g, c) = self.channel(channel_id)?;
         if !c.kind.is_textual() {
             return Err(SimError::Invalid(format!(
@@ -29,7 +41,10 @@ impl World {
                 user_id: author_id,
             });
         }
-        let id = self.next_id();
+        let id = match id {
+            Some(id) => id,
+            None => self.next_id(),
+        };
         let created_at = snowflake_time(id);
         let mut attachments = Vec::new();
         for a in opts.attachments {
@@ -68,6 +83,7 @@ impl World {
             .or_default()
             .insert(id, m.clone());
         self.message_channel.insert(id, channel_id);
+        self.journal_message(&m);
         self.dispatch_message(guild_id, channel_id, "MESSAGE_CREATE", &json);
         Ok(m)
     }
@@ -113,6 +129,7 @@ impl World {
         m.deleted = true;
         m.deleted_at = Some(now);
         let (g, c) = (m.guild_id, m.channel_id);
+        self.journal_deleted(id, now);
         self.dispatch_message(
             g,
             c,
@@ -135,6 +152,7 @@ impl World {
                 m.deleted = true;
                 m.deleted_at = Some(now);
                 deleted.push(id.to_string());
+                self.journal_deleted(*id, now);
             }
         }
         if deleted.is_empty() {

@@ -11,4 +11,5 @@ mod rate_limits;
 mod rest;
 mod serenity_faults;
 mod serenity_gateway;
+mod support;
 mod threads;
