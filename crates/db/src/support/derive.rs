@@ -208,10 +208,14 @@ pub fn derive(
                     d.last_requester_at = Some(t);
                     if solved {
                         // "One more thing" after the marker: reopened until
-                        // a marker is set again.
+                        // a marker is set again. A next-response gap opens
+                        // only if staff had spoken last (docs: "a requester
+                        // message that follows a staff message").
                         solved = false;
                         d.reopen_count += 1;
-                        next_pending = Some(t);
+                        if staff_last == Some(true) {
+                            next_pending = Some(t);
+                        }
                         d.waiting_since = Some(t);
                     } else if staff_last == Some(true) {
                         next_pending = Some(t);
@@ -374,6 +378,27 @@ mod tests {
         // The requester wrote after it: reopened.
         assert_eq!(d.reopen_count, 1);
         assert_eq!(d.state, State::WaitingOnStaff);
+    }
+
+    #[test]
+    fn a_reopen_after_the_requesters_own_thanks_opens_no_gap() {
+        let msgs = [
+            msg(1, REQ, 0),
+            msg(2, STAFF, 10),
+            msg(3, REQ, 12),
+            msg(4, REQ, 40),
+        ];
+        let marks = [Mark {
+            observed_at: at(20),
+            first_sight: false,
+            cleared_at: None,
+        }];
+        let d = derive(&opening(), &msgs, &marks, staff);
+        assert_eq!(d.reopen_count, 1);
+        // The only gap is 12 → (none yet): still pending, so no data point.
+        assert!(d.next_response_secs.is_empty());
+        assert_eq!(d.state, State::WaitingOnStaff);
+        assert_eq!(d.waiting_since, Some(at(40)));
     }
 
     #[test]
