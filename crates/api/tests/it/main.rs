@@ -18,3 +18,4 @@ mod mirror_threads;
 mod module_cycles;
 mod schema;
 mod support;
+mod support_truth;

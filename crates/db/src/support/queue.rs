@@ -108,7 +108,8 @@ pub async fn page(
     after: Option<Cursor>,
     first: i64,
 ) -> Result<Vec<ConversationRow>> {
-    let first = first.clamp(1, crate::viewer::MAX_PAGE);
+    // One more than a page: callers ask for it to learn whether a next page exists.
+    let first = first.clamp(1, crate::viewer::MAX_PAGE + 1);
     let (after_at, after_id) = (after.and_then(|c| c.0), after.map(|c| c.1));
     let rows = match order {
         Order::WaitingLongest => {
