@@ -202,6 +202,10 @@ pub struct DemoArgs {
     /// Seed for the generated scenario and traffic.
     #[arg(long, env = "SIM_SEED", default_value_t = 1)]
     pub seed: u64,
+    /// Days of back-dated support history in every guild's forums before the
+    /// worker connects, so the queue has numbers from the start (0 = none).
+    #[arg(long, env = "SIM_SUPPORT_HISTORY_DAYS", default_value_t = 7, value_parser = clap::value_parser!(u32).range(0..=90))]
+    pub support_history_days: u32,
 }
 
 /// Parses a flag or environment value into a secret, so it stays out of

@@ -59,6 +59,24 @@ async fn run_with_db(
     .with_context(|| format!("starting the simulator on port {}", args.sim_port))?;
     let scenario = observer_sim::Scenario::generate(args.seed, observer_sim::GenOptions::default());
     sim.load(scenario.clone());
+    // Weeks of a real support queue before the worker first connects: it
+    // backfills them (archived posts through Discord's archived-thread
+    // listings), so the queue and its numbers are there from the start.
+    if args.support_history_days > 0 {
+        let mut posts = 0;
+        for g in &scenario.guilds {
+            posts += sim
+                .generate_support_history(g.id, args.support_history_days, args.seed)
+                .with_context(|| format!("generating support history for guild {}", g.id))?
+                .threads
+                .len();
+        }
+        tracing::info!(
+            posts,
+            days = args.support_history_days,
+            "simulator holds back-dated support history"
+        );
+    }
     // Dropping the handle stops the traffic: keep it for the life of the demo.
     let _traffic = (args.traffic_rate > 0.0).then(|| {
         sim.start_traffic(observer_sim::TrafficOptions {
