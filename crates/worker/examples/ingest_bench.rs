@@ -8,6 +8,11 @@
 //! Without RATE messages are offered as fast as the simulator takes them
 //! (throughput); with RATE (messages/s) they are paced (latency at that rate).
 //!
+//! `BENCH_SUPPORT_SHARE` (default 0.5) is the share of messages that go to
+//! support conversations: forum posts opened by a customer, answered in turn
+//! by staff, a new post every `POST_LEN` messages, so conversation tracking
+//! (recomputed in every batch that touches a post) is on the measured path.
+//!
 //! Creates a scratch database `observer_bench_<pid>` next to DATABASE_URL's,
 //! posts N messages into the simulator as fast as it accepts them (spread over
 //! every text channel), and reports sustained messages/s (first post → last
@@ -19,6 +24,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use observer_sim::{ChannelKind, GenOptions, PostOptions, Scenario, SimConfig, Simulator};
 use sqlx::Connection;
+
+/// Messages per support conversation (the opening included).
+const POST_LEN: usize = 8;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -68,6 +76,23 @@ async fn bench(url: &str, n: usize, rate: Option<f64>) -> anyhow::Result<()> {
         .filter(|c| c.kind == ChannelKind::Text)
         .map(|c| c.id)
         .collect();
+    // Per guild: its forum, a customer and a staff member.
+    let support: Vec<(u64, u64, u64)> = sc
+        .guilds
+        .iter()
+        .filter_map(|g| {
+            let role = |name: &str| g.roles.iter().find(|r| r.name == name).map(|r| r.id);
+            let (staff_role, customer_role) = (role("Staff")?, role("Customer")?);
+            let with = |r: u64| g.members.iter().find(|m| m.roles == [r]).map(|m| m.user_id);
+            let forum = g.channels.iter().find(|c| c.kind == ChannelKind::Forum)?;
+            Some((forum.id, with(customer_role)?, with(staff_role)?))
+        })
+        .collect();
+    let share: f64 = std::env::var("BENCH_SUPPORT_SHARE")
+        .ok()
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(0.5);
     let guilds = sc.guilds.len() as i64;
     sim.load(sc);
     // Only channels the bot may read: Discord sends nothing from the others
@@ -142,12 +167,48 @@ async fn bench(url: &str, n: usize, rate: Option<f64>) -> anyhow::Result<()> {
         let sim = sim.clone();
         move || {
             let t0 = Instant::now();
+            let mut support_sent = 0usize;
+            let mut posts: Vec<Option<(u64, usize)>> = vec![None; support.len()];
             for i in 0..n {
                 if let Some(r) = rate {
                     let due = t0 + Duration::from_secs_f64(i as f64 / r);
                     if let Some(wait) = due.checked_duration_since(Instant::now()) {
                         std::thread::sleep(wait);
                     }
+                }
+                // Bresenham: exactly `share` of the messages, evenly spread.
+                let to_support = !support.is_empty()
+                    && ((i + 1) as f64 * share).floor() > (i as f64 * share).floor();
+                if to_support {
+                    let k = support_sent;
+                    support_sent += 1;
+                    let (forum, customer, staff) = support[k % support.len()];
+                    let slot = k / support.len();
+                    let post = &mut posts[k % support.len()];
+                    match post {
+                        Some((thread, len)) if *len < POST_LEN => {
+                            let author = if *len % 2 == 1 { staff } else { customer };
+                            *len += 1;
+                            let _ = sim.post_message(
+                                *thread,
+                                author,
+                                format!("support message {i}"),
+                                PostOptions::default(),
+                            );
+                        }
+                        _ => {
+                            if let Ok((t, _)) = sim.create_forum_post(
+                                forum,
+                                customer,
+                                format!("question {slot}"),
+                                format!("my order {i} has not arrived yet"),
+                                vec![],
+                            ) {
+                                *post = Some((t.id, 1));
+                            }
+                        }
+                    }
+                    continue;
                 }
                 let (ch, author) = targets[i % targets.len()];
                 let _ = sim.post_message(
@@ -182,6 +243,10 @@ async fn bench(url: &str, n: usize, rate: Option<f64>) -> anyhow::Result<()> {
     )
     .fetch_one(db.pool())
     .await?;
+    let conversations: i64 = sqlx::query_scalar("select count(*) from conversations")
+        .fetch_one(db.pool())
+        .await?;
+    println!("conversations tracked: {conversations} (support share {share})");
     println!(
         "messages: {n}\nposted in: {:.2}s ({:.0}/s offered)\nall committed after: {:.2}s\nsustained: {:.0} messages/s\ndispatch->row p50: {p50:.1} ms, p99: {p99:.1} ms",
         posted_in.as_secs_f64(),
