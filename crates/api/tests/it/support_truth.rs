@@ -357,3 +357,154 @@ async fn every_viewers_queue_and_numbers_equal_the_simulators_record(pool: PgPoo
     }
     running.stop().await.unwrap();
 }
+
+/// The solved-marker fields are dated by observation (docs/support-queue.md), so they match the
+/// simulator's record to within the delivery delay, and a requester message written within that
+/// delay of a marker change may fall on either side of it: such conversations are compared on
+/// their first response only.
+const SLACK_MS: i64 = 2_000;
+
+fn ambiguous(c: &ConversationTruth) -> bool {
+    c.markers.iter().any(|m| {
+        c.messages
+            .iter()
+            .any(|msg| msg.side.is_requester_side() && (ms(msg.at) - ms(m.at)).abs() <= SLACK_MS)
+    })
+}
+
+fn comparable(want: &Row, got: &Row, c: &ConversationTruth) -> bool {
+    let near = |a: Option<i64>, b: Option<i64>| match (a, b) {
+        (Some(a), Some(b)) => (a - b).abs() <= SLACK_MS,
+        (None, None) => true,
+        _ => false,
+    };
+    let first = want.first_response_at == got.first_response_at
+        && want.first_responder == got.first_responder
+        && want.requester == got.requester;
+    if ambiguous(c) {
+        return first;
+    }
+    first
+        && want.state == got.state
+        && want.reopens == got.reopens
+        && want.messages == got.messages
+        && want.last_requester_at == got.last_requester_at
+        && want.last_staff_at == got.last_staff_at
+        && want.next_response_ms == got.next_response_ms
+        && near(want.first_solved_at, got.first_solved_at)
+        && near(want.last_solved_at, got.last_solved_at)
+}
+
+#[sqlx::test(migrator = "observer_db::MIGRATOR")]
+async fn live_support_traffic_through_duplicated_and_reordered_events_matches_the_record(
+    pool: PgPool,
+) {
+    let sim = Simulator::start(SimConfig::default()).await.unwrap();
+    let s = Scenario::generate(
+        22,
+        GenOptions {
+            guilds: 1,
+            ..Default::default()
+        },
+    );
+    sim.load(s.clone());
+    let guild = s.guilds[0].id;
+    let api = start(
+        pool,
+        observer_api::Config {
+            limits: observer_api::Limits {
+                rate_burst: 100_000,
+                rate_per_sec: 100_000.0,
+                ..observer_api::Limits::default()
+            },
+            ..crate::common::config()
+        },
+    )
+    .await;
+    let running = worker::start(worker::config(&sim), api.db.clone());
+    let owner = s.guilds[0].owner_id;
+    create_user(&api.db, owner as i64, "owner").await;
+    let token = token_for(&api.db, owner as i64).await;
+    // Wait for the first start's snapshot before the traffic, as a live guild would be.
+    eventually_every(
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        "the scenario's posts are mirrored",
+        || async {
+            let n = api_queue(&api.base, &token, guild).await.map(|q| q.len());
+            Ok(if n.as_ref().is_ok_and(|n| *n > 0) {
+                Ok(())
+            } else {
+                Err(format!("{n:?}"))
+            })
+        },
+    )
+    .await
+    .unwrap();
+
+    // Every dispatch sent up to 3 times, shuffled within windows of 6.
+    sim.set_dispatch_chaos(2, 6);
+    let traffic = sim.start_traffic(observer_sim::TrafficOptions {
+        rate_per_sec: 15.0,
+        seed: 9,
+        support_only: true,
+        support_speedup: 600.0,
+        ..Default::default()
+    });
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    traffic.stop();
+    drop(traffic);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let truth = sim.support_truth();
+    let all: BTreeMap<u64, &ConversationTruth> = truth
+        .conversations
+        .iter()
+        .filter(|c| c.guild_id == guild && c.thread_deleted_at.is_none())
+        .map(|c| (c.thread_id, c))
+        .collect();
+    let answered = all
+        .values()
+        .filter(|c| c.first_response_at.is_some())
+        .count();
+    let solved = all.values().filter(|c| c.first_solved_at.is_some()).count();
+    // Compared in full, most of them: the ambiguous ones are a small minority.
+    let unclear = all.values().filter(|c| ambiguous(c)).count();
+    assert!(
+        all.len() > 20 && answered > 5 && solved > 2 && unclear * 5 < all.len(),
+        "{} conversations, {answered} answered, {solved} solved, {unclear} ambiguous",
+        all.len()
+    );
+    eventually_every(
+        Duration::from_secs(60),
+        Duration::from_millis(500),
+        "the live queue equals the simulator's record",
+        || async {
+            let got = match api_queue(&api.base, &token, guild).await {
+                Ok(got) => got,
+                Err(e) => return Ok(Err(e)),
+            };
+            let bad: Vec<String> = all
+                .iter()
+                .filter(|(id, c)| {
+                    let want = truth_row(c);
+                    got.get(id).is_none_or(|g| !comparable(&want, g, c))
+                })
+                .take(3)
+                .map(|(id, c)| format!("{id}: want {:?}, got {:?}", truth_row(c), got.get(id)))
+                .collect();
+            Ok(if bad.is_empty() && got.len() == all.len() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{} conversations, {} expected: {bad:#?}",
+                    got.len(),
+                    all.len()
+                ))
+            })
+        },
+    )
+    .await
+    .unwrap();
+    running.stop().await.unwrap();
+}
