@@ -63,6 +63,20 @@ pub fn config() -> Config {
     }
 }
 
+/// [`config`] without the per-viewer rate limit, for tests that poll the API
+/// as every user again and again until it converges: far beyond a browser's
+/// request rate, which is not what they test.
+pub fn unthrottled_config() -> Config {
+    Config {
+        limits: observer_api::Limits {
+            rate_burst: 100_000,
+            rate_per_sec: 100_000.0,
+            ..observer_api::Limits::default()
+        },
+        ..config()
+    }
+}
+
 /// Creates a user through the auth path (as the login would).
 pub async fn create_user(db: &Db, user_id: i64, username: &str) {
     let mut tx = db.auth().await.unwrap();

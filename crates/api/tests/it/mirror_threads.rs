@@ -239,18 +239,7 @@ async fn setup(pool: PgPool) -> (Simulator, Scenario, crate::common::TestApi, Ve
     let threads = seed(&sim, &s);
     // Each check reads every channel as every user, again and again until it
     // converges: far beyond a browser's request rate, which is not under test here.
-    let api = start(
-        pool,
-        observer_api::Config {
-            limits: observer_api::Limits {
-                rate_burst: 100_000,
-                rate_per_sec: 100_000.0,
-                ..observer_api::Limits::default()
-            },
-            ..crate::common::config()
-        },
-    )
-    .await;
+    let api = start(pool, crate::common::unthrottled_config()).await;
     (sim, s, api, threads)
 }
 

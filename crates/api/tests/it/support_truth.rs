@@ -200,18 +200,7 @@ async fn every_viewers_queue_and_numbers_equal_the_simulators_record(pool: PgPoo
     assert!(all.iter().any(|c| c.forum_id == second_forum));
 
     let raw = pool.clone();
-    let api = start(
-        pool,
-        observer_api::Config {
-            limits: observer_api::Limits {
-                rate_burst: 100_000,
-                rate_per_sec: 100_000.0,
-                ..observer_api::Limits::default()
-            },
-            ..crate::common::config()
-        },
-    )
-    .await;
+    let api = start(pool, crate::common::unthrottled_config()).await;
     let running = worker::start(worker::config(&sim), api.db.clone());
 
     let mut expected: Vec<(u64, String, BTreeMap<u64, Row>)> = Vec::new();
@@ -409,18 +398,7 @@ async fn live_support_traffic_through_duplicated_and_reordered_events_matches_th
     );
     sim.load(s.clone());
     let guild = s.guilds[0].id;
-    let api = start(
-        pool,
-        observer_api::Config {
-            limits: observer_api::Limits {
-                rate_burst: 100_000,
-                rate_per_sec: 100_000.0,
-                ..observer_api::Limits::default()
-            },
-            ..crate::common::config()
-        },
-    )
-    .await;
+    let api = start(pool, crate::common::unthrottled_config()).await;
     let running = worker::start(worker::config(&sim), api.db.clone());
     let owner = s.guilds[0].owner_id;
     create_user(&api.db, owner as i64, "owner").await;
