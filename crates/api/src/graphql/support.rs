@@ -228,7 +228,10 @@ pub struct SupportSummary {
 #[derive(SimpleObject, Debug, Clone)]
 pub struct SupportBucket {
     pub start: DateTime<Utc>,
+    /// Conversations opened in this bucket.
     pub opened: i64,
+    /// Messages (not deleted) of the conversations opened in this bucket,
+    /// whenever they were written (not messages written in the bucket).
     pub messages: i64,
     pub unanswered: i64,
     pub first_response_median_secs: Option<f64>,
