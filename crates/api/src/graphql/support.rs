@@ -473,7 +473,8 @@ pub struct SupportQuery;
 #[Object]
 impl SupportQuery {
     /// The guild's support queue, oldest wait first by default. Only
-    /// conversations in channels the viewer may read exist here.
+    /// conversations in channels the viewer may read exist here. `channelIds`:
+    /// support channels (forums) or posts; `tagIds`: posts carrying any of them.
     #[allow(clippy::too_many_arguments)]
     async fn conversations(
         &self,
@@ -481,6 +482,7 @@ impl SupportQuery {
         guild_id: ID,
         states: Option<Vec<ConversationState>>,
         channel_ids: Option<Vec<ID>>,
+        tag_ids: Option<Vec<ID>>,
         #[graphql(default = 50)] first: i32,
         after: Option<String>,
         #[graphql(default)] order_by: ConversationOrder,
@@ -509,6 +511,7 @@ impl SupportQuery {
                 .map(|s| s.as_db().to_owned())
                 .collect(),
             channel_ids: ids(channel_ids.as_deref().unwrap_or_default(), "channelIds")?,
+            tag_ids: ids(tag_ids.as_deref().unwrap_or_default(), "tagIds")?,
         };
         let order = Order::from(order_by);
         let limit = i64::from(first);
@@ -555,6 +558,7 @@ impl SupportQuery {
         to: Option<DateTime<Utc>>,
         #[graphql(default_with = "StatsBucket::Day")] bucket: StatsBucket,
         channel_ids: Option<Vec<ID>>,
+        tag_ids: Option<Vec<ID>>,
     ) -> GqlResult<SupportStats> {
         let rdb = request_db(ctx)?;
         rdb.viewer()?;
@@ -569,6 +573,7 @@ impl SupportQuery {
             return Err(bad_request("hourly buckets: at most 31 days"));
         }
         let channel_ids = ids(channel_ids.as_deref().unwrap_or_default(), "channelIds")?;
+        let tag_ids = ids(tag_ids.as_deref().unwrap_or_default(), "tagIds")?;
         // An id that cannot exist answers like a guild with nothing visible.
         let guild_id = parse_id(&guild_id).unwrap_or(0);
         let bucket = match bucket {
@@ -577,7 +582,7 @@ impl SupportQuery {
             StatsBucket::Week => "week",
         };
         let mut tx = rdb.tx().await?;
-        let s = queue::stats(&mut tx, guild_id, from, to, bucket, &channel_ids)
+        let s = queue::stats(&mut tx, guild_id, from, to, bucket, &channel_ids, &tag_ids)
             .await
             .map_err(from_db)?;
         let m = s.summary;

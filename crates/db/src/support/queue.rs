@@ -60,6 +60,8 @@ pub struct Filter {
     pub states: Vec<String>,
     /// Support channels (forums) or conversation threads; empty: all.
     pub channel_ids: Vec<i64>,
+    /// Forum tags: conversations carrying any of them; empty: all.
+    pub tag_ids: Vec<i64>,
 }
 
 // The columns of ConversationRow, one definition for every read below.
@@ -118,6 +120,7 @@ pub async fn page(
                    and (cardinality($2::text[]) = 0 or c.state = any ($2)) \
                    and (cardinality($3::bigint[]) = 0 or c.parent_id = any ($3) \
                         or c.channel_id = any ($3)) \
+                   and (cardinality($7::bigint[]) = 0 or c.tag_ids && $7) \
                    and ($5::bigint is null \
                         or (coalesce(c.waiting_since, 'infinity'::timestamptz), c.conversation_id) \
                            > (coalesce($4, 'infinity'::timestamptz), $5)) \
@@ -129,6 +132,7 @@ pub async fn page(
                 after_at as Option<DateTime<Utc>>,
                 after_id,
                 first,
+                &filter.tag_ids,
             )
             .fetch_all(&mut **tx)
             .await?
@@ -139,6 +143,7 @@ pub async fn page(
                    and (cardinality($2::text[]) = 0 or c.state = any ($2)) \
                    and (cardinality($3::bigint[]) = 0 or c.parent_id = any ($3) \
                         or c.channel_id = any ($3)) \
+                   and (cardinality($7::bigint[]) = 0 or c.tag_ids && $7) \
                    and ($5::bigint is null or (c.opened_at, c.conversation_id) < ($4, $5)) \
                  order by c.opened_at desc, c.conversation_id desc \
                  limit $6",
@@ -148,6 +153,7 @@ pub async fn page(
                 after_at as Option<DateTime<Utc>>,
                 after_id,
                 first,
+                &filter.tag_ids,
             )
             .fetch_all(&mut **tx)
             .await?
@@ -158,6 +164,7 @@ pub async fn page(
                    and (cardinality($2::text[]) = 0 or c.state = any ($2)) \
                    and (cardinality($3::bigint[]) = 0 or c.parent_id = any ($3) \
                         or c.channel_id = any ($3)) \
+                   and (cardinality($7::bigint[]) = 0 or c.tag_ids && $7) \
                    and ($5::bigint is null \
                         or (coalesce(c.last_message_at, c.opened_at), c.conversation_id) < ($4, $5)) \
                  order by coalesce(c.last_message_at, c.opened_at) desc, c.conversation_id desc \
@@ -168,6 +175,7 @@ pub async fn page(
                 after_at as Option<DateTime<Utc>>,
                 after_id,
                 first,
+                &filter.tag_ids,
             )
             .fetch_all(&mut **tx)
             .await?
@@ -256,7 +264,8 @@ pub struct Stats {
 }
 
 /// Telemetry over `[from, to)` for the conversations the viewer can see,
-/// bucketed by `bucket` ("hour", "day" or "week").
+/// bucketed by `bucket` ("hour", "day" or "week"), optionally only in some
+/// channels and only those carrying some tags.
 pub async fn stats(
     tx: &mut ViewerTx,
     guild_id: i64,
@@ -264,6 +273,7 @@ pub async fn stats(
     to: DateTime<Utc>,
     bucket: &str,
     channel_ids: &[i64],
+    tag_ids: &[i64],
 ) -> Result<Stats> {
     if !["hour", "day", "week"].contains(&bucket) {
         return Err(crate::Error::Invalid(format!("bucket {bucket:?}")));
@@ -271,6 +281,7 @@ pub async fn stats(
     let s = sqlx::query!(
         "with w as (select * from conversations c \
                     where c.guild_id = $1 and c.opened_at >= $2 and c.opened_at < $3 \
+                      and (cardinality($5::bigint[]) = 0 or c.tag_ids && $5) \
                       and (cardinality($4::bigint[]) = 0 or c.parent_id = any ($4) \
                            or c.channel_id = any ($4))) \
          select count(*) as \"opened!\", coalesce(sum(message_count), 0)::int8 as \"messages!\", \
@@ -312,6 +323,7 @@ pub async fn stats(
         from as DateTime<Utc>,
         to as DateTime<Utc>,
         channel_ids,
+        tag_ids,
     )
     .fetch_one(&mut **tx)
     .await?;
@@ -319,9 +331,11 @@ pub async fn stats(
         "select count(*) as \"n!\", min(waiting_since) as \"oldest: DateTime<Utc>\" \
          from conversations c \
          where c.guild_id = $1 and c.state in ('NEW', 'WAITING_ON_STAFF') \
-           and (cardinality($2::bigint[]) = 0 or c.parent_id = any ($2) or c.channel_id = any ($2))",
+           and (cardinality($2::bigint[]) = 0 or c.parent_id = any ($2) or c.channel_id = any ($2)) \
+           and (cardinality($3::bigint[]) = 0 or c.tag_ids && $3)",
         guild_id,
         channel_ids,
+        tag_ids,
     )
     .fetch_one(&mut **tx)
     .await?;
@@ -371,12 +385,14 @@ pub async fn stats(
          from conversations c \
          where c.guild_id = $1 and c.opened_at >= $2 and c.opened_at < $3 \
            and (cardinality($4::bigint[]) = 0 or c.parent_id = any ($4) or c.channel_id = any ($4)) \
+           and (cardinality($6::bigint[]) = 0 or c.tag_ids && $6) \
          group by 1 order by 1",
         guild_id,
         from as DateTime<Utc>,
         to as DateTime<Utc>,
         channel_ids,
         bucket,
+        tag_ids,
     )
     .fetch_all(&mut **tx)
     .await?
@@ -395,11 +411,13 @@ pub async fn stats(
          where c.guild_id = $1 and c.opened_at >= $2 and c.opened_at < $3 \
            and c.first_responder_id is not null \
            and (cardinality($4::bigint[]) = 0 or c.parent_id = any ($4) or c.channel_id = any ($4)) \
+           and (cardinality($5::bigint[]) = 0 or c.tag_ids && $5) \
          group by 1 order by 2 desc, 1 limit 10",
         guild_id,
         from as DateTime<Utc>,
         to as DateTime<Utc>,
         channel_ids,
+        tag_ids,
     )
     .fetch_all(&mut **tx)
     .await?
@@ -415,11 +433,13 @@ pub async fn stats(
          from conversations c \
          where c.guild_id = $1 and c.opened_at >= $2 and c.opened_at < $3 \
            and (cardinality($4::bigint[]) = 0 or c.parent_id = any ($4) or c.channel_id = any ($4)) \
+           and (cardinality($5::bigint[]) = 0 or c.tag_ids && $5) \
          group by 1, 2 order by 1, 2",
         guild_id,
         from as DateTime<Utc>,
         to as DateTime<Utc>,
         channel_ids,
+        tag_ids,
     )
     .fetch_all(&mut **tx)
     .await?

@@ -245,7 +245,7 @@ async fn forum_posts_become_conversations_seen_under_each_viewers_rights(
         let db = db.clone();
         async move {
             let mut tx = db.viewer(viewer).await?;
-            let s = queue::stats(&mut tx, G, at(-60), Utc::now(), "day", &[]).await?;
+            let s = queue::stats(&mut tx, G, at(-60), Utc::now(), "day", &[], &[]).await?;
             tx.commit().await?;
             anyhow::Ok(s)
         }
@@ -268,6 +268,22 @@ async fn forum_posts_become_conversations_seen_under_each_viewers_rights(
     let t1 = queue_of(&db, PLAIN).await?.remove(0);
     assert_eq!(t1.state, "SOLVED");
     assert!(t1.first_solved_at.is_some());
+    // Per tag: only the tagged post, in the queue and in the numbers.
+    let mut tx = db.viewer(STAFF).await?;
+    let tagged = queue::Filter {
+        tag_ids: vec![SOLVED_TAG],
+        ..queue::Filter::default()
+    };
+    let rows = queue::page(&mut tx, G, &tagged, queue::Order::Newest, None, 10).await?;
+    assert_eq!(
+        rows.iter().map(|c| c.conversation_id).collect::<Vec<_>>(),
+        vec![1000]
+    );
+    let s = queue::stats(&mut tx, G, at(-60), Utc::now(), "day", &[], &[SOLVED_TAG]).await?;
+    assert_eq!((s.summary.opened, s.summary.solved), (1, 1));
+    let s = queue::stats(&mut tx, G, at(-60), Utc::now(), "day", &[], &[901]).await?;
+    assert_eq!(s.summary.opened, 0);
+    tx.commit().await?;
     // The marker was observed now: the follow-up comes after it.
     write(&db, &[msg(1000, 1004, ALICE, 48 * 60 + 5)]).await?;
     let t1 = queue_of(&db, PLAIN).await?.remove(0);
