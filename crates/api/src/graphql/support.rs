@@ -475,6 +475,7 @@ impl SupportQuery {
     /// The guild's support queue, oldest wait first by default. Only
     /// conversations in channels the viewer may read exist here. `channelIds`:
     /// support channels (forums) or posts; `tagIds`: posts carrying any of them.
+    // A GraphQL field's arguments are its parameters.
     #[allow(clippy::too_many_arguments)]
     async fn conversations(
         &self,
@@ -550,6 +551,8 @@ impl SupportQuery {
 
     /// Telemetry over `[from, to)` (default: the last 30 days), computed over
     /// the conversations the viewer can see.
+    // A GraphQL field's arguments are its parameters.
+    #[allow(clippy::too_many_arguments)]
     async fn support_stats(
         &self,
         ctx: &Context<'_>,
