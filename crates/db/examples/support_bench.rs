@@ -106,7 +106,7 @@ async fn bench(
         // What the viewer sees, through RLS.
         let mut tx = db.viewer(viewer).await?;
         let visible: i64 = sqlx::query_scalar("select count(*) from conversations")
-            .fetch_one(&mut **tx)
+            .fetch_one(&mut *tx)
             .await?;
         tx.commit().await?;
         // The cursor after page 20 (rows 1..=1000 in the viewer's order),
