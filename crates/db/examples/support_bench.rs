@@ -132,7 +132,7 @@ async fn bench(
         let all = Filter::default();
         let waiting = Filter {
             states: vec!["NEW".into(), "WAITING_ON_STAFF".into()],
-            channel_ids: vec![],
+            ..Filter::default()
         };
         let s = time(&db, viewer, runs, budget, |mut tx| {
             let all = all.clone();
@@ -171,7 +171,7 @@ async fn bench(
             let s = time(&db, viewer, runs, budget, |mut tx| async move {
                 let to = Utc::now();
                 let from = to - chrono::Duration::days(days);
-                let st = queue::stats(&mut tx, GUILD, from, to, "day", &[]).await?;
+                let st = queue::stats(&mut tx, GUILD, from, to, "day", &[], &[]).await?;
                 tx.commit().await?;
                 Ok(st.series.len())
             })
