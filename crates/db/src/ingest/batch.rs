@@ -51,7 +51,9 @@ pub async fn write_batch_on(session: &mut WorkerConn, ops: &[IngestOp]) -> Resul
         // Not in the first statement's transaction: a crash before this
         // commit leaves the conversation behind its messages until the
         // worker's startup sweep (crate::support).
-        crate::support::refresh(&mut tx, &touched).await?;
+        if support {
+            crate::support::refresh_checked(&mut tx, &touched).await?;
+        }
         tx.commit().await?;
     }
     Ok(stats)

@@ -28,7 +28,7 @@ use std::collections::BTreeSet;
 use crate::ingest::{IngestOp, THREAD_KINDS};
 use crate::{Result, WorkerTx};
 
-pub use store::{any_support_thread, refresh};
+pub use store::{any_support_thread, refresh, refresh_checked};
 
 /// Conversations recomputed per transaction by the background jobs.
 const CHUNK: i64 = 500;

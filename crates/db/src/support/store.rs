@@ -69,6 +69,16 @@ pub async fn refresh(conn: &mut PgConnection, keys: &[(i64, i64)]) -> Result<usi
     if !any_support_thread(&mut *conn, keys).await? {
         return Ok(0);
     }
+    refresh_checked(conn, keys).await
+}
+
+/// [`refresh`] for a caller that has just asked [`any_support_thread`]
+/// about the same pairs and got `true` (the ingest fast path), so the
+/// question is not asked twice.
+pub async fn refresh_checked(conn: &mut PgConnection, keys: &[(i64, i64)]) -> Result<usize> {
+    if keys.is_empty() {
+        return Ok(0);
+    }
     let now = Utc::now();
     let (guilds, channels): (Vec<i64>, Vec<i64>) = keys.iter().copied().unzip();
     let mut lock_ids: Vec<i64> = channels.clone();
