@@ -7,7 +7,7 @@
 -- tables call the functions, never the tables, so policies never recurse.
 --
 -- Policies wrap the array helpers in scalar subqueries, e.g.
---   channel_id = any ((select access.visible_channel_ids(true)))
+--   channel_id = any ((select access.visible_scope_ids(true)))
 -- An uncorrelated scalar subquery becomes an InitPlan: the rule runs once per
 -- query, not once per row, and `= any(array)` can drive an index scan.
 --
@@ -34,31 +34,25 @@ as $$
     from (select pg_catalog.current_setting('observer.viewer_id', true) as s) as v
 $$;
 
--- Every channel the current viewer may see, with whether its messages are
--- readable live and as stored history. Channels the viewer may not see are absent.
+-- Every channel the current viewer may see that is not a thread (a "scope":
+-- text, voice, category, announcement, stage, forum, media), with whether its
+-- messages are readable live and as stored history, and whether the viewer
+-- holds MANAGE_THREADS there. Channels the viewer may not see are absent.
 -- `can_read` differs from `can_view` only in voice and stage channels, whose
 -- text chat needs CONNECT (the channel shows in the list, its messages do not).
 --
+-- Threads are left out on purpose: a thread has no permissions of its own
+-- (rule step 5 computes them on the parent), and a support forum holds
+-- hundreds of thousands of them. Policies therefore test a thread row through
+-- its parent (`parent_id = any (scopes)`), so the cost of the rule grows with
+-- the guild's channels, never with its threads (docs/support-queue.md,
+-- "Rights at scale"). The partial index channels_scope_idx serves the scan.
+--
 -- PL/pgSQL rather than SQL: a SQL function's body is planned again on every
 -- call, while PL/pgSQL keeps the plan for the session (pooled connections).
---
--- The result gained `can_read`; PostgreSQL cannot change a function's result
--- type in place, so an older shape is dropped first (nothing depends on the
--- function by catalog: the helpers below are SQL functions that call it by name).
-do $$
-begin
-    if exists (select 1
-               from pg_proc p join pg_namespace n on n.oid = p.pronamespace
-               where n.nspname = 'access' and p.proname = 'viewer_channels'
-                 and pg_get_function_result(p.oid) not like '%can_read boolean%') then
-        drop function access.viewer_channels();
-    end if;
-end
-$$;
-
-create or replace function access.viewer_channels()
-returns table (guild_id bigint, channel_id bigint, can_view boolean, can_read boolean,
-               can_read_history boolean)
+create or replace function access.viewer_scopes()
+returns table (guild_id bigint, channel_id bigint, can_read boolean,
+               can_read_history boolean, manage_threads boolean)
 language plpgsql
 stable
 security definer
@@ -131,8 +125,6 @@ own as (
     select c.guild_id,
            c.channel_id,
            c.kind,
-           c.parent_id,
-           gm.uid,
            gm.is_admin,
            gm.timed_out,
            case
@@ -142,7 +134,8 @@ own as (
                       & ~coalesce(ow.m_deny, 0)) | coalesce(ow.m_allow, 0))
            end as perms
     from gated gm
-    join public.channels c on c.guild_id = gm.guild_id
+    -- Exactly the predicate of the partial index channels_scope_idx.
+    join public.channels c on c.guild_id = gm.guild_id and c.kind not in (10, 11, 12)
     left join ow on ow.guild_id = c.guild_id and ow.channel_id = c.channel_id
 ),
 -- Timed-out members keep only VIEW_CHANNEL | READ_MESSAGE_HISTORY (owner/admin
@@ -158,59 +151,122 @@ masked as (
            case when t.kind in (2, 13) and (t.tperms & 1048576) = 0 then t.tperms & 1024
                 else t.tperms end as eff
     from timed t
-),
--- Threads (10, 11, 12) take their parent's permissions; a private thread (12)
--- also needs thread membership or MANAGE_THREADS.
-effective as (
-    select c.guild_id,
-           c.channel_id,
-           c.kind,
-           case
-               when c.kind in (10, 11, 12) then p.eff
-               else c.eff
-           end as eff,
-           c.kind = 12
-               and coalesce(p.eff & 17179869184, 0) = 0
-               and not exists (select 1
-                               from public.thread_members tm
-                               where tm.guild_id = c.guild_id
-                                 and tm.thread_id = c.channel_id
-                                 and tm.user_id = c.uid) as private_denied
-    from masked c
-    left join masked p
-           on c.kind in (10, 11, 12)
-          and p.guild_id = c.guild_id
-          and p.channel_id = c.parent_id
 )
-select e.guild_id,
-       e.channel_id,
-       true as can_view,
-       e.readable as can_read,
-       e.readable and (e.eff & 65536) <> 0 as can_read_history
-from (select ef.*,
+select m.guild_id,
+       m.channel_id,
+       m.readable as can_read,
+       m.readable and (m.eff & 65536) <> 0 as can_read_history,
+       (m.eff & 17179869184) <> 0 as manage_threads
+from (select ma.*,
              -- The CONNECT mask above leaves a locked voice channel nothing but VIEW_CHANNEL.
-             (ef.kind not in (2, 13) or (ef.eff & 1048576) <> 0) as readable
-      from effective ef) e
-where coalesce(e.eff & 1024, 0) <> 0
-  and not e.private_denied;
+             (ma.kind not in (2, 13) or (ma.eff & 1048576) <> 0) as readable
+      from masked ma) m
+where (m.eff & 1024) <> 0;
 end
 $$;
 
--- Channel ids the viewer may see: live (history = false) or with stored
--- history (history = true). Policies call this inside a scalar subquery.
-create or replace function access.visible_channel_ids(history boolean)
+-- Every channel the current viewer may see, threads included, with whether its
+-- messages are readable live and as stored history: the scopes above, plus
+-- each thread whose parent is one of them (rule step 5). A private thread (12)
+-- also needs thread membership or MANAGE_THREADS on the parent. A thread's
+-- rights are its parent's: visible with it, and readable as history exactly
+-- when the parent is (the CONNECT mask leaves a locked voice parent no
+-- READ_MESSAGE_HISTORY, and threads are never voice). Policies do not call
+-- this (it grows with threads); the live fan-out's access refresh does.
+--
+-- The result gained `can_read`; PostgreSQL cannot change a function's result
+-- type in place, so an older shape is dropped first (nothing depends on the
+-- function by catalog: the helpers below are SQL functions that call it by name).
+do $$
+begin
+    if exists (select 1
+               from pg_proc p join pg_namespace n on n.oid = p.pronamespace
+               where n.nspname = 'access' and p.proname = 'viewer_channels'
+                 and pg_get_function_result(p.oid) not like '%can_read boolean%') then
+        drop function access.viewer_channels();
+    end if;
+end
+$$;
+
+create or replace function access.viewer_channels()
+returns table (guild_id bigint, channel_id bigint, can_view boolean, can_read boolean,
+               can_read_history boolean)
+language plpgsql
+stable
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+#variable_conflict use_column
+begin
+return query
+with s as materialized (
+    select * from access.viewer_scopes()
+)
+select s.guild_id, s.channel_id, true, s.can_read, s.can_read_history
+from s
+union all
+select t.guild_id, t.channel_id, true, true, s.can_read_history
+from s
+join public.channels t
+  on t.guild_id = s.guild_id and t.parent_id = s.channel_id and t.kind in (10, 11, 12)
+where t.kind <> 12
+   or s.manage_threads
+   or exists (select 1
+              from public.thread_members tm
+              where tm.guild_id = t.guild_id
+                and tm.thread_id = t.channel_id
+                and tm.user_id = access.viewer_id());
+end
+$$;
+
+-- The array helpers policies call, each inside a scalar subquery (an InitPlan:
+-- once per statement). All of them grow with the guild's channels and the
+-- viewer's own thread memberships, never with the number of threads.
+
+-- Scope ids (non-thread channels) the viewer may see: live (history = false)
+-- or with stored history (history = true). A thread row is visible when its
+-- parent is in this set (and, if private, passes access.private_thread_ok).
+create or replace function access.visible_scope_ids(history boolean)
 returns bigint[]
 language sql
 stable
 security definer
 set search_path = pg_catalog, pg_temp
 as $$
-    select coalesce(array_agg(v.channel_id order by v.channel_id), '{}')
-    from access.viewer_channels() v
-    where v.can_view and (not history or v.can_read_history)
+    select coalesce(array_agg(s.channel_id order by s.channel_id), '{}')
+    from access.viewer_scopes() s
+    where not history or s.can_read_history
 $$;
 
--- Guilds where the viewer sees at least one channel.
+-- Scopes where the viewer holds MANAGE_THREADS: every private thread under
+-- them is visible to the viewer (if the scope itself is).
+create or replace function access.manage_thread_scope_ids()
+returns bigint[]
+language sql
+stable
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+    select coalesce(array_agg(s.channel_id order by s.channel_id), '{}')
+    from access.viewer_scopes() s
+    where s.manage_threads
+$$;
+
+-- Threads the viewer is a member of (any guild; the parent test still applies).
+create or replace function access.member_thread_ids()
+returns bigint[]
+language sql
+stable
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+    select coalesce(array_agg(tm.thread_id order by tm.thread_id), '{}')
+    from public.thread_members tm
+    where tm.user_id = access.viewer_id()
+$$;
+
+-- Guilds where the viewer sees at least one channel (a thread is only visible
+-- under a visible parent, so the scopes decide).
 create or replace function access.visible_guild_ids()
 returns bigint[]
 language sql
@@ -218,8 +274,8 @@ stable
 security definer
 set search_path = pg_catalog, pg_temp
 as $$
-    select coalesce(array_agg(distinct v.guild_id), '{}')
-    from access.viewer_channels() v
+    select coalesce(array_agg(distinct s.guild_id), '{}')
+    from access.viewer_scopes() s
 $$;
 
 -- Guilds whose settings the viewer may change: a current member of a present
@@ -265,8 +321,11 @@ $$;
 grant usage, create on schema access to observer_access;
 grant usage on schema public to observer_access;
 
+alter function access.viewer_scopes() owner to observer_access;
 alter function access.viewer_channels() owner to observer_access;
-alter function access.visible_channel_ids(boolean) owner to observer_access;
+alter function access.visible_scope_ids(boolean) owner to observer_access;
+alter function access.manage_thread_scope_ids() owner to observer_access;
+alter function access.member_thread_ids() owner to observer_access;
 alter function access.visible_guild_ids() owner to observer_access;
 alter function access.manageable_guild_ids() owner to observer_access;
 alter function access.can_manage_guild(bigint) owner to observer_access;
@@ -275,8 +334,11 @@ alter function access.can_manage_guild(bigint) owner to observer_access;
 revoke all on all functions in schema access from public;
 grant usage on schema access to observer_api, observer_access, observer_worker, observer_auth;
 grant execute on function access.viewer_id() to observer_api, observer_access;
+grant execute on function access.viewer_scopes() to observer_api, observer_access;
 grant execute on function access.viewer_channels() to observer_api, observer_access;
-grant execute on function access.visible_channel_ids(boolean) to observer_api, observer_access;
+grant execute on function access.visible_scope_ids(boolean) to observer_api, observer_access;
+grant execute on function access.manage_thread_scope_ids() to observer_api, observer_access;
+grant execute on function access.member_thread_ids() to observer_api, observer_access;
 grant execute on function access.visible_guild_ids() to observer_api, observer_access;
 grant execute on function access.manageable_guild_ids() to observer_api, observer_access;
 grant execute on function access.can_manage_guild(bigint) to observer_api, observer_access;

@@ -45,6 +45,10 @@ begin
 end
 $$;
 
+-- Replaced by access.visible_scope_ids (threads are judged through their
+-- parent); dropped once no policy refers to it.
+drop function if exists access.visible_channel_ids(boolean);
+
 -- worker: all rows of every ingest table.
 create policy observer_worker_all on guilds for all to observer_worker using (true) with check (true);
 create policy observer_worker_all on channels for all to observer_worker using (true) with check (true);
@@ -83,12 +87,38 @@ create policy observer_access_append on access_events for insert to observer_acc
 -- api: the access rule. Every array helper sits in a scalar subquery so that it
 -- is an InitPlan, evaluated once per query. The `::bigint[]` cast matters:
 -- without it `x = any ((select ..))` parses as the row-wise subquery form.
+--
+-- Threads are judged through their parent (10_access.sql, viewer_scopes):
+-- the helpers list scopes (non-thread channels), never threads, so a guild
+-- with 100,000 forum posts costs the rule what one with ten does. A row that
+-- carries its thread's parent (channels, conversations) tests it directly; a
+-- message carries only its channel, so a message outside every scope looks
+-- its channel up in `channels` — one primary-key probe, itself filtered by
+-- the channels policy below (visibility, private threads), plus the history
+-- test on the parent. Each textual helper call is one evaluation of the rule
+-- per statement, made lazily: a query over non-thread messages pays two
+-- (scopes, then guilds), one over thread messages up to five (scopes; in the
+-- lookup scopes again, and the channels policy's guilds, scopes and, for
+-- private threads, MANAGE_THREADS scopes) — never more with more rows
+-- (rls.rs, the_rule_runs_once_per_query_not_once_per_row).
 create policy observer_api_read on messages for select to observer_api
-    using (channel_id = any ((select access.visible_channel_ids(true))::bigint[])
-           and guild_id = any ((select access.visible_guild_ids())::bigint[]));
+    using ((channel_id = any ((select access.visible_scope_ids(true))::bigint[])
+            and guild_id = any ((select access.visible_guild_ids())::bigint[]))
+           or coalesce((select true from channels c
+                       where c.guild_id = messages.guild_id
+                         and c.channel_id = messages.channel_id
+                         and c.kind in (10, 11, 12)
+                         and c.parent_id = any ((select access.visible_scope_ids(true))::bigint[])),
+                      false));
 create policy observer_api_read on message_events for select to observer_api
-    using (channel_id = any ((select access.visible_channel_ids(true))::bigint[])
-           and guild_id = any ((select access.visible_guild_ids())::bigint[]));
+    using ((channel_id = any ((select access.visible_scope_ids(true))::bigint[])
+            and guild_id = any ((select access.visible_guild_ids())::bigint[]))
+           or coalesce((select true from channels c
+                       where c.guild_id = message_events.guild_id
+                         and c.channel_id = message_events.channel_id
+                         and c.kind in (10, 11, 12)
+                         and c.parent_id = any ((select access.visible_scope_ids(true))::bigint[])),
+                      false));
 -- A revision is visible exactly when its message is (the subquery is itself
 -- filtered by the messages policy above). A scalar subquery, not EXISTS: the
 -- planner may turn EXISTS into a hashed subplan that reads every visible
@@ -97,9 +127,17 @@ create policy observer_api_read on message_revisions for select to observer_api
     using (coalesce((select true from messages m
                      where m.guild_id = message_revisions.guild_id
                        and m.message_id = message_revisions.message_id), false));
+-- A thread is visible under a visible parent; a private one also needs
+-- MANAGE_THREADS there or the viewer's own membership (rule step 5). Each
+-- helper appears once: every textual `(select ..)` is an InitPlan of its own
+-- (evaluated lazily, on first use), and the messages policy nests this one.
 create policy observer_api_read on channels for select to observer_api
-    using (channel_id = any ((select access.visible_channel_ids(false))::bigint[])
-           and guild_id = any ((select access.visible_guild_ids())::bigint[]));
+    using (guild_id = any ((select access.visible_guild_ids())::bigint[])
+           and (case when kind in (10, 11, 12) then parent_id else channel_id end)
+               = any ((select access.visible_scope_ids(false))::bigint[])
+           and (kind <> 12
+                or parent_id = any ((select access.manage_thread_scope_ids())::bigint[])
+                or channel_id = any ((select access.member_thread_ids())::bigint[])));
 create policy observer_api_read on guilds for select to observer_api
     using (guild_id = any ((select access.visible_guild_ids())::bigint[]));
 create policy observer_api_manage on guilds for update to observer_api
@@ -122,9 +160,16 @@ create policy observer_api_own on api_tokens for all to observer_api
 create policy observer_worker_all on conversations for all to observer_worker using (true) with check (true);
 create policy observer_worker_all on conversation_solved_marks for all to observer_worker using (true) with check (true);
 create policy observer_worker_all on support_settings for all to observer_worker using (true) with check (true);
+-- `parent_id` is the conversation's scope (its thread's parent, or the channel
+-- itself for a question asked outside a thread), so the common case needs no
+-- lookup at all; a private thread also needs MANAGE_THREADS there or the
+-- viewer's membership, exactly as in the channels policy.
 create policy observer_api_read on conversations for select to observer_api
-    using (channel_id = any ((select access.visible_channel_ids(true))::bigint[])
-           and guild_id = any ((select access.visible_guild_ids())::bigint[]));
+    using (guild_id = any ((select access.visible_guild_ids())::bigint[])
+           and parent_id = any ((select access.visible_scope_ids(true))::bigint[])
+           and (not private
+                or parent_id = any ((select access.manage_thread_scope_ids())::bigint[])
+                or channel_id = any ((select access.member_thread_ids())::bigint[])));
 create policy observer_api_manage on support_settings for all to observer_api
     using (guild_id = any ((select access.manageable_guild_ids())::bigint[]))
     with check (guild_id = any ((select access.manageable_guild_ids())::bigint[]));

@@ -24,7 +24,8 @@
 //! NEW + WAITING_ON_STAFF, and `supportStats` over 30 and 90 days by day.
 //! A timing is the whole transaction the API pays: begin (role + viewer),
 //! the read, commit. A query stops early after `BENCH_BUDGET_SECS` (default
-//! 20) of runs, and says how many it did.
+//! 20) of runs, and says how many it did. `BENCH_KEEP_DB=1` keeps the
+//! scratch database (its name is printed) for `EXPLAIN ANALYZE` by hand.
 
 use std::time::{Duration, Instant};
 
@@ -79,9 +80,14 @@ async fn main() -> anyhow::Result<()> {
         None => anyhow::bail!("DATABASE_URL needs a database path"),
     };
     let result = bench(&bench_url, messages, conversations, runs, budget).await;
-    sqlx::query(&format!("drop database if exists {name} with (force)"))
-        .execute(&mut admin)
-        .await?;
+    // BENCH_KEEP_DB=1 leaves the loaded database for EXPLAIN ANALYZE by hand.
+    if std::env::var("BENCH_KEEP_DB").is_ok_and(|v| v == "1") {
+        println!("kept database {name}");
+    } else {
+        sqlx::query(&format!("drop database if exists {name} with (force)"))
+            .execute(&mut admin)
+            .await?;
+    }
     result
 }
 

@@ -23,6 +23,8 @@ struct Candidate {
     guild_id: i64,
     thread_id: i64,
     parent_id: i64,
+    /// A private thread (kind 12): the policy asks for more than the scope's rights.
+    private: bool,
     owner_id: Option<i64>,
     opened_at: DateTime<Utc>,
     applied_tags: Vec<i64>,
@@ -150,7 +152,7 @@ async fn candidates(
     // Threads only, under a forum or media channel that the guild's settings
     // (or the default: every forum and media channel) make a support channel.
     let rows = sqlx::query!(
-        "select t.guild_id, t.channel_id, p.channel_id as \"parent_id!\", t.owner_id, \
+        "select t.guild_id, t.channel_id, p.channel_id as \"parent_id!\", t.kind = 12 as \"private!\", t.owner_id, \
            t.thread_created_at as \"thread_created_at: DateTime<Utc>\", \
            t.applied_tags, t.locked, t.archived, p.available_tags, \
            s.solved_tag_names as \"solved_tag_names?: Vec<String>\", \
@@ -190,6 +192,7 @@ async fn candidates(
                 guild_id: r.guild_id,
                 thread_id: r.channel_id,
                 parent_id: r.parent_id,
+                private: r.private,
                 owner_id: r.owner_id,
                 opened_at: r
                     .thread_created_at
@@ -393,6 +396,7 @@ struct Rows {
     guild: Vec<i64>,
     id: Vec<i64>,
     parent: Vec<i64>,
+    private: Vec<bool>,
     requester: Vec<Option<i64>>,
     opened: Vec<DateTime<Utc>>,
     state: Vec<String>,
@@ -423,6 +427,7 @@ impl Rows {
         self.guild.push(c.guild_id);
         self.id.push(c.thread_id);
         self.parent.push(c.parent_id);
+        self.private.push(c.private);
         self.requester.push(d.requester_id);
         self.opened.push(c.opened_at);
         self.state.push(d.state.as_str().to_owned());
@@ -451,20 +456,21 @@ impl Rows {
                first_response_deleted, last_requester_at, last_staff_at, last_message_at, \
                first_solved_at, last_solved_at, reopen_count, message_count, participant_ids, \
                tag_ids, waiting_since, wait_secs_closed, next_response_secs, last_message_id, \
-               sla_target_secs, recomputed_at) \
+               sla_target_secs, recomputed_at, private) \
              select r.g, r.id, r.id, r.parent, r.requester, r.opened, r.state, r.fr, r.responder, \
                r.frd, r.lr, r.ls, r.lm, r.fs, r.lsv, r.reopens, r.msgs, \
                array(select jsonb_array_elements_text(r.parts)::bigint), \
                array(select jsonb_array_elements_text(r.tags)::bigint), \
                r.ws, r.wc, \
-               array(select jsonb_array_elements_text(r.nr)::double precision), r.lmid, r.target, $24 \
+               array(select jsonb_array_elements_text(r.nr)::double precision), r.lmid, r.target, $24, r.private \
              from unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], \
                $5::timestamptz[], $6::text[], $7::timestamptz[], $8::bigint[], $9::bool[], \
                $10::timestamptz[], $11::timestamptz[], $12::timestamptz[], $13::timestamptz[], \
                $14::timestamptz[], $15::int[], $16::int[], $17::jsonb[], $18::jsonb[], \
-               $19::timestamptz[], $20::double precision[], $21::jsonb[], $22::bigint[], $23::int[]) \
+               $19::timestamptz[], $20::double precision[], $21::jsonb[], $22::bigint[], $23::int[], \
+               $25::bool[]) \
                r(g, id, parent, requester, opened, state, fr, responder, frd, lr, ls, lm, fs, lsv, \
-                 reopens, msgs, parts, tags, ws, wc, nr, lmid, target) \
+                 reopens, msgs, parts, tags, ws, wc, nr, lmid, target, private) \
              on conflict (guild_id, conversation_id) do update set \
                channel_id = excluded.channel_id, parent_id = excluded.parent_id, \
                requester_id = excluded.requester_id, opened_at = excluded.opened_at, \
@@ -480,7 +486,7 @@ impl Rows {
                next_response_secs = excluded.next_response_secs, \
                last_message_id = excluded.last_message_id, \
                sla_target_secs = excluded.sla_target_secs, \
-               recomputed_at = excluded.recomputed_at",
+               recomputed_at = excluded.recomputed_at, private = excluded.private",
             &self.guild,
             &self.id,
             &self.parent,
@@ -505,6 +511,7 @@ impl Rows {
             &self.last_id as &[Option<i64>],
             &self.target as &[Option<i32>],
             now as DateTime<Utc>,
+            &self.private,
         )
         .execute(conn)
         .await?;

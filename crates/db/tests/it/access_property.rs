@@ -708,6 +708,23 @@ async fn sql_rust_and_reference_agree_on_random_guilds(pool: PgPool) -> anyhow::
         }
     }
     seed_worlds(&pool, &worlds, &leaver_threads).await?;
+    // One message, one event and (for each thread) one conversation per
+    // channel, so the sampled viewers below read the history policies
+    // themselves (messages and conversations test threads through their
+    // parent, never through a list of threads).
+    sqlx::raw_sql(
+        "insert into messages (guild_id, message_id, channel_id, created_at, seen_create)
+           select guild_id, channel_id, channel_id, now(), true from channels;
+         insert into message_events (guild_id, kind, channel_id, message_id)
+           select guild_id, 1, channel_id, channel_id from channels;
+         insert into conversations (guild_id, conversation_id, channel_id, parent_id, opened_at,
+                                    state, private)
+           select guild_id, channel_id, channel_id, parent_id, now(), 'NEW', kind = 12
+           from channels where kind in (10, 11, 12) and parent_id is not null;
+         analyze;",
+    )
+    .execute(&pool)
+    .await?;
 
     // Expected per viewer, from Rust and from the reference, checked against each other.
     let mut expected: BTreeMap<i64, Visible> =
@@ -832,20 +849,48 @@ async fn sql_rust_and_reference_agree_on_random_guilds(pool: PgPool) -> anyhow::
                 guilds, want_guilds,
                 "guilds policy for viewer {u} (ACCESS_SEED={seed})"
             );
-            let hist: BTreeSet<i64> =
-                sqlx::query_scalar::<_, Vec<i64>>("select access.visible_channel_ids(true)")
-                    .fetch_one(&mut *tx)
-                    .await?
-                    .into_iter()
-                    .collect();
             let want_hist: BTreeSet<i64> = want
                 .iter()
                 .filter(|(_, (_, h))| *h)
                 .map(|((_, c), _)| *c)
                 .collect();
+            for table in ["messages", "message_events"] {
+                let hist: BTreeSet<i64> =
+                    sqlx::query_scalar::<_, i64>(&format!("select channel_id from {table}"))
+                        .fetch_all(&mut *tx)
+                        .await?
+                        .into_iter()
+                        .collect();
+                assert_eq!(
+                    hist, want_hist,
+                    "{table} policy for viewer {u} (ACCESS_SEED={seed})"
+                );
+            }
+            let threads: BTreeSet<i64> =
+                sqlx::query_scalar::<_, i64>("select channel_id from conversations")
+                    .fetch_all(&mut *tx)
+                    .await?
+                    .into_iter()
+                    .collect();
+            let want_threads: BTreeSet<i64> = want_hist
+                .iter()
+                .copied()
+                .filter(|c| {
+                    worlds.iter().any(|w| {
+                        w.guild.channels.get(c).is_some_and(|ch| {
+                            matches!(
+                                ch.kind,
+                                kinds::ANNOUNCEMENT_THREAD
+                                    | kinds::PUBLIC_THREAD
+                                    | kinds::PRIVATE_THREAD
+                            )
+                        })
+                    })
+                })
+                .collect();
             assert_eq!(
-                hist, want_hist,
-                "history ids for viewer {u} (ACCESS_SEED={seed})"
+                threads, want_threads,
+                "conversations policy for viewer {u} (ACCESS_SEED={seed})"
             );
             let managed: BTreeSet<i64> =
                 sqlx::query_scalar::<_, Vec<i64>>("select access.manageable_guild_ids()")
