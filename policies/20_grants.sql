@@ -78,6 +78,12 @@ grant select on conversations to observer_api;
 grant select, insert, update on support_settings to observer_api;
 grant select, insert on support_settings_audit to observer_api;
 grant usage on sequence support_settings_audit_audit_id_seq to observer_api;
+-- Telemetry rollups (migrations/0036): the trigger on conversations appends
+-- to the dirty log as the writing role; the worker rebuilds; the API reads.
+revoke all on conversation_rollups, conversation_rollup_dirty
+    from public, observer_api, observer_worker, observer_auth, observer_access, observer_fanout;
+grant select, insert, update, delete on conversation_rollups, conversation_rollup_dirty to observer_worker;
+grant select on conversation_rollups to observer_api;
 
 -- Sessions are not tenant data: only the connecting user (the session store uses
 -- the raw pool) touches them.

@@ -38,7 +38,7 @@ begin
                             'thread_members', 'thread_member_removals', 'messages', 'message_revisions', 'message_events',
                             'access_events', 'users', 'oauth_tokens', 'api_tokens',
                             'support_settings', 'support_settings_audit', 'conversation_solved_marks',
-                            'conversations')
+                            'conversations', 'conversation_rollups', 'conversation_rollup_dirty')
     loop
         execute format('drop policy %I on %I.%I', p.policyname, p.schemaname, p.tablename);
     end loop;
@@ -170,6 +170,13 @@ create policy observer_api_read on conversations for select to observer_api
            and (not private
                 or parent_id = any ((select access.manage_thread_scope_ids())::bigint[])
                 or channel_id = any ((select access.member_thread_ids())::bigint[])));
+-- A rollup summarises only conversations outside private threads, whose
+-- visibility is exactly their scope's.
+create policy observer_worker_all on conversation_rollups for all to observer_worker using (true) with check (true);
+create policy observer_worker_all on conversation_rollup_dirty for all to observer_worker using (true) with check (true);
+create policy observer_api_read on conversation_rollups for select to observer_api
+    using (guild_id = any ((select access.visible_guild_ids())::bigint[])
+           and parent_id = any ((select access.visible_scope_ids(true))::bigint[]));
 create policy observer_api_manage on support_settings for all to observer_api
     using (guild_id = any ((select access.manageable_guild_ids())::bigint[]))
     with check (guild_id = any ((select access.manageable_guild_ids())::bigint[]));

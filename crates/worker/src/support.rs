@@ -1,6 +1,7 @@
 //! The support queue's background work (crates/db/src/support): at start,
 //! the sweep that catches conversations up with messages a crash left
-//! unfolded; then, every tick, the recomputations settings changes queued.
+//! unfolded; then, every tick, the recomputations settings changes queued
+//! and the telemetry rollups of the days writes touched.
 //! Ingest batches derive conversations themselves; this is only the rest.
 
 use std::time::Duration;
@@ -9,6 +10,8 @@ use observer_db::{support, Db};
 
 /// Conversations per sweep transaction.
 const SWEEP_CHUNK: i64 = 500;
+/// Rollup days rebuilt per transaction.
+const ROLLUP_CHUNK: i64 = 50;
 
 pub(crate) async fn run(db: Db, every: Duration) {
     loop {
@@ -39,7 +42,24 @@ pub(crate) async fn run(db: Db, every: Duration) {
                 }
             }
         }
+        loop {
+            match rollups_once(&db).await {
+                Ok(0) => break,
+                Ok(n) => tracing::debug!(days = n, "support rollups rebuilt"),
+                Err(err) => {
+                    tracing::warn!(error = %err, "support rollup rebuild failed; retrying at the next tick");
+                    break;
+                }
+            }
+        }
     }
+}
+
+async fn rollups_once(db: &Db) -> Result<usize, observer_db::Error> {
+    let mut tx = db.worker().await?;
+    let n = support::rollup::rebuild_dirty(&mut tx, ROLLUP_CHUNK).await?;
+    tx.commit().await?;
+    Ok(n)
 }
 
 async fn sweep_once(db: &Db) -> Result<usize, observer_db::Error> {

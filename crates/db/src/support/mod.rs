@@ -9,8 +9,9 @@
 //!   increments is what makes replayed, duplicated and shuffled events end
 //!   in the same state as in-order processing.
 //! - `settings`: solved-tag rules, managers' reads and audited writes.
-//! - `queue`: the API's reads (the queue, one conversation, telemetry), all
-//!   under row-level security.
+//! - `queue`: the API's reads of the queue and of one conversation, under
+//!   row-level security; `stats`: telemetry (`supportStats`), exact over
+//!   short windows, from `rollup`'s daily summaries over long ones.
 //!
 //! Two jobs run outside ingest batches, both in the worker:
 //! [`recompute_next_guild`] after a settings change (with progress), and
@@ -20,7 +21,9 @@
 
 pub mod derive;
 pub mod queue;
+pub mod rollup;
 pub mod settings;
+pub mod stats;
 mod store;
 
 use std::collections::BTreeSet;

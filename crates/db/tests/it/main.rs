@@ -11,3 +11,4 @@ mod migrate;
 mod retention;
 mod rls;
 mod support;
+mod support_rollup;
